@@ -1,0 +1,1 @@
+"""stable_megatron: stable LLM pre-training on megatron-core + DeepSpeed."""
