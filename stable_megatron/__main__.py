@@ -1,0 +1,5 @@
+import sys
+
+from stable_megatron.cli import main
+
+sys.exit(main())

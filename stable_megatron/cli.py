@@ -1,0 +1,33 @@
+"""`stable-megatron` command: `stable-megatron train RECIPE [key=value ...]`."""
+
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {
+    "train": "train a model from a recipe (launch with deepspeed/torchrun for several processes)",
+}
+
+
+def _usage() -> str:
+    lines = ["usage: stable-megatron COMMAND RECIPE [key=value ...]", "", "commands:"]
+    lines += [f"  {name:<8}{text}" for name, text in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command == "train":
+        from stable_megatron.train import main as train_main
+
+        return train_main(rest)
+    print(f"error: unknown command {command!r}\n{_usage()}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

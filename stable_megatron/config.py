@@ -1,0 +1,348 @@
+"""Run configuration: nested dataclasses loaded from a YAML recipe plus dotted overrides.
+
+Every user error (unknown key, wrong type, invalid combination) raises `ConfigError` with a
+single line naming the field and what would be valid. Validation happens before any process
+group is created so that a bad recipe costs nothing on a cluster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot run; the message names the field."""
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 2
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    ffn_hidden_size: int | None = None  # default 4 * hidden_size
+    seq_length: int = 128
+    vocab_size: int | None = None  # default: the tokenizer's vocabulary
+    vocab_pad_multiple: int = 128  # padded vocab is a multiple of this (and of parallel.tp)
+    position_embedding: Literal["learned", "rope"] = "learned"
+    rope_base: float = 10000.0
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    layernorm_epsilon: float = 1e-5
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    add_bias_linear: bool = True
+    attention_backend: Literal["auto", "sdpa", "math"] = "auto"
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def padded_vocab_size(self, tp: int) -> int:
+        assert self.vocab_size is not None, "vocab_size is resolved from the tokenizer first"
+        multiple = self.vocab_pad_multiple * tp
+        return -(-self.vocab_size // multiple) * multiple
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    zero_stage: int = 1
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    partition_method: str = "type:TransformerLayerPipe"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 10
+    lr_decay: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 1234
+    run_dir: str = "runs/default"
+    log_interval: int = 1
+    eval_interval: int = 50  # 0 disables validation
+    eval_iters: int = 10
+
+
+@dataclass
+class DataConfig:
+    source: Literal["builtin", "indexed"] = "builtin"
+    cache_dir: str = ".cache/stable_megatron"
+    vocab_size: int = 8192  # tokenizer vocabulary built for the built-in corpus
+    train_prefix: str | None = None  # indexed dataset prefix (.bin/.idx) for source=indexed
+    val_prefix: str | None = None
+    tokenizer_model: str | None = None  # sentencepiece model for source=indexed
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0  # 0: only at the end of the run
+    dir: str | None = None  # default: <run_dir>/checkpoints
+    load: str | None = None  # explicit checkpoint dir; default: resume from `dir` if present
+    resume: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "stable_megatron"
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir or Path(self.train.run_dir) / "checkpoints")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif isinstance(tp, types.UnionType) or origin is typing.Union:
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(name, value, arg)
+            except ConfigError:
+                pass
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{name}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'recipe'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown key {where}{unknown[0]}; valid keys under {prefix or 'the top level'}: "
+            f"{', '.join(fields)}"
+        )
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{prefix}.{key}" if prefix else key
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, name)
+        else:
+            kwargs[key] = _coerce(name, value, tp)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {key} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.steps=20")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"recipe {path}{where}: invalid YAML ({getattr(err, 'problem', err)})")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(
+    recipe: str | os.PathLike | None, overrides: list[str] | None = None
+) -> Config:
+    """Recipe YAML + `a.b=c` overrides -> Config (types checked, not yet validated)."""
+    data = read_recipe(recipe) if recipe is not None else {}
+    data = _merge(data, parse_overrides(overrides or []))
+    return _build(Config, data, "")
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    return _build(Config, data, "")
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Raise ConfigError for any setting that cannot run at `world_size` processes."""
+    m, p, t, d = cfg.model, cfg.parallel, cfg.train, cfg.data
+
+    def positive(name: str, value: int | float) -> None:
+        if value <= 0:
+            raise ConfigError(f"{name}={value}: must be > 0")
+
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
+        positive(f"model.{name}", getattr(m, name))
+    for name in ("tp", "pp"):
+        positive(f"parallel.{name}", getattr(p, name))
+    for name in ("steps", "micro_batch_size", "global_batch_size", "lr", "log_interval"):
+        positive(f"train.{name}", getattr(t, name))
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError(
+            f"model.hidden_size={m.hidden_size} is not divisible by "
+            f"model.num_attention_heads={m.num_attention_heads}"
+        )
+    if m.num_attention_heads % p.tp:
+        raise ConfigError(
+            f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+            f"parallel.tp={p.tp}; valid tp: {_divisors(m.num_attention_heads)}"
+        )
+    if m.ffn_size % p.tp:
+        raise ConfigError(f"model.ffn_hidden_size={m.ffn_size} is not divisible by parallel.tp={p.tp}")
+    if m.position_embedding == "rope" and m.head_dim % 2:
+        raise ConfigError(f"model.position_embedding=rope needs an even head dim, got {m.head_dim}")
+    if m.num_layers % p.pp:
+        raise ConfigError(
+            f"model.num_layers={m.num_layers} is not divisible by parallel.pp={p.pp}; "
+            f"valid pp: {_divisors(m.num_layers)}"
+        )
+    if world_size % (p.tp * p.pp):
+        raise ConfigError(
+            f"world size {world_size} is not divisible by parallel.tp * parallel.pp = "
+            f"{p.tp * p.pp}"
+        )
+    dp = world_size // (p.tp * p.pp)
+    per_step = t.micro_batch_size * dp
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+            f"train.micro_batch_size * data-parallel size = {t.micro_batch_size} * {dp} = {per_step}"
+        )
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage}: valid values are 0, 1, 2, 3")
+    if p.zero_stage != 1:
+        raise ConfigError(
+            f"parallel.zero_stage={p.zero_stage}: the pipeline engine supports ZeRO stage 1 only"
+        )
+    if not 0 <= t.min_lr <= t.lr:
+        raise ConfigError(f"train.min_lr={t.min_lr} must be between 0 and train.lr={t.lr}")
+    if t.warmup_steps < 0:
+        raise ConfigError(f"train.warmup_steps={t.warmup_steps}: must be >= 0")
+    if t.eval_interval < 0 or t.eval_iters < 0:
+        raise ConfigError("train.eval_interval and train.eval_iters must be >= 0")
+    if d.source == "indexed":
+        for name in ("train_prefix", "tokenizer_model"):
+            if getattr(d, name) is None:
+                raise ConfigError(f"data.{name} is required when data.source=indexed")
+        _check_prefix("data.train_prefix", d.train_prefix)
+        if d.val_prefix is not None:
+            _check_prefix("data.val_prefix", d.val_prefix)
+        if not Path(d.tokenizer_model).is_file():
+            raise ConfigError(f"data.tokenizer_model={d.tokenizer_model}: no such file")
+    if m.vocab_size is not None:
+        positive("model.vocab_size", m.vocab_size)
+    positive("model.vocab_pad_multiple", m.vocab_pad_multiple)
+
+
+def _check_prefix(name: str, prefix: str | None) -> None:
+    for suffix in (".bin", ".idx"):
+        if not Path(f"{prefix}{suffix}").is_file():
+            raise ConfigError(f"{name}={prefix}: missing {prefix}{suffix}")
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(k) for k in range(1, n + 1) if n % k == 0)
+
+
+def dump_config(cfg: Config, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,158 @@
+"""The GPT model as a DeepSpeed `PipelineModule` over megatron-core tensor-parallel layers.
+
+The model is a flat list of stages' building blocks, `embedding -> layer_1 .. layer_L ->
+final_norm -> lm_head`, which DeepSpeed splits evenly by transformer layer over pipeline stages
+(one stage when parallel.pp=1). Tensors between blocks are the hidden states `[seq, batch,
+hidden]` only: attention is causal by construction, so no mask travels between stages.
+
+Every block seeds the CPU generator with `seed + its index` before creating its weights, and
+megatron-core initialises each weight whole before splitting it over tensor-parallel ranks:
+the same config gives the same model at every TP x PP x DP layout.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from megatron.core import tensor_parallel
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import nn
+
+from stable_megatron.config import Config
+from stable_megatron.model.spec import layer_spec, transformer_config
+
+
+def _seeded(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+class EmbeddingPipe(nn.Module):
+    """Vocab-parallel word embedding (+ learned positions). tokens [b, s] -> hidden [s, b, h]."""
+
+    def __init__(self, cfg: Config, tcfg: TransformerConfig, padded_vocab: int, seed: int) -> None:
+        super().__init__()
+        _seeded(seed)
+        m = cfg.model
+        self.word_embeddings = tensor_parallel.VocabParallelEmbedding(
+            padded_vocab, m.hidden_size, init_method=tcfg.init_method, config=tcfg
+        )
+        self.position_embeddings = None
+        if m.position_embedding == "learned":
+            self.position_embeddings = nn.Embedding(m.seq_length, m.hidden_size)
+            tcfg.init_method(self.position_embeddings.weight)
+        self.dropout = nn.Dropout(m.hidden_dropout)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        hidden = self.word_embeddings(tokens)
+        if self.position_embeddings is not None:
+            positions = torch.arange(tokens.size(1), device=tokens.device)
+            hidden = hidden + self.position_embeddings(positions)
+        return self.dropout(hidden.transpose(0, 1).contiguous())
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Tied output layer: vocab-parallel logits [s, b, V / tp]."""
+        hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
+        return torch.nn.functional.linear(hidden, self.word_embeddings.weight)
+
+
+def _tied_head(module: EmbeddingPipe, hidden: torch.Tensor) -> torch.Tensor:
+    return module.lm_head(hidden)
+
+
+class TransformerLayerPipe(nn.Module):
+    """One megatron-core `TransformerLayer` (built from our spec), with rotary positions."""
+
+    def __init__(self, cfg: Config, tcfg: TransformerConfig, layer_number: int, seed: int) -> None:
+        super().__init__()
+        _seeded(seed)
+        self.layer = build_module(layer_spec(cfg), config=tcfg, layer_number=layer_number)
+        self.rotary = None
+        if cfg.model.position_embedding == "rope":
+            self.rotary = RotaryEmbedding(
+                kv_channels=cfg.model.head_dim,
+                rotary_percent=1.0,
+                rotary_base=cfg.model.rope_base,
+                use_cpu_initialization=True,
+            )
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        rope = self.rotary(hidden.size(0)) if self.rotary is not None else None
+        if rope is not None:
+            rope = rope.to(hidden.device)
+        out, _ = self.layer(hidden, attention_mask=None, rotary_pos_emb=rope)
+        return out
+
+
+class FinalNormPipe(nn.Module):
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.model.hidden_size, eps=cfg.model.layernorm_epsilon)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.norm(hidden)
+
+
+class LMHeadPipe(nn.Module):
+    """Untied output layer: column-parallel, logits stay split over the vocabulary."""
+
+    def __init__(self, cfg: Config, tcfg: TransformerConfig, padded_vocab: int, seed: int) -> None:
+        super().__init__()
+        _seeded(seed)
+        self.output_layer = tensor_parallel.ColumnParallelLinear(
+            cfg.model.hidden_size,
+            padded_vocab,
+            config=tcfg,
+            init_method=tcfg.init_method,
+            bias=False,
+            gather_output=False,
+        )
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.output_layer(hidden)
+        return logits
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean token cross entropy of vocab-parallel logits [s, b, V/tp] against labels [b, s]."""
+    losses = tensor_parallel.vocab_parallel_cross_entropy(
+        logits.float(), labels.transpose(0, 1).contiguous()
+    )
+    return losses.mean()
+
+
+def build_model(cfg: Config, topology) -> PipelineModule:
+    """The GPT PipelineModule for `cfg` (with model.vocab_size resolved) on `topology`."""
+    tcfg = transformer_config(cfg)
+    m, seed = cfg.model, cfg.train.seed
+    padded_vocab = m.padded_vocab_size(cfg.parallel.tp)
+    embedding_args = (EmbeddingPipe, cfg, tcfg, padded_vocab, seed)
+    if m.tie_embeddings:
+        first = TiedLayerSpec("embed", *embedding_args, tied_weight_attr="word_embeddings.weight")
+        last = TiedLayerSpec(
+            "embed",
+            *embedding_args,
+            forward_fn=_tied_head,
+            tied_weight_attr="word_embeddings.weight",
+        )
+    else:
+        first = LayerSpec(*embedding_args)
+        last = LayerSpec(LMHeadPipe, cfg, tcfg, padded_vocab, seed + m.num_layers + 1)
+    layers = [
+        LayerSpec(TransformerLayerPipe, cfg, tcfg, i, seed + i) for i in range(1, m.num_layers + 1)
+    ]
+    specs = [first, *layers, LayerSpec(FinalNormPipe, cfg), last]
+    return PipelineModule(
+        layers=specs,
+        loss_fn=partial(lm_loss),
+        topology=topology,
+        partition_method=cfg.parallel.partition_method,
+        activation_checkpoint_interval=0,
+    )
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,176 @@
+"""Process groups, the device, and every collective the project issues.
+
+One place decides the device (`select_device`) and the backend (NCCL with CUDA, gloo on CPU);
+one place initialises torch.distributed, megatron-core's tensor-parallel groups and DeepSpeed's
+pipeline topology, and checks that both agree on the rank layout. Model code (sigma-reparam's
+power iteration) and metrics both reduce through the helpers here, so every group and every
+reduction is visible in one file.
+
+Rank layout (megatron-core's default order, which DeepSpeed's `PipeModelDataParallelTopology`
+shares): tensor-parallel fastest, then data-parallel, then pipeline stages,
+`rank = pp_rank * (dp * tp) + dp_rank * tp + tp_rank`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+def select_device(requested: str = "auto") -> torch.device:
+    """The device of this process: the local GPU when CUDA exists (unless 'cpu' is asked)."""
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("parallel.device=cuda but CUDA is not available on this machine")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Sizes and this process's coordinates in the TP x DP x PP grid."""
+
+    world: int
+    tp: int
+    pp: int
+    dp: int
+    rank: int
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return (self.rank // self.tp) % self.dp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank // (self.tp * self.dp)
+
+    @classmethod
+    def of(cls, world: int, tp: int, pp: int, rank: int) -> "Layout":
+        return cls(world=world, tp=tp, pp=pp, dp=world // (tp * pp), rank=rank)
+
+
+@dataclass
+class ParallelState:
+    layout: Layout
+    device: torch.device
+    topology: object  # deepspeed PipeModelDataParallelTopology
+
+    @property
+    def is_logging_rank(self) -> bool:
+        return self.layout.rank == 0
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _ensure_single_process_env() -> None:
+    """Let `python -m stable_megatron.train` run without a launcher (world size 1)."""
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+
+
+def initialize(tp: int, pp: int, device: str = "auto", timeout_minutes: int = 30) -> ParallelState:
+    """Start torch.distributed (through DeepSpeed), megatron-core's TP groups, and the topology."""
+    import deepspeed
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+    from megatron.core import parallel_state as mpu
+
+    from stable_megatron import compat
+
+    _ensure_single_process_env()
+    dev = select_device(device)
+    if dev.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # DeepSpeed's shared-memory all-reduce op is compiled on first use: keep gloo's own.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        compat.apply_cpu_patches()
+    if not dist.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend=backend_for(dev),
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+            verbose=False,
+        )
+    world, rank = dist.get_world_size(), dist.get_rank()
+    layout = Layout.of(world, tp, pp, rank)
+    # megatron-core serves the tensor-parallel layers only; pipelining is DeepSpeed's, so its
+    # own pipeline size stays 1 and its "data-parallel" groups are unused.
+    if not mpu.model_parallel_is_initialized():
+        mpu.initialize_model_parallel(tensor_model_parallel_size=tp)
+    topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=layout.dp)
+    _check_layouts_agree(layout, topology)
+    return ParallelState(layout=layout, device=dev, topology=topology)
+
+
+def _check_layouts_agree(layout: Layout, topology) -> None:
+    from megatron.core import parallel_state as mpu
+
+    coord = topology.get_coord(layout.rank)
+    mine = (coord.pipe, coord.data, coord.model)
+    expected = (layout.pp_rank, layout.dp_rank, layout.tp_rank)
+    tp_ranks = dist.get_process_group_ranks(mpu.get_tensor_model_parallel_group())
+    ds_tp_ranks = topology.get_axis_comm_lists("model")
+    ds_group = next(g for g in ds_tp_ranks if layout.rank in g)
+    if mine != expected or sorted(tp_ranks) != sorted(ds_group):
+        raise RuntimeError(
+            f"rank {layout.rank}: megatron-core and DeepSpeed disagree on the rank layout "
+            f"(DeepSpeed pipe/data/model {mine}, expected {expected}; TP group {tp_ranks} vs "
+            f"{ds_group})"
+        )
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state as mpu
+
+    if mpu.model_parallel_is_initialized():
+        mpu.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------
+# Collectives
+
+
+def tp_group():
+    from megatron.core import parallel_state as mpu
+
+    return mpu.get_tensor_model_parallel_group()
+
+
+def all_reduce_(tensor: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce; a no-op without torch.distributed or on a group of one."""
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
+def broadcast_object(obj, src: int = 0):
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
