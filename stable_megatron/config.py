@@ -238,11 +238,13 @@ def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"recipe {path}{where}: invalid YAML ({getattr(err, 'problem', err)})")
+        problem = getattr(err, "problem", err)
+        raise ConfigError(f"recipe {path}{where}: invalid YAML ({problem})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"recipe {path}: expected a mapping of sections, got {type(data).__name__}")
+        kind = type(data).__name__
+        raise ConfigError(f"recipe {path}: expected a mapping of sections, got {kind}")
     return data
 
 
@@ -267,7 +269,7 @@ def validate(cfg: Config, world_size: int) -> None:
     """Raise ConfigError for any setting that cannot run at `world_size` processes."""
     m, p, t, d = cfg.model, cfg.parallel, cfg.train, cfg.data
 
-    def positive(name: str, value: int | float) -> None:
+    def positive(name: str, value: float) -> None:
         if value <= 0:
             raise ConfigError(f"{name}={value}: must be > 0")
 
@@ -288,9 +290,13 @@ def validate(cfg: Config, world_size: int) -> None:
             f"parallel.tp={p.tp}; valid tp: {_divisors(m.num_attention_heads)}"
         )
     if m.ffn_size % p.tp:
-        raise ConfigError(f"model.ffn_hidden_size={m.ffn_size} is not divisible by parallel.tp={p.tp}")
+        raise ConfigError(
+            f"model.ffn_hidden_size={m.ffn_size} is not divisible by parallel.tp={p.tp}"
+        )
     if m.position_embedding == "rope" and m.head_dim % 2:
-        raise ConfigError(f"model.position_embedding=rope needs an even head dim, got {m.head_dim}")
+        raise ConfigError(
+            f"model.position_embedding=rope needs an even head dim, got {m.head_dim}"
+        )
     if m.num_layers % p.pp:
         raise ConfigError(
             f"model.num_layers={m.num_layers} is not divisible by parallel.pp={p.pp}; "

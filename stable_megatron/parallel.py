@@ -59,7 +59,7 @@ class Layout:
         return self.rank // (self.tp * self.dp)
 
     @classmethod
-    def of(cls, world: int, tp: int, pp: int, rank: int) -> "Layout":
+    def of(cls, world: int, tp: int, pp: int, rank: int) -> Layout:
         return cls(world=world, tp=tp, pp=pp, dp=world // (tp * pp), rank=rank)
 
 

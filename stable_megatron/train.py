@@ -10,9 +10,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -139,7 +139,8 @@ def evaluate(engine, dataset, cfg: Config, layout, device) -> float:
     accum = engine.gradient_accumulation_steps()
     losses = []
     for i in range(cfg.train.eval_iters):
-        batches = micro_batches(dataset, i * cfg.train.global_batch_size, cfg, layout, device, accum)
+        first = i * cfg.train.global_batch_size
+        batches = micro_batches(dataset, first, cfg, layout, device, accum)
         losses.append(engine.eval_batch(batches).item())
     return sum(losses) / len(losses)
 

@@ -33,7 +33,14 @@ def _seeded(seed: int) -> None:
 class EmbeddingPipe(nn.Module):
     """Vocab-parallel word embedding (+ learned positions). tokens [b, s] -> hidden [s, b, h]."""
 
-    def __init__(self, cfg: Config, tcfg: TransformerConfig, padded_vocab: int, seed: int) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        tcfg: TransformerConfig,
+        padded_vocab: int,
+        seed: int,
+        with_positions: bool = True,
+    ) -> None:
         super().__init__()
         _seeded(seed)
         m = cfg.model
@@ -41,7 +48,7 @@ class EmbeddingPipe(nn.Module):
             padded_vocab, m.hidden_size, init_method=tcfg.init_method, config=tcfg
         )
         self.position_embeddings = None
-        if m.position_embedding == "learned":
+        if m.position_embedding == "learned" and with_positions:
             self.position_embeddings = nn.Embedding(m.seq_length, m.hidden_size)
             tcfg.init_method(self.position_embeddings.weight)
         self.dropout = nn.Dropout(m.hidden_dropout)
@@ -132,9 +139,11 @@ def build_model(cfg: Config, topology) -> PipelineModule:
     embedding_args = (EmbeddingPipe, cfg, tcfg, padded_vocab, seed)
     if m.tie_embeddings:
         first = TiedLayerSpec("embed", *embedding_args, tied_weight_attr="word_embeddings.weight")
+        # On the last pipeline stage the tied copy serves as the output layer only.
         last = TiedLayerSpec(
             "embed",
             *embedding_args,
+            False,
             forward_fn=_tied_head,
             tied_weight_attr="word_embeddings.weight",
         )

@@ -1,0 +1,85 @@
+"""Worker for the layout-parity tests: trains a small model a few steps at the layout given by
+the launcher and saves, per rank, the losses, grad norms, the first step's gradients and the
+final weights (with their tensor-parallel partition dims) for the test to reassemble.
+
+usage: torchrun --nproc_per_node N parity_worker.py OUT_DIR '{"parallel": {"tp": 2}, ...}'
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class RandomTokens:
+    """Deterministic random token windows: sample i depends on i only."""
+
+    def __init__(self, vocab: int, seq_len: int, seed: int = 0) -> None:
+        self.vocab, self.seq_len, self.seed = vocab, seq_len, seed
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        rng = np.random.default_rng(self.seed + i)
+        return rng.integers(0, self.vocab, self.seq_len + 1, dtype=np.int64)
+
+
+def shard_record(param: torch.Tensor, value: torch.Tensor) -> dict:
+    dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
+    return {"value": value.detach().float().cpu().clone(), "partition_dim": dim}
+
+
+def main() -> None:
+    from deepspeed.utils import safe_get_full_grad
+
+    from stable_megatron import parallel
+    from stable_megatron.config import config_from_dict, validate
+    from stable_megatron.train import build_engine, micro_batches
+
+    out, overrides = Path(sys.argv[1]), json.loads(sys.argv[2])
+    steps = overrides.pop("steps", 3)
+    cfg = config_from_dict(overrides)
+    world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+    validate(cfg, world)
+    state = parallel.initialize(cfg.parallel.tp, cfg.parallel.pp, "cpu")
+    layout = state.layout
+    engine = build_engine(cfg, state)
+    named = list(engine.module.named_parameters())
+    first_grads: dict = {}
+
+    original_step = engine._take_model_step
+
+    def capture_then_step(*args, **kwargs):
+        if not first_grads:
+            for name, param in named:
+                first_grads[name] = shard_record(param, safe_get_full_grad(param))
+        return original_step(*args, **kwargs)
+
+    engine._take_model_step = capture_then_step
+    data = RandomTokens(cfg.model.vocab_size, cfg.model.seq_length)
+    accum = engine.gradient_accumulation_steps()
+    losses, grad_norms = [], []
+    for step in range(steps):
+        first = step * cfg.train.global_batch_size
+        batches = micro_batches(data, first, cfg, layout, state.device, accum)
+        losses.append(engine.train_batch(batches).item())
+        grad_norms.append(float(engine.get_global_grad_norm()))
+    params = {name: shard_record(p, p) for name, p in named}
+    torch.save(
+        {
+            "layout": {"tp_rank": layout.tp_rank, "pp_rank": layout.pp_rank,
+                       "dp_rank": layout.dp_rank, "tp": layout.tp},
+            "losses": losses,
+            "grad_norms": grad_norms,
+            "grads": first_grads,
+            "params": params,
+        },
+        out / f"rank{layout.rank}.pt",
+    )
+    parallel.shutdown()
+
+
+if __name__ == "__main__":
+    main()
