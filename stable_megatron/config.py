@@ -312,7 +312,8 @@ def validate(cfg: Config, world_size: int) -> None:
     if t.global_batch_size % per_step:
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} is not a multiple of "
-            f"train.micro_batch_size * data-parallel size = {t.micro_batch_size} * {dp} = {per_step}"
+            f"train.micro_batch_size * data-parallel size = "
+            f"{t.micro_batch_size} * {dp} = {per_step}"
         )
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage={p.zero_stage}: valid values are 0, 1, 2, 3")
