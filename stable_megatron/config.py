@@ -165,6 +165,11 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -176,7 +181,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         raise ConfigError(f"{prefix or 'recipe'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(str(k) for k in set(data) - set(fields))
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise ConfigError(
@@ -188,7 +193,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
         name = f"{prefix}.{key}" if prefix else key
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value or {}, name)
+            kwargs[key] = _build(tp, {} if value is None else value, name)
         else:
             kwargs[key] = _coerce(name, value, tp)
     return cls(**kwargs)
@@ -234,11 +239,14 @@ def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"recipe {path}: no such file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"recipe {path}: not UTF-8 text ({err.reason} at byte {err.start})") \
+            from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", err)
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
         raise ConfigError(f"recipe {path}{where}: invalid YAML ({problem})") from None
     if data is None:
         return {}
@@ -315,8 +323,6 @@ def validate(cfg: Config, world_size: int) -> None:
             f"train.micro_batch_size * data-parallel size = "
             f"{t.micro_batch_size} * {dp} = {per_step}"
         )
-    if p.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"parallel.zero_stage={p.zero_stage}: valid values are 0, 1, 2, 3")
     if p.zero_stage != 1:
         raise ConfigError(
             f"parallel.zero_stage={p.zero_stage}: the pipeline engine supports ZeRO stage 1 only"
@@ -325,8 +331,12 @@ def validate(cfg: Config, world_size: int) -> None:
         raise ConfigError(f"train.min_lr={t.min_lr} must be between 0 and train.lr={t.lr}")
     if t.warmup_steps < 0:
         raise ConfigError(f"train.warmup_steps={t.warmup_steps}: must be >= 0")
-    if t.eval_interval < 0 or t.eval_iters < 0:
-        raise ConfigError("train.eval_interval and train.eval_iters must be >= 0")
+    if t.eval_interval < 0:
+        raise ConfigError(f"train.eval_interval={t.eval_interval}: must be >= 0 (0 disables)")
+    if t.eval_interval and t.eval_iters <= 0:
+        raise ConfigError(
+            f"train.eval_iters={t.eval_iters}: must be > 0 when train.eval_interval > 0"
+        )
     if d.source == "indexed":
         for name in ("train_prefix", "tokenizer_model"):
             if getattr(d, name) is None:

@@ -103,6 +103,7 @@ def initialize(tp: int, pp: int, device: str = "auto", timeout_minutes: int = 30
     _ensure_single_process_env()
     dev = select_device(device)
     if dev.type == "cpu":
+        _share_cpu_threads()
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         # DeepSpeed's shared-memory all-reduce op is compiled on first use: keep gloo's own.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -122,6 +123,16 @@ def initialize(tp: int, pp: int, device: str = "auto", timeout_minutes: int = 30
     topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=layout.dp)
     _check_layouts_agree(layout, topology)
     return ParallelState(layout=layout, device=dev, topology=topology)
+
+
+def _share_cpu_threads() -> None:
+    """Split the cores between the local processes unless OMP_NUM_THREADS says otherwise:
+    the deepspeed launcher, unlike torchrun, leaves every process at all cores, and on CPU
+    that oversubscription costs several times the step time."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    local = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
 
 def _check_layouts_agree(layout: Layout, topology) -> None:

@@ -180,22 +180,12 @@ def test_override_parallel_tp_is_int():
     assert cfg.parallel.tp == 2 and type(cfg.parallel.tp) is int
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config.py parse_overrides/_coerce: yaml.safe_load (YAML 1.1) reads '3e-4' as the "
-    "string '3e-4' (its float pattern needs a '.'), and _coerce rejects a str for a float field",
-)
 @pytest.mark.parametrize("raw, expected", [("3e-4", 3e-4), ("1E-5", 1e-5), ("2e3", 2000.0)])
 def test_override_float_in_exponent_notation(raw, expected):
     cfg = load_config(None, [f"train.lr={raw}"])
     assert cfg.train.lr == pytest.approx(expected) and isinstance(cfg.train.lr, float)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config.py read_recipe/_coerce: 'lr: 3e-4' in a recipe is a YAML 1.1 string, "
-    "rejected for a float field",
-)
 def test_recipe_float_in_exponent_notation(tmp_path):
     cfg = load_config(write(tmp_path, "train:\n  lr: 3e-4\n  min_lr: 3e-5\n"))
     assert cfg.train.lr == pytest.approx(3e-4)
@@ -392,11 +382,6 @@ def test_section_given_a_scalar_is_rejected():
     assert message.startswith("model:") and "mapping" in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config.py _build: `_build(tp, value or {}, name)` turns a falsy non-mapping "
-    "section (0, false, [], '') into {} and silently uses the defaults",
-)
 @pytest.mark.parametrize("text", ["model: 0\n", "model: false\n", "model: []\n"])
 def test_section_given_a_falsy_non_mapping_is_rejected(tmp_path, text):
     message = config_error(write(tmp_path, text))
@@ -418,20 +403,10 @@ def test_invalid_yaml_bad_indentation_names_the_line(tmp_path):
     assert str(path) in message and "line 3" in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config.py read_recipe: a yaml.ReaderError (control character) has no problem_mark "
-    "or problem, so str(err) is used and it spans two lines",
-)
 def test_invalid_yaml_control_character_message_is_one_line(tmp_path):
     config_error(write(tmp_path, "train:\n  steps: 5\x01\n"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config.py read_recipe: Path.read_text() raises UnicodeDecodeError (not "
-    "ConfigError) for a recipe that is not UTF-8, so train.main prints a traceback",
-)
 def test_recipe_that_is_not_utf8_is_a_config_error(tmp_path):
     path = tmp_path / "binary.yaml"
     path.write_bytes(b"train:\n  steps: \xff\xfe\n")
@@ -456,11 +431,6 @@ def test_recipe_that_is_a_directory(tmp_path):
     assert str(tmp_path) in config_error(tmp_path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config.py _build: sorted(set(data) - set(fields)) raises TypeError when the "
-    "unknown keys mix str and int (e.g. YAML keys `1:` and `foo:`)",
-)
 def test_unknown_keys_of_mixed_types(tmp_path):
     message = config_error(write(tmp_path, "train:\n  1: a\n  foo: b\n"))
     assert "unknown key" in message
@@ -577,11 +547,6 @@ def test_zero_stage_out_of_range():
     assert "parallel.zero_stage=7" in validate_error(make(parallel={"zero_stage": 7}))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config.py validate: for zero_stage outside 0..3 the message says 'valid values are "
-    "0, 1, 2, 3' although the next check rejects everything but 1",
-)
 def test_zero_stage_out_of_range_message_lists_only_accepted_values():
     message = validate_error(make(parallel={"zero_stage": 7}))
     assert "0, 1, 2, 3" not in message
@@ -678,11 +643,6 @@ def test_indexed_with_all_files_is_valid(tmp_path):
     validate(cfg, 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="validate accepts train.eval_iters=0 with train.eval_interval>0, and "
-    "train.evaluate then divides by len(losses) == 0 (ZeroDivisionError)",
-)
 def test_eval_iters_zero_with_eval_interval_is_rejected_or_harmless():
     cfg = make(train={"eval_interval": 10, "eval_iters": 0})
     try:
