@@ -84,6 +84,7 @@ class TrainConfig:
     log_interval: int = 1
     eval_interval: int = 50  # 0 disables validation
     eval_iters: int = 10
+    exit_interval: int = 0  # stop (with a checkpoint) after this many steps of this run; 0: off
 
 
 @dataclass

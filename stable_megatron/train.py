@@ -148,18 +148,19 @@ def evaluate(engine, dataset, cfg: Config, layout, device) -> float:
 def train(cfg: Config) -> dict:
     """Train per `cfg` (already validated) in this process group; returns a summary."""
     from stable_megatron import parallel
-    from stable_megatron.data.dataset import TokenWindowDataset
+    from stable_megatron.data.dataset import TokenWindowDataset, unigram_perplexity
     from stable_megatron.logger import RunLogger
 
+    # Data problems surface here, before any process group exists.
     sources = resolve_data(cfg)
+    seq = cfg.model.seq_length
+    train_ds = TokenWindowDataset(sources.train_prefix, seq, seed=cfg.train.seed)
+    val_ds = None
+    if sources.val_prefix and cfg.train.eval_interval:
+        val_ds = TokenWindowDataset(sources.val_prefix, seq, seed=cfg.train.seed)
     state = parallel.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.device)
     layout, device = state.layout, state.device
     try:
-        seq = cfg.model.seq_length
-        train_ds = TokenWindowDataset(sources.train_prefix, seq, seed=cfg.train.seed)
-        val_ds = TokenWindowDataset(sources.val_prefix, seq, seed=cfg.train.seed) if (
-            sources.val_prefix and cfg.train.eval_interval
-        ) else None
         engine = build_engine(cfg, state)
         step, consumed = 0, 0
         ckpt_dir = cfg.checkpoint_dir
@@ -171,6 +172,7 @@ def train(cfg: Config) -> dict:
             if client is None:
                 raise RuntimeError(f"checkpoint.load={load_dir}: no loadable checkpoint there")
             step, consumed = client["step"], client["consumed_samples"]
+        start_step = step
         log = RunLogger(cfg, enabled=state.is_logging_rank, start_step=step)
         if state.is_logging_rank:
             Path(cfg.train.run_dir).mkdir(parents=True, exist_ok=True)
@@ -180,6 +182,10 @@ def train(cfg: Config) -> dict:
             f"dp {layout.dp} on {device}; run dir {cfg.train.run_dir}"
             + (f"; resumed at step {step}" if step else "")
         )
+        if val_ds is not None and state.is_logging_rank:
+            baseline = unigram_perplexity(sources.train_prefix, sources.val_prefix,
+                                          sources.vocab_size)
+            log.info(f"validation baseline: unigram perplexity {baseline:.1f}")
         accum = engine.gradient_accumulation_steps()
         gb, tokens_per_step = cfg.train.global_batch_size, cfg.train.global_batch_size * seq
         last = {}
@@ -209,12 +215,16 @@ def train(cfg: Config) -> dict:
                 log.log(record)
             last = record
             interval = cfg.checkpoint.interval
-            if (interval and step % interval == 0) or step == cfg.train.steps:
+            exiting = cfg.train.exit_interval and step - start_step >= cfg.train.exit_interval
+            if (interval and step % interval == 0) or step == cfg.train.steps or exiting:
                 engine.save_checkpoint(
                     str(ckpt_dir),
                     tag=f"step{step:08d}",
                     client_state={"step": step, "consumed_samples": consumed},
                 )
+            if exiting:
+                log.info(f"exit_interval reached: stopping at step {step}; run again to resume")
+                break
         log.info(f"done: {step} steps; logs in {cfg.train.run_dir}/metrics.jsonl"
                  f" (TensorBoard: tensorboard --logdir {cfg.train.run_dir})")
         log.close()

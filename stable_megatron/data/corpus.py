@@ -54,8 +54,8 @@ def split_by_key(
         is_val[min(range(len(items)), key=scores.__getitem__)] = True
     if all(is_val):
         is_val[max(range(len(items)), key=scores.__getitem__)] = False
-    train = [item for item, v in zip(items, is_val) if not v]
-    val = [item for item, v in zip(items, is_val) if v]
+    train = [item for item, v in zip(items, is_val, strict=True) if not v]
+    val = [item for item, v in zip(items, is_val, strict=True) if v]
     return train, val
 
 
