@@ -23,6 +23,25 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class MLRAConfig:
+    """Multi-head low-rank attention [A]; the factorisation is a project choice (methods.md)."""
+
+    rank: int | None = None  # default: head_dim // 2
+    targets: list[str] = field(default_factory=lambda: ["q", "k", "v"])  # any of q, k, v, o
+
+
+@dataclass
+class SigmaReparamConfig:
+    """sigma-reparam [C]: W_hat = gamma / sigma(W) * W on the chosen linear layers."""
+
+    enabled: bool = False
+    targets: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])
+    power_iters: int = 1  # power-iteration steps per optimizer step
+    init_iters: int = 30  # power-iteration steps at initialisation (from a seeded vector)
+    gamma_init: Literal["sigma0", "one"] = "sigma0"
+
+
+@dataclass
 class ModelConfig:
     num_layers: int = 2
     hidden_size: int = 128
@@ -40,6 +59,12 @@ class ModelConfig:
     attention_dropout: float = 0.0
     add_bias_linear: bool = True
     attention_backend: Literal["auto", "sdpa", "math"] = "auto"
+    # Stability methods (methods.md); the defaults are the plain pre-LN GPT.
+    attention: Literal["standard", "mlra"] = "standard"
+    mlra: MLRAConfig = field(default_factory=MLRAConfig)
+    norm_placement: Literal["pre_ln", "qk_norm", "qk_fc_norm", "qkv_norm"] = "pre_ln"
+    softmax_cap: float | None = None  # c in c * tanh(s / c) on attention logits; e.g. 50
+    sigma_reparam: SigmaReparamConfig = field(default_factory=SigmaReparamConfig)
 
     @property
     def ffn_size(self) -> int:
@@ -154,6 +179,10 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
                 return _coerce(name, value, arg)
             except ConfigError:
                 pass
+    elif origin is list:
+        if isinstance(value, list):
+            (item_type,) = typing.get_args(tp)
+            return [_coerce(f"{name}[{i}]", v, item_type) for i, v in enumerate(value)]
     elif tp is type(None):
         if value is None:
             return None
@@ -347,9 +376,37 @@ def validate(cfg: Config, world_size: int) -> None:
             _check_prefix("data.val_prefix", d.val_prefix)
         if not Path(d.tokenizer_model).is_file():
             raise ConfigError(f"data.tokenizer_model={d.tokenizer_model}: no such file")
+    _validate_methods(m, p.tp)
     if m.vocab_size is not None:
         positive("model.vocab_size", m.vocab_size)
     positive("model.vocab_pad_multiple", m.vocab_pad_multiple)
+
+
+MLRA_TARGETS = ("q", "k", "v", "o")
+SIGMA_TARGETS = ("qkv", "proj", "fc1", "fc2", "embedding", "lm_head")
+
+
+def _validate_methods(m: ModelConfig, tp: int) -> None:
+    def check_targets(name: str, targets: list[str], valid: tuple[str, ...]) -> None:
+        bad = [t for t in targets if t not in valid]
+        if bad or len(set(targets)) != len(targets):
+            raise ConfigError(
+                f"{name}={targets}: each of {', '.join(valid)} at most once"
+            )
+
+    check_targets("model.mlra.targets", m.mlra.targets, MLRA_TARGETS)
+    if m.attention == "mlra":
+        if not m.mlra.targets:
+            raise ConfigError("model.mlra.targets is empty: name at least one of q, k, v, o")
+        rank = m.mlra.rank if m.mlra.rank is not None else m.head_dim // 2
+        if not 0 < rank <= m.hidden_size:
+            raise ConfigError(f"model.mlra.rank={rank}: must be between 1 and hidden_size")
+    sr = m.sigma_reparam
+    check_targets("model.sigma_reparam.targets", sr.targets, SIGMA_TARGETS)
+    if sr.power_iters < 1 or sr.init_iters < 1:
+        raise ConfigError("model.sigma_reparam.power_iters and init_iters must be >= 1")
+    if m.softmax_cap is not None and m.softmax_cap <= 0:
+        raise ConfigError(f"model.softmax_cap={m.softmax_cap}: must be > 0 (or null for off)")
 
 
 def _check_prefix(name: str, prefix: str | None) -> None:
