@@ -58,7 +58,8 @@ class ModelConfig:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     add_bias_linear: bool = True
-    attention_backend: Literal["auto", "sdpa", "math"] = "auto"
+    # auto: SDPA without a softmax cap; with one, FlexAttention on GPU, the math path on CPU
+    attention_backend: Literal["auto", "sdpa", "flex", "math"] = "auto"
     # Stability methods (methods.md); the defaults are the plain pre-LN GPT.
     attention: Literal["standard", "mlra"] = "standard"
     mlra: MLRAConfig = field(default_factory=MLRAConfig)
@@ -407,6 +408,10 @@ def _validate_methods(m: ModelConfig, tp: int) -> None:
         raise ConfigError("model.sigma_reparam.power_iters and init_iters must be >= 1")
     if m.softmax_cap is not None and m.softmax_cap <= 0:
         raise ConfigError(f"model.softmax_cap={m.softmax_cap}: must be > 0 (or null for off)")
+    if m.softmax_cap is not None and m.attention_backend == "sdpa":
+        raise ConfigError(
+            "model.softmax_cap needs model.attention_backend auto, flex or math (sdpa cannot cap)"
+        )
 
 
 def _check_prefix(name: str, prefix: str | None) -> None:

@@ -102,7 +102,7 @@ def build_engine(cfg: Config, state):
 
     from stable_megatron.model.gpt import build_model
 
-    model = build_model(cfg, state.topology).to(state.device)
+    model = build_model(cfg, state.topology, state.device).to(state.device)
     t = cfg.train
     optimizer = torch.optim.AdamW(
         param_groups(model, t.weight_decay),

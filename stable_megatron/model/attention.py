@@ -1,14 +1,20 @@
 """Tensor-parallel causal self-attention, a drop-in for the `self_attention` slot of a
-megatron-core `TransformerLayer` spec.
+megatron-core `TransformerLayer` spec, with the layer-norm placements and softmax capping of
+Rybakov et al. (methods.md section 3).
 
 QKV is one column-parallel linear whose output is laid out per head as `[q_h; k_h; v_h]`, so a
 split over tensor-parallel ranks hands every rank whole heads and TP=2 reproduces TP=1 exactly.
 Proj is row-parallel; its bias is returned separately for megatron-core's bias-dropout-add.
 
-Two interchangeable kernels compute the attention itself:
-- `sdpa`: `torch.nn.functional.scaled_dot_product_attention` with a causal mask; it dispatches
-  to flash / memory-efficient kernels on GPU and never materialises the probabilities.
-- `math`: the explicit `softmax(q k^T / sqrt(d)) v`, which materialises the probabilities.
+Optional pieces (all per head over d_head, parameters shared by the heads, TP-replicated):
+- `q_layernorm`, `k_layernorm` (qk_norm), plus `v_layernorm` (qkv_norm) on the QKV output;
+- `softmax_cap` c: logits `s = q k^T / sqrt(d)` become `c * tanh(s / c)` before the mask.
+
+Kernels (`attention_kernel`):
+- `sdpa`: `scaled_dot_product_attention`, causal; flash / memory-efficient kernels on GPU. No cap.
+- `flex`: FlexAttention with the cap as a `score_mod`: the fused path for capped attention on
+  GPU (compiled there; eager, and slow, on CPU).
+- `math`: the explicit softmax, which materialises the probabilities: exact and always works.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -28,19 +35,69 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 class SelfAttentionSubmodules:
     linear_qkv: ModuleSpec | type
     linear_proj: ModuleSpec | type
+    q_layernorm: ModuleSpec | type = IdentityOp
+    k_layernorm: ModuleSpec | type = IdentityOp
+    v_layernorm: ModuleSpec | type = IdentityOp
+
+
+def capped(scores: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return scores if cap is None else cap * torch.tanh(scores / cap)
+
+
+def causal_logits(q: torch.Tensor, k: torch.Tensor, cap: float | None = None) -> torch.Tensor:
+    """Attention logits after capping, fp32, future keys at -inf: [b, h, s, s]."""
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(q.size(-1))
+    seq = q.size(-2)
+    future = torch.ones(seq, seq, dtype=torch.bool, device=q.device).triu_(1)
+    return capped(scores, cap).masked_fill(future, float("-inf"))
+
+
+_compiled_flex = None
+
+
+def _flex_attention(q, k, v, cap: float):
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def score_mod(score, batch, head, q_idx, kv_idx):
+        score = cap * torch.tanh(score / cap)
+        return torch.where(q_idx >= kv_idx, score, float("-inf"))
+
+    if q.is_cuda:
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=False)
+        return _compiled_flex(q, k, v, score_mod=score_mod)
+    return flex_attention(q, k, v, score_mod=score_mod)
 
 
 def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "sdpa"
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kernel: str = "sdpa",
+    cap: float | None = None,
 ) -> torch.Tensor:
     """q, k, v: [batch, heads, seq, head_dim] -> [batch, heads, seq, head_dim]."""
-    if backend == "sdpa":
+    if kernel == "sdpa":
+        if cap is not None:
+            raise ValueError("the sdpa kernel cannot apply a softmax cap: use flex or math")
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.size(-1))
-    seq = q.size(-2)
-    mask = torch.ones(seq, seq, dtype=torch.bool, device=q.device).triu_(1)
-    probs = torch.softmax(scores.float().masked_fill(mask, float("-inf")), dim=-1)
+    if kernel == "flex":
+        if cap is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return _flex_attention(q, k, v, cap)
+    probs = torch.softmax(causal_logits(q, k, cap), dim=-1)
     return torch.matmul(probs.to(v.dtype), v)
+
+
+def attention_kernel(requested: str, cap: float | None, on_cuda: bool) -> str:
+    """The kernel for `model.attention_backend`: `auto` takes the fused kernel that supports
+    the configuration (SDPA without a cap; FlexAttention with one on GPU, math on CPU)."""
+    if requested != "auto":
+        return requested
+    if cap is None:
+        return "sdpa"
+    return "flex" if on_cuda else "math"
 
 
 class SelfAttention(MegatronModule):
@@ -49,13 +106,17 @@ class SelfAttention(MegatronModule):
         config: TransformerConfig,
         submodules: SelfAttentionSubmodules,
         layer_number: int,
-        backend: str = "sdpa",
+        kernel: str = "sdpa",
+        softmax_cap: float | None = None,
         **unused,
     ) -> None:
         super().__init__(config=config)
         tp = config.tensor_model_parallel_size
+        if kernel == "sdpa" and softmax_cap is not None:
+            raise ValueError("model.softmax_cap needs the flex or math attention kernel")
         self.layer_number = layer_number
-        self.backend = backend
+        self.kernel = kernel
+        self.softmax_cap = softmax_cap
         self.head_dim = config.kv_channels
         self.heads_local = config.num_attention_heads // tp
         width = config.num_attention_heads * self.head_dim
@@ -70,6 +131,11 @@ class SelfAttention(MegatronModule):
             skip_bias_add=False,
             is_expert=False,
         )
+        eps = config.layernorm_epsilon
+        head_norm = {"config": config, "hidden_size": self.head_dim, "eps": eps}
+        self.q_layernorm = build_module(submodules.q_layernorm, **head_norm)
+        self.k_layernorm = build_module(submodules.k_layernorm, **head_norm)
+        self.v_layernorm = build_module(submodules.v_layernorm, **head_norm)
         self.linear_proj = build_module(
             submodules.linear_proj,
             width,
@@ -86,11 +152,12 @@ class SelfAttention(MegatronModule):
         seq, batch, _ = hidden_states.shape
         qkv, _ = self.linear_qkv(hidden_states)
         q, k, v = qkv.view(seq, batch, self.heads_local, 3, self.head_dim).unbind(dim=3)
+        q, k, v = self.q_layernorm(q), self.k_layernorm(k), self.v_layernorm(v)
         if rotary_pos_emb is not None:
             q = apply_rotary_pos_emb(q, rotary_pos_emb, config=self.config)
             k = apply_rotary_pos_emb(k, rotary_pos_emb, config=self.config)
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
-        context = causal_attention(q, k, v, self.backend)
+        context = causal_attention(q, k, v, self.kernel, self.softmax_cap)
         context = context.permute(2, 0, 1, 3).reshape(seq, batch, self.heads_local * self.head_dim)
         return self.linear_proj(context)

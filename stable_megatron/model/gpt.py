@@ -73,10 +73,18 @@ def _tied_head(module: EmbeddingPipe, hidden: torch.Tensor) -> torch.Tensor:
 class TransformerLayerPipe(nn.Module):
     """One megatron-core `TransformerLayer` (built from our spec), with rotary positions."""
 
-    def __init__(self, cfg: Config, tcfg: TransformerConfig, layer_number: int, seed: int) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        tcfg: TransformerConfig,
+        layer_number: int,
+        seed: int,
+        device: torch.device,
+    ) -> None:
         super().__init__()
         _seeded(seed)
-        self.layer = build_module(layer_spec(cfg), config=tcfg, layer_number=layer_number)
+        spec = layer_spec(cfg, device)
+        self.layer = build_module(spec, config=tcfg, layer_number=layer_number)
         self.rotary = None
         if cfg.model.position_embedding == "rope":
             self.rotary = RotaryEmbedding(
@@ -131,7 +139,7 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return losses.mean()
 
 
-def build_model(cfg: Config, topology) -> PipelineModule:
+def build_model(cfg: Config, topology, device: torch.device) -> PipelineModule:
     """The GPT PipelineModule for `cfg` (with model.vocab_size resolved) on `topology`."""
     tcfg = transformer_config(cfg)
     m, seed = cfg.model, cfg.train.seed
@@ -151,7 +159,8 @@ def build_model(cfg: Config, topology) -> PipelineModule:
         first = LayerSpec(*embedding_args)
         last = LayerSpec(LMHeadPipe, cfg, tcfg, padded_vocab, seed + m.num_layers + 1)
     layers = [
-        LayerSpec(TransformerLayerPipe, cfg, tcfg, i, seed + i) for i in range(1, m.num_layers + 1)
+        LayerSpec(TransformerLayerPipe, cfg, tcfg, i, seed + i, device)
+        for i in range(1, m.num_layers + 1)
     ]
     specs = [first, *layers, LayerSpec(FinalNormPipe, cfg), last]
     return PipelineModule(

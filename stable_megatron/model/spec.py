@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
@@ -13,7 +14,12 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from stable_megatron.config import Config
-from stable_megatron.model.attention import SelfAttention, SelfAttentionSubmodules
+from stable_megatron.model.attention import (
+    SelfAttention,
+    SelfAttentionSubmodules,
+    attention_kernel,
+)
+from stable_megatron.model.layers import LinearWithOutputNorm
 
 
 def transformer_config(cfg: Config) -> TransformerConfig:
@@ -46,33 +52,48 @@ def transformer_config(cfg: Config) -> TransformerConfig:
     )
 
 
-def attention_backend(cfg: Config) -> str:
-    backend = cfg.model.attention_backend
-    return "sdpa" if backend == "auto" else backend
+def _with_output_norm(linear: ModuleSpec | type) -> ModuleSpec:
+    return ModuleSpec(module=LinearWithOutputNorm, params={"linear": linear})
 
 
-def layer_spec(cfg: Config) -> ModuleSpec:
-    """One pre-LN GPT layer built from megatron-core parts and our attention module."""
+def layer_spec(cfg: Config, device: torch.device) -> ModuleSpec:
+    """One GPT layer: megatron-core's TransformerLayer, our attention, the configured norms.
+
+    | norm_placement | input LN | q/k LN | v LN | Proj/FC2 output LN |
+    | pre_ln         | yes      |        |      |                    |
+    | qk_norm        | yes      | yes    |      |                    |
+    | qk_fc_norm     | yes      | yes    |      | yes                |
+    | qkv_norm       |          | yes    | yes  |                    |
+    """
+    m = cfg.model
+    placement = m.norm_placement
+    head_norm = WrappedTorchNorm if placement != "pre_ln" else IdentityOp
+    qkv = ColumnParallelLinear
+    proj, fc1, fc2 = RowParallelLinear, ColumnParallelLinear, RowParallelLinear
+    if placement == "qk_fc_norm":
+        proj, fc2 = _with_output_norm(proj), _with_output_norm(fc2)
+    kernel = attention_kernel(m.attention_backend, m.softmax_cap, device.type == "cuda")
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=WrappedTorchNorm,
+            input_layernorm=IdentityOp if placement == "qkv_norm" else WrappedTorchNorm,
             self_attention=ModuleSpec(
                 module=SelfAttention,
-                params={"backend": attention_backend(cfg)},
+                params={"kernel": kernel, "softmax_cap": m.softmax_cap},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
-                    linear_proj=RowParallelLinear,
+                    linear_qkv=qkv,
+                    linear_proj=proj,
+                    q_layernorm=head_norm,
+                    k_layernorm=head_norm,
+                    v_layernorm=WrappedTorchNorm if placement == "qkv_norm" else IdentityOp,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=WrappedTorchNorm,
             mlp=ModuleSpec(
                 module=MLP,
-                params={"ffn_hidden_size": cfg.model.ffn_size},
-                submodules=MLPSubmodules(
-                    linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear
-                ),
+                params={"ffn_hidden_size": m.ffn_size},
+                submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2),
             ),
             mlp_bda=get_bias_dropout_add,
         ),
