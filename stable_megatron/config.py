@@ -28,6 +28,9 @@ class MLRAConfig:
 
     rank: int | None = None  # default: head_dim // 2
     targets: list[str] = field(default_factory=lambda: ["q", "k", "v"])  # any of q, k, v, o
+    # factor init stds: "paper" both at init_std (smaller initial outputs, the paper's
+    # variance argument); "balanced"/"input_side" keep the full-rank output scale
+    factor_init: Literal["paper", "balanced", "input_side"] = "paper"
 
 
 @dataclass

@@ -27,15 +27,16 @@ caller seeds per layer) and then split, in a fixed order (A linear, full-rank li
 so the weights are identical at every TP size (with `use_cpu_initialization=True`, which
 megatron-core needs for the same property of its own linears).
 
-Init std (project choice, `FACTOR_INIT`): the two factors get stds s_1 (the factor applied
-first) and s_2 with `s_1 * s_2 * sqrt(r) = std`, so that the product has the per-entry std of
-the full-rank layer it replaces (`std` is read from the slot's `init_method`:
-`config.init_method_std` for QKV, the depth-scaled output std for Proj; or pass `init_std`):
-- "balanced" (default): s_1 = s_2 = sqrt(std / sqrt(r));
+Init std (project choice, `FACTOR_INIT`, config `model.mlra.factor_init`); `std` is read from
+the slot's `init_method` (`config.init_method_std` for QKV, the depth-scaled output std for
+Proj; or pass `init_std`), s_1 is the std of the factor applied first, s_2 of the second:
+- "paper" (default): s_1 = s_2 = std, the setting of the paper's variance argument: a product
+  of two such factors has per-entry std std^2 sqrt(r), so the initial sub-layer output variance
+  is r std^2 times that of standard attention (d_in r std^4 instead of d_in std^2);
+- "balanced": s_1 = s_2 = sqrt(std / sqrt(r)), so that s_1 s_2 sqrt(r) = std: the product has
+  the per-entry std of the full-rank layer it replaces;
 - "input_side": s_1 = std (the first factor's outputs have the full-rank layer's scale),
-  s_2 = 1 / sqrt(r).
-Either choice makes the initial sub-layer output variance that of standard attention; the
-paper's variance argument (two factors of equal std s) would instead shrink it.
+  s_2 = 1 / sqrt(r); the same product std as "balanced".
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ from torch import nn
 
 QKV_TARGETS = ("q", "k", "v")
 TARGETS = (*QKV_TARGETS, "o")
-FACTOR_INIT = "balanced"  # project choice, see the module docstring
-FACTOR_INITS = ("balanced", "input_side")
+FACTOR_INIT = "paper"  # project choice, see the module docstring
+FACTOR_INITS = ("paper", "balanced", "input_side")
 
 
 def resolve_rank(rank: int | None, d_head: int) -> int:
@@ -80,7 +81,9 @@ def check_targets(targets: Sequence[str]) -> list[str]:
 
 
 def factor_stds(std: float, rank: int, mode: str = FACTOR_INIT) -> tuple[float, float]:
-    """(s_1, s_2): stds of the factor applied first and second, with s_1 * s_2 * sqrt(r) = std."""
+    """(s_1, s_2): stds of the factor applied first and second (see the module docstring)."""
+    if mode == "paper":
+        return std, std
     if mode == "balanced":
         s = math.sqrt(std / math.sqrt(rank))
         return s, s

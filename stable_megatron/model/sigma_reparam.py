@@ -293,9 +293,7 @@ class SigmaReparamColumnParallelLinear(_SigmaReparam, ColumnParallelLinear):
     def _forward_impl(self, input, weight, *args, **kwargs):
         # (s x) W^T + b: x is replicated over TP, and the layer's backward all-reduces the
         # gradient of s x, so the gradient of s is complete on every rank.
-        out = super()._forward_impl(input, weight, *args, **{**kwargs, "bias": None})
-        out = out * self.scale().to(out.dtype)
-        return out + kwargs["bias"] if kwargs["bias"] is not None else out
+        return super()._forward_impl(input * self.scale().to(input.dtype), weight, *args, **kwargs)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         """Weight, bias and v sharded along dim 0; u and gamma replicated."""

@@ -20,6 +20,7 @@ from stable_megatron.model.attention import (
     attention_kernel,
 )
 from stable_megatron.model.layers import HeadLayerNorm, LinearWithOutputNorm
+from stable_megatron.model.mlra import mlra_linear_specs
 
 
 def transformer_config(cfg: Config) -> TransformerConfig:
@@ -68,8 +69,10 @@ def layer_spec(cfg: Config, device: torch.device) -> ModuleSpec:
     m = cfg.model
     placement = m.norm_placement
     head_norm = HeadLayerNorm if placement != "pre_ln" else IdentityOp
-    qkv = ColumnParallelLinear
-    proj, fc1, fc2 = RowParallelLinear, ColumnParallelLinear, RowParallelLinear
+    qkv, proj = ColumnParallelLinear, RowParallelLinear
+    if m.attention == "mlra":
+        qkv, proj = mlra_linear_specs(m.mlra.rank, m.mlra.targets, m.mlra.factor_init)
+    fc1, fc2 = ColumnParallelLinear, RowParallelLinear
     if placement == "qk_fc_norm":
         proj, fc2 = _with_output_norm(proj), _with_output_norm(fc2)
     kernel = attention_kernel(m.attention_backend, m.softmax_cap, device.type == "cuda")

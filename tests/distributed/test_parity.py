@@ -37,6 +37,7 @@ METHODS = {
     "qk_fc_norm": {"norm_placement": "qk_fc_norm"},
     "qkv_norm_rope": {"norm_placement": "qkv_norm", "position_embedding": "rope",
                       "tie_embeddings": False},
+    "mlra_qkvo": {"attention": "mlra", "mlra": {"targets": ["q", "k", "v", "o"], "rank": 4}},
 }
 
 
@@ -129,7 +130,7 @@ def test_layout_matches_single_process(name, reference, tmp_path):
 
 
 def test_methods_match_single_process_at_tp2_pp2(reference, tmp_path):
-    """The norm placements, softmax capping, RoPE and an untied head at TP2 x PP2."""
+    """The norm placements, softmax capping, MLRA, RoPE and an untied head at TP2 x PP2."""
     results = run_cases(tmp_path, 4, {n: case({"tp": 2, "pp": 2}, m) for n, m in METHODS.items()})
     for name in METHODS:
         check_against(reference[name], results[name])

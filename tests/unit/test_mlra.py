@@ -258,6 +258,18 @@ def test_init_product_has_the_full_rank_std(factor_init):
     assert w_o.std().item() == pytest.approx(proj_std, rel=0.05)
 
 
+def test_paper_init_shrinks_the_product_std():
+    """"paper": both factors at the layer's std s, so W = A B has entries of std s^2 sqrt(r)."""
+    d_model, heads, d_head, r = 256, 4, 64, 32
+    cfg = tconfig(True, hidden_size=d_model, heads=heads, d_head=d_head)
+    qkv, _ = build_slots(cfg, ["q", "k", "v", "o"], r, factor_init="paper")
+    assert qkv.lowrank_a.weight.std().item() == pytest.approx(0.02, rel=0.02)
+    assert qkv.lowrank_b.std().item() == pytest.approx(0.02, rel=0.02)
+    a = qkv.lowrank_a.weight.detach().view(heads, 3, r, d_model)
+    w = torch.einsum("htrd,htre->htde", a, qkv.lowrank_b.detach())
+    assert w.std().item() == pytest.approx(0.02**2 * math.sqrt(r), rel=0.05)
+
+
 def test_init_is_seeded_and_factor_stds_differ_by_mode():
     cfg = tconfig(True)
     a1, p1 = build_slots(cfg, ["q", "k", "v", "o"], 3, seed=7)
@@ -312,4 +324,4 @@ def test_argument_errors():
                 init_std=0.1, rank=4)
     assert m.lowrank_a.weight.std().item() == pytest.approx(factor_stds(0.1, 4)[0], rel=0.2)
     with pytest.raises(ValueError, match="factor_init"):
-        factor_stds(0.02, 4, "paper")
+        factor_stds(0.02, 4, "wide")
