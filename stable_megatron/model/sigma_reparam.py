@@ -18,13 +18,14 @@ multiplies the output after its all-reduce. (s applied to a sharded tensor, e.g.
 column-parallel output or the row-parallel output before its all-reduce, would leave each rank
 with a partial gradient of s and need one more all-reduce in backward.)
 
-Power iteration. Persistent fp32 buffers (in `state_dict`, hence in checkpoints):
+Power iteration. Persistent fp32 buffers (in `state_dict`, hence in checkpoints; they stay
+fp32 when the module is cast to bf16):
 `u` in the input space of W, `v` in its output space. Column-parallel (rows of W split):
 u full and replicated, v this rank's shard of the output rows. Row-parallel (columns split):
 u this rank's shard, v full and replicated. One step, with the replicated vector r, the
-sharded one s and the local block M (W_i for column-, W_i^T for row-parallel):
-`s~ = M r` locally, then ONE all-reduce of the concatenation `[M^T s~ ; ||s~||^2]` gives
-`s = s~ / ||s~||` and `r = normalize(sum_i M_i^T s~_i)`, and sigma_hat = ||M^T s|| for free.
+sharded one q and the local block M (W_i for column-, W_i^T for row-parallel):
+`q~ = M r` locally, then ONE all-reduce of the concatenation `[M^T q~ ; ||q~||^2]` gives
+`q = q~ / ||q~||`, `r = normalize(sum_i M_i^T q~_i)` and, for free, the estimate ||M^T q||.
 Column: v = normalize(W u), u = normalize(W^T v); row: u = normalize(W^T v), v = normalize(W u).
 u starts from a full-size vector drawn from `torch.Generator().manual_seed(seed)` (the same at
 every TP layout), this rank's shard taken where sharded, then `init_iters` steps; no SVD,
@@ -121,6 +122,16 @@ class _SigmaReparam:
             self.init_gamma()
         else:
             self.u.copy_(self._seeded_start())
+
+    def _apply(self, fn, recurse=True):
+        """Module casts (`.bfloat16()`, `.to(dtype)`, as DeepSpeed's bf16 mode does) leave the
+        power-iteration vectors fp32; device moves apply as usual."""
+        result = super()._apply(fn, recurse)
+        for name in ("u", "v"):
+            buf = self._buffers.get(name)
+            if buf is not None and buf.dtype != torch.float32:
+                self._buffers[name] = buf.float()
+        return result
 
     # ---------------------------------------------------------------- power iteration
 
