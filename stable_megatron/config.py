@@ -40,7 +40,7 @@ class SigmaReparamConfig:
     enabled: bool = False
     targets: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])
     power_iters: int = 1  # power-iteration steps per optimizer step
-    init_iters: int = 30  # power-iteration steps at initialisation (from a seeded vector)
+    init_iters: int = 300  # power-iteration steps at initialisation (from a seeded vector)
     gamma_init: Literal["sigma0", "one"] = "sigma0"
 
 
@@ -387,7 +387,7 @@ def validate(cfg: Config, world_size: int) -> None:
 
 
 MLRA_TARGETS = ("q", "k", "v", "o")
-SIGMA_TARGETS = ("qkv", "proj", "fc1", "fc2", "embedding", "lm_head")
+SIGMA_TARGETS = ("qkv", "proj", "fc1", "fc2")
 
 
 def _validate_methods(m: ModelConfig, tp: int) -> None:
@@ -409,6 +409,17 @@ def _validate_methods(m: ModelConfig, tp: int) -> None:
     check_targets("model.sigma_reparam.targets", sr.targets, SIGMA_TARGETS)
     if sr.power_iters < 1 or sr.init_iters < 1:
         raise ConfigError("model.sigma_reparam.power_iters and init_iters must be >= 1")
+    if sr.enabled and m.attention == "mlra":
+        replaced = {
+            "qkv": bool(set(m.mlra.targets) & {"q", "k", "v"}),
+            "proj": "o" in m.mlra.targets,
+        }
+        clash = [t for t in sr.targets if replaced.get(t)]
+        if clash:
+            raise ConfigError(
+                f"model.sigma_reparam.targets has {', '.join(clash)}, which model.attention=mlra "
+                f"replaces with low-rank factors; remove it from the targets"
+            )
     if m.softmax_cap is not None and m.softmax_cap <= 0:
         raise ConfigError(f"model.softmax_cap={m.softmax_cap}: must be > 0 (or null for off)")
     if m.softmax_cap is not None and m.attention_backend == "sdpa":

@@ -120,6 +120,11 @@ def initialize(tp: int, pp: int, device: str = "auto", timeout_minutes: int = 30
     # own pipeline size stays 1 and its "data-parallel" groups are unused.
     if not mpu.model_parallel_is_initialized():
         mpu.initialize_model_parallel(tensor_model_parallel_size=tp)
+    elif mpu.get_tensor_model_parallel_world_size() != tp:
+        raise RuntimeError(
+            f"tensor-parallel groups of size {mpu.get_tensor_model_parallel_world_size()} exist "
+            f"already; call parallel.shutdown() before initialising tp={tp}"
+        )
     topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=layout.dp)
     _check_layouts_agree(layout, topology)
     return ParallelState(layout=layout, device=dev, topology=topology)
@@ -153,13 +158,15 @@ def _check_layouts_agree(layout: Layout, topology) -> None:
 
 
 def shutdown() -> None:
+    """End megatron-core's groups and torch.distributed (gloo can abort at exit otherwise)."""
+    if not dist.is_initialized():
+        return
     from megatron.core import parallel_state as mpu
 
     if mpu.model_parallel_is_initialized():
         mpu.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------------------------

@@ -135,6 +135,16 @@ def micro_batches(
         yield rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
 
+def train_step(engine, batches) -> torch.Tensor:
+    """One optimizer step over this rank's micro-batches; returns the DP-averaged loss.
+    sigma-reparam's power iteration runs once per step (on every rank, before the forwards),
+    so its result does not depend on the number of micro-batches."""
+    from stable_megatron.model.sigma_reparam import refresh_spectral_norms
+
+    refresh_spectral_norms(engine.module)
+    return engine.train_batch(batches)
+
+
 def evaluate(engine, dataset, cfg: Config, layout, device) -> float:
     accum = engine.gradient_accumulation_steps()
     losses = []
@@ -146,7 +156,9 @@ def evaluate(engine, dataset, cfg: Config, layout, device) -> float:
 
 
 def train(cfg: Config) -> dict:
-    """Train per `cfg` (already validated) in this process group; returns a summary."""
+    """Train per `cfg` (already validated); returns the last logged record. Starts the process
+    groups if needed; the caller ends them (`parallel.shutdown`), so that one process can run
+    several trainings."""
     from stable_megatron import parallel
     from stable_megatron.data.dataset import TokenWindowDataset, unigram_perplexity
     from stable_megatron.logger import RunLogger
@@ -160,77 +172,74 @@ def train(cfg: Config) -> dict:
         val_ds = TokenWindowDataset(sources.val_prefix, seq, seed=cfg.train.seed)
     state = parallel.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.device)
     layout, device = state.layout, state.device
-    try:
-        engine = build_engine(cfg, state)
-        step, consumed = 0, 0
-        ckpt_dir = cfg.checkpoint_dir
-        load_dir = cfg.checkpoint.load or (
-            ckpt_dir if cfg.checkpoint.resume and (ckpt_dir / "latest").is_file() else None
+    engine = build_engine(cfg, state)
+    step, consumed = 0, 0
+    ckpt_dir = cfg.checkpoint_dir
+    load_dir = cfg.checkpoint.load or (
+        ckpt_dir if cfg.checkpoint.resume and (ckpt_dir / "latest").is_file() else None
+    )
+    if load_dir is not None:
+        _, client = engine.load_checkpoint(str(load_dir))
+        if client is None:
+            raise RuntimeError(f"checkpoint.load={load_dir}: no loadable checkpoint there")
+        step, consumed = client["step"], client["consumed_samples"]
+    start_step = step
+    log = RunLogger(cfg, enabled=state.is_logging_rank, start_step=step)
+    if state.is_logging_rank:
+        Path(cfg.train.run_dir).mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, Path(cfg.train.run_dir) / "config.yaml")
+    log.info(
+        f"stable_megatron: world {layout.world} = tp {layout.tp} x pp {layout.pp} x "
+        f"dp {layout.dp} on {device}; run dir {cfg.train.run_dir}"
+        + (f"; resumed at step {step}" if step else "")
+    )
+    if val_ds is not None and state.is_logging_rank:
+        baseline = unigram_perplexity(sources.train_prefix, sources.val_prefix,
+                                      sources.vocab_size)
+        log.info(f"validation baseline: unigram perplexity {baseline:.1f}")
+    accum = engine.gradient_accumulation_steps()
+    gb, tokens_per_step = cfg.train.global_batch_size, cfg.train.global_batch_size * seq
+    last = {}
+    while step < cfg.train.steps:
+        lr = engine.get_lr()[0]
+        started = time.time()
+        loss = train_step(engine, micro_batches(train_ds, consumed, cfg, layout, device, accum))
+        elapsed = time.time() - started
+        step += 1
+        consumed += gb
+        record = {
+            "step": step,
+            "loss": loss.item(),
+            "lr": lr,
+            "grad_norm": float(engine.get_global_grad_norm()),
+            "tokens_per_sec": tokens_per_step / elapsed,
+            "consumed_tokens": consumed * seq,
+            "step_time": elapsed,
+        }
+        evaluate_now = val_ds is not None and (
+            step % cfg.train.eval_interval == 0 or step == cfg.train.steps
         )
-        if load_dir is not None:
-            _, client = engine.load_checkpoint(str(load_dir))
-            if client is None:
-                raise RuntimeError(f"checkpoint.load={load_dir}: no loadable checkpoint there")
-            step, consumed = client["step"], client["consumed_samples"]
-        start_step = step
-        log = RunLogger(cfg, enabled=state.is_logging_rank, start_step=step)
-        if state.is_logging_rank:
-            Path(cfg.train.run_dir).mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, Path(cfg.train.run_dir) / "config.yaml")
-        log.info(
-            f"stable_megatron: world {layout.world} = tp {layout.tp} x pp {layout.pp} x "
-            f"dp {layout.dp} on {device}; run dir {cfg.train.run_dir}"
-            + (f"; resumed at step {step}" if step else "")
-        )
-        if val_ds is not None and state.is_logging_rank:
-            baseline = unigram_perplexity(sources.train_prefix, sources.val_prefix,
-                                          sources.vocab_size)
-            log.info(f"validation baseline: unigram perplexity {baseline:.1f}")
-        accum = engine.gradient_accumulation_steps()
-        gb, tokens_per_step = cfg.train.global_batch_size, cfg.train.global_batch_size * seq
-        last = {}
-        while step < cfg.train.steps:
-            lr = engine.get_lr()[0]
-            started = time.time()
-            loss = engine.train_batch(micro_batches(train_ds, consumed, cfg, layout, device, accum))
-            elapsed = time.time() - started
-            step += 1
-            consumed += gb
-            record = {
-                "step": step,
-                "loss": loss.item(),
-                "lr": lr,
-                "grad_norm": float(engine.get_global_grad_norm()),
-                "tokens_per_sec": tokens_per_step / elapsed,
-                "consumed_tokens": consumed * seq,
-                "step_time": elapsed,
-            }
-            evaluate_now = val_ds is not None and (
-                step % cfg.train.eval_interval == 0 or step == cfg.train.steps
+        if evaluate_now:
+            val_loss = evaluate(engine, val_ds, cfg, layout, device)
+            record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
+        if evaluate_now or step % cfg.train.log_interval == 0 or step == cfg.train.steps:
+            log.log(record)
+        last = record
+        interval = cfg.checkpoint.interval
+        exiting = cfg.train.exit_interval and step - start_step >= cfg.train.exit_interval
+        if (interval and step % interval == 0) or step == cfg.train.steps or exiting:
+            engine.save_checkpoint(
+                str(ckpt_dir),
+                tag=f"step{step:08d}",
+                client_state={"step": step, "consumed_samples": consumed},
             )
-            if evaluate_now:
-                val_loss = evaluate(engine, val_ds, cfg, layout, device)
-                record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
-            if evaluate_now or step % cfg.train.log_interval == 0 or step == cfg.train.steps:
-                log.log(record)
-            last = record
-            interval = cfg.checkpoint.interval
-            exiting = cfg.train.exit_interval and step - start_step >= cfg.train.exit_interval
-            if (interval and step % interval == 0) or step == cfg.train.steps or exiting:
-                engine.save_checkpoint(
-                    str(ckpt_dir),
-                    tag=f"step{step:08d}",
-                    client_state={"step": step, "consumed_samples": consumed},
-                )
-            if exiting:
-                log.info(f"exit_interval reached: stopping at step {step}; run again to resume")
-                break
-        log.info(f"done: {step} steps; logs in {cfg.train.run_dir}/metrics.jsonl"
-                 f" (TensorBoard: tensorboard --logdir {cfg.train.run_dir})")
-        log.close()
-        return last
-    finally:
-        parallel.shutdown()
+        if exiting:
+            log.info(f"exit_interval reached: stopping at step {step}; run again to resume")
+            break
+    log.info(f"done: {step} steps; logs in {cfg.train.run_dir}/metrics.jsonl"
+             f" (TensorBoard: tensorboard --logdir {cfg.train.run_dir})")
+    log.close()
+    return last
 
 
 def strip_launcher_args(argv: list[str]) -> list[str]:
@@ -256,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if args else 2
     recipe, overrides = args[0], args[1:]
+    from stable_megatron import parallel
+
     try:
         cfg = load_config(recipe, overrides)
         validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
@@ -263,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        parallel.shutdown()
     return 0
 
 

@@ -91,7 +91,7 @@ class TransformerLayerPipe(nn.Module):
     ) -> None:
         super().__init__()
         _seeded(seed)
-        spec = layer_spec(cfg, device)
+        spec = layer_spec(cfg, device, layer_number)
         self.layer = build_module(spec, config=tcfg, layer_number=layer_number)
         self.rope_base = cfg.model.rope_base if cfg.model.position_embedding == "rope" else None
         self.head_dim = cfg.model.head_dim

@@ -21,6 +21,10 @@ from stable_megatron.model.attention import (
 )
 from stable_megatron.model.layers import HeadLayerNorm, LinearWithOutputNorm
 from stable_megatron.model.mlra import mlra_linear_specs
+from stable_megatron.model.sigma_reparam import (
+    SigmaReparamColumnParallelLinear,
+    SigmaReparamRowParallelLinear,
+)
 
 
 def transformer_config(cfg: Config) -> TransformerConfig:
@@ -57,7 +61,27 @@ def _with_output_norm(linear: ModuleSpec | type) -> ModuleSpec:
     return ModuleSpec(module=LinearWithOutputNorm, params={"linear": linear})
 
 
-def layer_spec(cfg: Config, device: torch.device) -> ModuleSpec:
+def _sigma_reparam(cfg: Config, linear: type, layer_number: int, index: int) -> ModuleSpec:
+    """`linear`'s sigma-reparam counterpart; the power-iteration start vector is seeded per
+    layer and slot (the same at every layout)."""
+    sr = cfg.model.sigma_reparam
+    module = {
+        ColumnParallelLinear: SigmaReparamColumnParallelLinear,
+        RowParallelLinear: SigmaReparamRowParallelLinear,
+    }[linear]
+    seed = cfg.train.seed * 1000 + layer_number * 10 + index
+    return ModuleSpec(
+        module=module,
+        params={
+            "power_iters": sr.power_iters,
+            "init_iters": sr.init_iters,
+            "gamma_init": sr.gamma_init,
+            "seed": seed,
+        },
+    )
+
+
+def layer_spec(cfg: Config, device: torch.device, layer_number: int = 1) -> ModuleSpec:
     """One GPT layer: megatron-core's TransformerLayer, our attention, the configured norms.
 
     | norm_placement | input LN | q/k LN | v LN | Proj/FC2 output LN |
@@ -69,10 +93,21 @@ def layer_spec(cfg: Config, device: torch.device) -> ModuleSpec:
     m = cfg.model
     placement = m.norm_placement
     head_norm = HeadLayerNorm if placement != "pre_ln" else IdentityOp
-    qkv, proj = ColumnParallelLinear, RowParallelLinear
-    if m.attention == "mlra":
-        qkv, proj = mlra_linear_specs(m.mlra.rank, m.mlra.targets, m.mlra.factor_init)
-    fc1, fc2 = ColumnParallelLinear, RowParallelLinear
+    linears = {
+        "qkv": ColumnParallelLinear,
+        "proj": RowParallelLinear,
+        "fc1": ColumnParallelLinear,
+        "fc2": RowParallelLinear,
+    }
+    if m.sigma_reparam.enabled:
+        for index, name in enumerate(linears):
+            if name in m.sigma_reparam.targets:
+                linears[name] = _sigma_reparam(cfg, linears[name], layer_number, index)
+    qkv, proj, fc1, fc2 = linears.values()
+    if m.attention == "mlra":  # validation keeps sigma-reparam off the slots MLRA replaces
+        mlra_qkv, mlra_proj = mlra_linear_specs(m.mlra.rank, m.mlra.targets, m.mlra.factor_init)
+        qkv = qkv if mlra_qkv is ColumnParallelLinear else mlra_qkv
+        proj = proj if mlra_proj is RowParallelLinear else mlra_proj
     if placement == "qk_fc_norm":
         proj, fc2 = _with_output_norm(proj), _with_output_norm(fc2)
     kernel = attention_kernel(m.attention_backend, m.softmax_cap, device.type == "cuda")

@@ -39,7 +39,7 @@ def run_case(overrides: dict, out: Path) -> None:
 
     from stable_megatron import parallel
     from stable_megatron.config import config_from_dict, validate
-    from stable_megatron.train import build_engine, micro_batches
+    from stable_megatron.train import build_engine, micro_batches, train_step
 
     steps = overrides.pop("steps", 3)
     cfg = config_from_dict(overrides)
@@ -65,7 +65,7 @@ def run_case(overrides: dict, out: Path) -> None:
     for step in range(steps):
         first = step * cfg.train.global_batch_size
         batches = micro_batches(data, first, cfg, layout, state.device, accum)
-        losses.append(engine.train_batch(batches).item())
+        losses.append(train_step(engine, batches).item())
         grad_norms.append(float(engine.get_global_grad_norm()))
     params = {name: shard_record(p, p) for name, p in named}
     out.mkdir(parents=True, exist_ok=True)

@@ -24,16 +24,6 @@ SMALL = [
 ]
 
 
-@pytest.fixture(scope="session")
-def data_cache(tmp_path_factory) -> Path:
-    """The built-in corpus at a 1024 vocabulary, prepared once for the session."""
-    from stable_megatron.data.dataset import prepare_builtin_data
-
-    cache = tmp_path_factory.mktemp("data-cache")
-    prepare_builtin_data(cache, vocab_size=1024)
-    return cache
-
-
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

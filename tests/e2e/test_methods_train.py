@@ -1,0 +1,43 @@
+"""Every stability method trains the tiny recipe for 50 steps at TP=2 with a finite loss
+that goes down."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from tests.distributed.launch import torchrun
+from tests.e2e.test_train_run import read_metrics
+
+WORKER = Path(__file__).with_name("methods_worker.py")
+METHODS = {
+    "baseline": [],
+    "qk_norm": ["model.norm_placement=qk_norm"],
+    "qk_fc_norm": ["model.norm_placement=qk_fc_norm"],
+    "qkv_norm": ["model.norm_placement=qkv_norm"],
+    "soft_cap": ["model.softmax_cap=50"],
+    "qk_norm_cap": ["model.norm_placement=qk_norm", "model.softmax_cap=50"],
+    "mlra": ["model.attention=mlra"],
+    "sigma_reparam": ["model.sigma_reparam.enabled=true"],
+}
+STEPS = 50
+
+
+@pytest.mark.distributed
+def test_every_method_trains_50_steps_at_tp2(tmp_path, data_cache):
+    common = [
+        "parallel.tp=2", f"train.steps={STEPS}", "train.global_batch_size=8",
+        "train.micro_batch_size=8", "train.log_interval=1", "train.eval_interval=0",
+        "checkpoint.interval=0", "logging.tensorboard=false", "logging.progress=false",
+        f"data.cache_dir={data_cache}", "data.vocab_size=1024",
+    ]
+    torchrun(WORKER, 2, [str(tmp_path), json.dumps(METHODS), *common], timeout=900)
+    for name in METHODS:
+        losses = [r["loss"] for r in read_metrics(tmp_path / name)]
+        assert len(losses) == STEPS, name
+        assert all(math.isfinite(x) for x in losses), name
+        first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+        assert last < first - 0.5, f"{name}: loss {first:.3f} -> {last:.3f}"
