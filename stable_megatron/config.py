@@ -268,8 +268,23 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_recipe(path: str | os.PathLike) -> dict[str, Any]:
+def read_recipe(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe's sections; `base: other.yaml` (relative to the recipe) is read first and
+    the recipe's own keys override it, so method recipes state only what they change."""
     path = Path(path)
+    if path.resolve() in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, path.resolve()))
+        raise ConfigError(f"recipe {path}: base recipes form a cycle ({chain})")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"recipe {path}: base must be a path to a recipe, got {base!r}")
+    return _merge(read_recipe(path.parent / base, (*_seen, path.resolve())), data)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"recipe {path}: no such file")
     try:
