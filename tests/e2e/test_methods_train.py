@@ -1,5 +1,5 @@
 """Every stability method trains the tiny recipe for 50 steps at TP=2 with a finite loss
-that goes down."""
+that goes down (fp32, and one combination in bf16)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ METHODS = {
     "qk_norm_cap": ["model.norm_placement=qk_norm", "model.softmax_cap=50"],
     "mlra": ["model.attention=mlra"],
     "sigma_reparam": ["model.sigma_reparam.enabled=true"],
+    "bf16_sigma_reparam_qk_norm_cap": [
+        "train.precision=bf16", "model.sigma_reparam.enabled=true",
+        "model.norm_placement=qk_norm", "model.softmax_cap=50",
+    ],
 }
 STEPS = 50
 
