@@ -12,8 +12,6 @@ the same config gives the same model at every TP x PP x DP layout.
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from megatron.core import tensor_parallel
@@ -167,7 +165,7 @@ def build_model(cfg: Config, topology, device: torch.device) -> PipelineModule:
     specs = [first, *layers, LayerSpec(FinalNormPipe, cfg), last]
     return PipelineModule(
         layers=specs,
-        loss_fn=partial(lm_loss),
+        loss_fn=lm_loss,
         topology=topology,
         partition_method=cfg.parallel.partition_method,
         activation_checkpoint_interval=0,
