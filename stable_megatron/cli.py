@@ -6,6 +6,7 @@ import sys
 
 COMMANDS = {
     "train": "train a model from a recipe (launch with deepspeed/torchrun for several processes)",
+    "plan": "dry run: validate at a world size; layout, sizes, memory, speed, launch commands",
 }
 
 
@@ -25,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
         from stable_megatron.train import main as train_main
 
         return train_main(rest)
+    if command == "plan":
+        from stable_megatron.plan import main as plan_main
+
+        return plan_main(rest)
     print(f"error: unknown command {command!r}\n{_usage()}", file=sys.stderr)
     return 2
 

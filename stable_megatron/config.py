@@ -310,6 +310,8 @@ def load_config(
 ) -> Config:
     """Recipe YAML + `a.b=c` overrides -> Config (types checked, not yet validated)."""
     data = read_recipe(recipe) if recipe is not None else {}
+    # Recipe metadata, not a run setting: per-world-size layouts read by `plan` (plan.py).
+    data.pop("layouts", None)
     data = _merge(data, parse_overrides(overrides or []))
     return _build(Config, data, "")
 

@@ -111,6 +111,8 @@ def _normal(std: float) -> Callable:
 
 
 def _device(config) -> torch.device | int | str:
+    if torch.get_default_device().type == "meta":  # a shape-only build (model/size.py)
+        return "meta"
     return "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
 
 
