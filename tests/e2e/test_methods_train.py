@@ -22,6 +22,12 @@ METHODS = {
     "qk_norm_cap": ["model.norm_placement=qk_norm", "model.softmax_cap=50"],
     "mlra": ["model.attention=mlra"],
     "sigma_reparam": ["model.sigma_reparam.enabled=true"],
+    "mlra_qk_norm_cap": ["model.attention=mlra", "model.norm_placement=qk_norm",
+                         "model.softmax_cap=50"],
+    "sigma_reparam_qkv_norm_mlra_o": ["model.sigma_reparam.enabled=true",
+                                      "model.sigma_reparam.targets=[qkv,fc1,fc2]",
+                                      "model.norm_placement=qkv_norm", "model.attention=mlra",
+                                      "model.mlra.targets=[o]"],
     "bf16_sigma_reparam_qk_norm_cap": [
         "train.precision=bf16", "model.sigma_reparam.enabled=true",
         "model.norm_placement=qk_norm", "model.softmax_cap=50",
