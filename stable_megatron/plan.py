@@ -205,6 +205,24 @@ def flops_per_token(cfg: Config) -> float:
     return 6 * size.flop_params(cfg) + 12 * m.num_layers * m.seq_length * m.hidden_size
 
 
+def peak_tflops(device_name: str) -> float | None:
+    """Dense bf16 peak of a GPU from its name (`torch.cuda.get_device_name()`); None if unknown."""
+    name = device_name.lower()
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
+
+
+def throughput(cfg: Config, tokens_per_sec: float, world: int,
+               device_name: str = "") -> dict[str, float]:
+    """What a training log line reports: model TFLOP/s per device (FLOPs per token above, i.e.
+    without recompute) and, for a known GPU, MFU against its dense bf16 peak."""
+    tflops = tokens_per_sec * flops_per_token(cfg) / world / 1e12
+    out = {"tflops_per_device": tflops}
+    peak = peak_tflops(device_name)
+    if peak is not None:
+        out["mfu"] = tflops / peak
+    return out
+
+
 def make_plan(cfg: Config, nodes: int, gpus_per_node: int, gpu: str = "h100",
               mfu: float = 0.4) -> Plan:
     """Validate `cfg` at nodes x gpus_per_node and compute the plan (raises ConfigError)."""

@@ -163,3 +163,17 @@ def test_cli_print_overrides(capsys):
     recipe = str(ROOT / "recipes" / "gpt2_depth" / "l48_mlra.yaml")
     assert main([recipe, "--nodes", "4", "--print-overrides"]) == 0
     assert capsys.readouterr().out == "parallel.tp=1 parallel.pp=1 train.micro_batch_size=8\n"
+
+
+def test_throughput_accounting():
+    from stable_megatron.plan import peak_tflops, throughput
+
+    cfg = load_config(TINY, SMALL)
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops("NVIDIA A100-SXM4-40GB") == 312.0
+    assert peak_tflops("cpu") is None
+    # 8 GPUs at 1e6 tokens/s each: 1,691,904 FLOPs per token -> 1.691904 TFLOP/s per device
+    got = throughput(cfg, 8e6, 8, "NVIDIA A100-SXM4-80GB")
+    assert got["tflops_per_device"] == pytest.approx(1.691904)
+    assert got["mfu"] == pytest.approx(1.691904 / 312)
+    assert "mfu" not in throughput(cfg, 8e6, 8, "cpu")
