@@ -143,6 +143,16 @@ class LoggingConfig:
 
 
 @dataclass
+class MetricsConfig:
+    """Stability metrics (README "Stability metrics"), computed every `interval` steps."""
+
+    interval: int = 10  # 0: off
+    attention: bool = True  # entropy and max logit (the exact attention path on those steps)
+    output_norms: bool = True  # mean token L2 norm of the QKV, Proj, FC1, FC2 outputs
+    grad_norms: bool = True  # per-layer and global gradient norms
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -150,6 +160,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -388,6 +399,8 @@ def validate(cfg: Config, world_size: int) -> None:
         raise ConfigError(
             f"train.eval_iters={t.eval_iters}: must be > 0 when train.eval_interval > 0"
         )
+    if cfg.metrics.interval < 0:
+        raise ConfigError(f"metrics.interval={cfg.metrics.interval}: must be >= 0 (0 disables)")
     if d.source == "indexed":
         for name in ("train_prefix", "tokenizer_model"):
             if getattr(d, name) is None:

@@ -165,6 +165,7 @@ def shutdown() -> None:
 
     if mpu.model_parallel_is_initialized():
         mpu.destroy_model_parallel()
+    _GRID_GROUPS.clear()
     dist.barrier()
     dist.destroy_process_group()
 
@@ -232,3 +233,57 @@ def tp_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
     """Autograd-aware sum over a tensor-parallel group (forward all-reduce, backward identity);
     issues one `all_reduce_`."""
     return _TPReduceSum.apply(tensor, tp_group() if group is None else group)
+
+
+# --------------------------------------------------------------------------------------------
+# Groups of the TP x DP x PP grid beyond megatron-core's (metrics reductions)
+#
+# megatron-core's parallel state sees one pipeline stage (pipelining is DeepSpeed's), so its
+# data-parallel groups span the pipeline stages too; the groups below come from DeepSpeed's
+# topology instead.
+
+
+@dataclass(frozen=True)
+class GridGroups:
+    stage: object  # the ranks of this rank's pipeline stage (its TP x DP slice); None: world
+    pipe: object  # the ranks with this rank's TP and DP coordinates, one per stage; None: pp=1
+    pipe_ranks: tuple[int, ...]
+
+
+_GRID_GROUPS: dict[tuple, GridGroups] = {}
+
+
+def grid_groups(state: ParallelState) -> GridGroups:
+    """This rank's stage and pipe groups, created on first use. Every rank must make the first
+    call for a layout at the same point (torch.distributed creates groups collectively)."""
+    layout, topo = state.layout, state.topology
+    key = (id(dist.group.WORLD) if dist.is_initialized() else None, layout.tp, layout.pp,
+           layout.dp)
+    if key in _GRID_GROUPS:
+        return _GRID_GROUPS[key]
+    pipe_lists = [tuple(ranks) for ranks in topo.get_axis_comm_lists("pipe")] or [(layout.rank,)]
+    pipe_ranks = next(r for r in pipe_lists if layout.rank in r)
+    stage = pipe = None
+    if layout.pp > 1:
+        for p in range(layout.pp):  # every rank creates every group, in the same order
+            group = dist.new_group(sorted(topo.filter_match(pipe=p)))
+            if p == layout.pp_rank:
+                stage = group
+        for ranks in pipe_lists:
+            group = dist.new_group(list(ranks))
+            if ranks == pipe_ranks:
+                pipe = group
+    groups = GridGroups(stage=stage, pipe=pipe, pipe_ranks=pipe_ranks)
+    _GRID_GROUPS[key] = groups
+    return groups
+
+
+def gather_objects(obj, group, ranks: tuple[int, ...]) -> list | None:
+    """`obj` of every rank in `group` (whose members are `ranks`), on the first of `ranks`;
+    None on the others. Without a group (a single member) this is `[obj]`."""
+    if group is None or len(ranks) == 1:
+        return [obj]
+    dst = ranks[0]
+    out = [None] * len(ranks) if dist.get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst, group=group)
+    return out

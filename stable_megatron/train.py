@@ -198,12 +198,21 @@ def train(cfg: Config) -> dict:
                                       sources.vocab_size)
         log.info(f"validation baseline: unigram perplexity {baseline:.1f}")
     accum = engine.gradient_accumulation_steps()
+    stability = None
+    if cfg.metrics.interval:
+        from stable_megatron.metrics import StabilityMetrics
+
+        stability = StabilityMetrics(cfg, state, engine)
     gb, tokens_per_step = cfg.train.global_batch_size, cfg.train.global_batch_size * seq
     last = {}
     while step < cfg.train.steps:
         lr = engine.get_lr()[0]
+        measure = stability is not None and stability.due(step + 1)
         started = time.time()
+        if measure:
+            stability.start_step()
         loss = train_step(engine, micro_batches(train_ds, consumed, cfg, layout, device, accum))
+        stats = stability.finish_step() if measure else {}
         elapsed = time.time() - started
         step += 1
         consumed += gb
@@ -215,6 +224,7 @@ def train(cfg: Config) -> dict:
             "tokens_per_sec": tokens_per_step / elapsed,
             "consumed_tokens": consumed * seq,
             "step_time": elapsed,
+            **stats,
         }
         evaluate_now = val_ds is not None and (
             step % cfg.train.eval_interval == 0 or step == cfg.train.steps
@@ -222,7 +232,8 @@ def train(cfg: Config) -> dict:
         if evaluate_now:
             val_loss = evaluate(engine, val_ds, cfg, layout, device)
             record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
-        if evaluate_now or step % cfg.train.log_interval == 0 or step == cfg.train.steps:
+        if evaluate_now or measure or step % cfg.train.log_interval == 0 or \
+                step == cfg.train.steps:
             log.log(record)
         last = record
         interval = cfg.checkpoint.interval

@@ -1,0 +1,81 @@
+"""Stability metrics, computed every `metrics.interval` steps and reduced over all parallel
+ranks so that rank 0 logs the whole model's values (README, "Stability metrics").
+
+`StabilityMetrics.start_step()` before a logging step's `train_batch` switches on the attention
+statistics capture and the output-norm hooks and wraps the engine's optimizer step (to read the
+gradients and the weights the step's forward used, before the update); `finish_step()` after
+it undoes all three and returns the reduced metrics (on rank 0; `{}` elsewhere). Steps in
+between run the plain model: nothing is registered or wrapped.
+"""
+
+from __future__ import annotations
+
+from stable_megatron.metrics import attention, norms, tev
+from stable_megatron.metrics.parts import model_parts
+from stable_megatron.metrics.reduce import Contributions, reduce_metrics
+
+
+class StabilityMetrics:
+    def __init__(self, cfg, state, engine) -> None:
+        self.cfg, self.state, self.engine = cfg, state, engine
+        self.parts = model_parts(engine.module, state.layout.pp_rank)
+        self._contrib: Contributions | None = None
+        self._hooks: norms.OutputNormHooks | None = None
+
+    def due(self, step: int) -> bool:
+        """Whether optimizer step number `step` (1-based: the step being taken) is logged."""
+        interval = self.cfg.metrics.interval
+        return bool(interval) and step % interval == 0
+
+    def start_step(self) -> None:
+        m = self.cfg.metrics
+        self._contrib = Contributions()
+        if m.attention:
+            attention.start_capture(self.parts)
+        if m.output_norms:
+            self._hooks = norms.OutputNormHooks(self.parts, self.cfg.model.num_layers)
+        engine, step = self.engine, self.engine._take_model_step
+
+        def measure_then_step(*args, **kwargs):
+            self._before_update()
+            return step(*args, **kwargs)
+
+        engine._take_model_step = measure_then_step  # an instance attribute, deleted after
+
+    def _before_update(self) -> None:
+        """Weights and gradients as the step's forward and backward saw them."""
+        cfg, layout, contrib = self.cfg, self.state.layout, self._contrib
+        num_layers, vocab = cfg.model.num_layers, cfg.model.vocab_size
+        groups = self.parts.groups(num_layers)
+        owner = layout.dp_rank == 0
+        if self.parts.embedding is not None:
+            words = self.parts.embedding.word_embeddings
+            tev.add_tev(contrib, "tev", words.weight, words.vocab_start_index, vocab, owner)
+        if self.parts.head is not None:
+            weight = self.parts.head.output_layer.weight
+            tev.add_tev(contrib, "tev_out", weight, layout.tp_rank * weight.size(0), vocab, owner)
+        norms.add_norms(contrib, groups, lambda p: p, "param_norm", "param_norm", layout,
+                        per_group=False)
+        norms.add_sigma_reparam(contrib, self.parts, num_layers)
+        if cfg.metrics.grad_norms:
+            grads = norms.full_grads(self.engine.module)
+            norms.add_norms(contrib, groups, lambda p: grads.get(id(p)), "grad_norm",
+                            "grad_norm/total", layout)
+
+    def finish_step(self) -> dict[str, float]:
+        self.engine.__dict__.pop("_take_model_step", None)
+        contrib, self._contrib = self._contrib, None
+        cfg = self.cfg
+        if cfg.metrics.attention:
+            attention.stop_capture(contrib, self.parts, cfg.model.num_layers,
+                                   cfg.model.num_attention_heads)
+        if self._hooks is not None:
+            self._hooks.remove()
+            self._hooks.contribute(contrib, self.state.layout.tp_rank)
+            self._hooks = None
+        metrics = reduce_metrics(contrib, self.state)
+        attention.add_minima(metrics)
+        return metrics
+
+
+__all__ = ["StabilityMetrics", "Contributions", "reduce_metrics"]

@@ -15,6 +15,11 @@ Kernels (`attention_kernel`):
 - `flex`: FlexAttention with the cap as a `score_mod`: the fused path for capped attention on
   GPU (compiled there; eager, and slow, on CPU).
 - `math`: the explicit softmax, which materialises the probabilities: exact and always works.
+
+Statistics capture (for the stability metrics, on logging steps only): after
+`capture_statistics(True)`, every forward takes the math path whatever the kernel (the output
+is the same up to fp32 rounding) and accumulates `AttentionStatistics` (entropy per head, max
+logit before and after capping) until `pop_statistics()` returns and resets them.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.module import MegatronModule
@@ -90,6 +96,65 @@ def causal_attention(
     return torch.matmul(probs.to(v.dtype), v)
 
 
+@dataclass
+class AttentionStatistics:
+    """Sums over the captured forwards of one layer, for this rank's heads
+    (global heads `first_head .. first_head + heads - 1`), in fp32:
+    - `entropy_sum[h]`: sum over batch rows and query positions of
+      `H = -sum_j p_j log p_j` over the visible keys j; `rows` terms;
+    - `normalized_entropy_sum[h]`: sum over batch rows and query positions 2.. of
+      `H / log(number of visible keys)` (the first query sees one key: H = 0 / log 1);
+      `normalized_rows` terms;
+    - `max_logit`: the largest visible `q k / sqrt(d)` before capping, `max_capped_logit` after.
+    """
+
+    first_head: int
+    entropy_sum: torch.Tensor
+    normalized_entropy_sum: torch.Tensor
+    rows: int
+    normalized_rows: int
+    max_logit: torch.Tensor
+    max_capped_logit: torch.Tensor
+
+    def merge(self, other: AttentionStatistics) -> AttentionStatistics:
+        return AttentionStatistics(
+            first_head=self.first_head,
+            entropy_sum=self.entropy_sum + other.entropy_sum,
+            normalized_entropy_sum=self.normalized_entropy_sum + other.normalized_entropy_sum,
+            rows=self.rows + other.rows,
+            normalized_rows=self.normalized_rows + other.normalized_rows,
+            max_logit=torch.maximum(self.max_logit, other.max_logit),
+            max_capped_logit=torch.maximum(self.max_capped_logit, other.max_capped_logit),
+        )
+
+
+def causal_attention_with_statistics(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cap: float | None, first_head: int = 0
+) -> tuple[torch.Tensor, AttentionStatistics]:
+    """The math kernel's output (the same operations as `causal_attention(kernel="math")`) and
+    the statistics of its probabilities."""
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(q.size(-1))
+    batch, _, seq, _ = q.shape
+    future = torch.ones(seq, seq, dtype=torch.bool, device=q.device).triu_(1)
+    logits = capped(scores, cap).masked_fill(future, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    context = torch.matmul(probs.to(v.dtype), v)
+    with torch.no_grad():
+        entropy = -torch.special.xlogy(probs, probs).sum(dim=-1)  # [b, h, s]
+        visible = torch.arange(2, seq + 1, device=q.device, dtype=torch.float32)
+        normalized = entropy[..., 1:] / visible.log()
+        stats = AttentionStatistics(
+            first_head=first_head,
+            entropy_sum=entropy.sum(dim=(0, 2)),
+            normalized_entropy_sum=normalized.sum(dim=(0, 2)),
+            rows=batch * seq,
+            normalized_rows=batch * (seq - 1),
+            max_logit=scores.detach().masked_fill(future, float("-inf")).amax(),
+            max_capped_logit=logits.detach().amax(),
+        )
+    return context, stats
+
+
 def attention_kernel(requested: str, cap: float | None, on_cuda: bool) -> str:
     """The kernel for `model.attention_backend`: `auto` takes the fused kernel that supports
     the configuration (SDPA without a cap; FlexAttention with one on GPU, math on CPU)."""
@@ -119,6 +184,11 @@ class SelfAttention(MegatronModule):
         self.softmax_cap = softmax_cap
         self.head_dim = config.kv_channels
         self.heads_local = config.num_attention_heads // tp
+        # heads are split over TP ranks in order: this rank holds first_head .. + heads_local - 1
+        tp_rank = parallel_state.get_tensor_model_parallel_rank() if tp > 1 else 0
+        self.first_head = tp_rank * self.heads_local
+        self._capture = False
+        self._statistics: AttentionStatistics | None = None
         width = config.num_attention_heads * self.head_dim
         self.linear_qkv = build_module(
             submodules.linear_qkv,
@@ -148,6 +218,19 @@ class SelfAttention(MegatronModule):
             is_expert=False,
         )
 
+    def capture_statistics(self, enabled: bool = True) -> None:
+        """Switch the statistics capture on (forwards take the math path and accumulate
+        `AttentionStatistics`) or off (the configured kernel again); either way the
+        accumulated statistics are dropped."""
+        self._capture = enabled
+        self._statistics = None
+
+    def pop_statistics(self) -> AttentionStatistics | None:
+        """The statistics accumulated since capture was switched on or last popped (None if no
+        forward ran); resets them."""
+        stats, self._statistics = self._statistics, None
+        return stats
+
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, rotary_pos_emb=None, **_):
         seq, batch, _ = hidden_states.shape
         qkv, _ = self.linear_qkv(hidden_states)
@@ -158,6 +241,12 @@ class SelfAttention(MegatronModule):
             k = apply_rotary_pos_emb(k, rotary_pos_emb, config=self.config)
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
-        context = causal_attention(q, k, v, self.kernel, self.softmax_cap)
+        if self._capture:
+            context, stats = causal_attention_with_statistics(
+                q, k, v, self.softmax_cap, self.first_head
+            )
+            self._statistics = stats if self._statistics is None else self._statistics.merge(stats)
+        else:
+            context = causal_attention(q, k, v, self.kernel, self.softmax_cap)
         context = context.permute(2, 0, 1, 3).reshape(seq, batch, self.heads_local * self.head_dim)
         return self.linear_proj(context)

@@ -1,0 +1,327 @@
+"""Stability metrics on one process (TP1, PP1, DP1, gloo), each against an independent
+computation on the model: TEV from the embedding matrix, attention entropy and max logit from
+materialised probabilities, output norms from re-running the linears, gradient norms from a
+plain autograd backward of a second copy of the model, sigma from the matrix 2-norm.
+(tests/distributed/test_metrics_parity.py checks that other layouts log the same numbers.)"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from stable_megatron.config import config_from_dict, validate
+from tests.distributed.parity_worker import RandomTokens
+
+VOCAB, LAYERS, HEADS, HIDDEN, SEQ = 200, 2, 4, 32, 16
+MODELS = {
+    "baseline": {},
+    "methods": {"tie_embeddings": False, "softmax_cap": 2.0,
+                "sigma_reparam": {"enabled": True, "init_iters": 300}},
+}
+
+
+def make_config(model: dict, **sections):
+    data = {
+        "model": {"vocab_size": VOCAB, "num_layers": LAYERS, "hidden_size": HIDDEN,
+                  "num_attention_heads": HEADS, "seq_length": SEQ, "init_std": 0.2, **model},
+        "train": {"micro_batch_size": 2, "global_batch_size": 4, "warmup_steps": 0},
+        "metrics": {"interval": 1},
+    }
+    data.update(sections)
+    cfg = config_from_dict(data)
+    validate(cfg, 1)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def state():
+    from stable_megatron import parallel
+
+    env, threads = dict(os.environ), torch.get_num_threads()
+    started = not dist.is_initialized()
+    try:
+        yield parallel.initialize(1, 1, "cpu")
+    finally:
+        if started:
+            parallel.shutdown()
+        os.environ.clear()
+        os.environ.update(env)
+        torch.set_num_threads(threads)
+
+
+class Capture:
+    """The inputs of the attention modules and linears during one step (test-side hooks)."""
+
+    def __init__(self, engine):
+        from megatron.core.transformer.transformer_layer import TransformerLayer
+
+        self.inputs: dict[tuple[int, str], list[torch.Tensor]] = {}
+        self.handles = []
+        for module in engine.module.modules():
+            if isinstance(module, TransformerLayer):
+                n = module.layer_number
+                named = {"attn": module.self_attention,
+                         "qkv": module.self_attention.linear_qkv,
+                         "proj": module.self_attention.linear_proj,
+                         "fc1": module.mlp.linear_fc1, "fc2": module.mlp.linear_fc2}
+                for name, sub in named.items():
+                    self.handles.append(sub.register_forward_pre_hook(self._hook((n, name))))
+
+    def _hook(self, key):
+        def hook(module, args):
+            self.inputs.setdefault(key, []).append(args[0].detach().double())
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def weights(engine) -> dict[str, torch.Tensor]:
+    return {n: p.detach().double().clone() for n, p in engine.module.named_parameters()}
+
+
+def batches(cfg, state, engine, step: int = 0):
+    from stable_megatron.train import micro_batches
+
+    data = RandomTokens(VOCAB, SEQ, seed=7)
+    accum = engine.gradient_accumulation_steps()
+    first = step * cfg.train.global_batch_size
+    return list(micro_batches(data, first, cfg, state.layout, state.device, accum))
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def run(request, state):
+    """One measured step of a fresh engine; what the test-side hooks saw; the weights before
+    the update; and an independent autograd backward of a second build of the same model."""
+    from stable_megatron.metrics import StabilityMetrics
+    from stable_megatron.model.gpt import build_model, lm_loss
+    from stable_megatron.train import build_engine, train_step
+
+    cfg = make_config(MODELS[request.param])
+    engine = build_engine(cfg, state)
+    with torch.no_grad():  # make the padded vocabulary rows stand out: TEV must ignore them
+        for name, param in engine.module.named_parameters():
+            if "word_embeddings" in name or "output_layer" in name:
+                param[VOCAB:] = 5.0 * torch.randn_like(param[VOCAB:])
+    before = weights(engine)
+    metrics = StabilityMetrics(cfg, state, engine)
+    capture = Capture(engine)
+    data = batches(cfg, state, engine)
+    metrics.start_step()
+    train_step(engine, iter(data))
+    logged = metrics.finish_step()
+    capture.remove()
+
+    plain = build_model(cfg, state.topology, state.device)
+    with torch.no_grad():
+        for name, param in plain.named_parameters():
+            param.copy_(before[name].float())
+    from stable_megatron.model.sigma_reparam import refresh_spectral_norms
+
+    refresh_spectral_norms(plain)  # as train_step does before the forwards
+    for tokens, labels in data:
+        (lm_loss(plain(tokens), labels) / len(data)).backward()
+    grads = {n: p.grad.double() for n, p in plain.named_parameters()}
+    return {"cfg": cfg, "engine": engine, "metrics": metrics, "logged": logged,
+            "inputs": capture.inputs, "before": before, "grads": grads, "data": data,
+            "model": request.param}
+
+
+def close(a: float, b: float, rel: float = 1e-5):
+    assert a == pytest.approx(b, rel=rel, abs=1e-9)
+
+
+def test_tev_from_the_embedding_matrix(run):
+    def tev(matrix):
+        rows = matrix[:VOCAB].std(dim=1, unbiased=False)  # padded rows excluded
+        return rows.mean().item(), rows.std(unbiased=False).item()
+
+    logged, before = run["logged"], run["before"]
+    emb = next(v for n, v in before.items() if "word_embeddings" in n)
+    mean, std = tev(emb)
+    close(logged["tev/mean"], mean)
+    close(logged["tev/std"], std)
+    if run["model"] == "methods":
+        mean, std = tev(next(v for n, v in before.items() if "output_layer" in n))
+        close(logged["tev_out/mean"], mean)
+        close(logged["tev_out/std"], std)
+    else:
+        assert not any(k.startswith("tev_out") for k in logged)
+
+
+def test_attention_entropy_and_max_logit_from_probabilities(run):
+    logged, cfg = run["logged"], run["cfg"]
+    cap = cfg.model.softmax_cap
+    d = HIDDEN // HEADS
+    for layer in range(1, LAYERS + 1):
+        weight = next(v for n, v in run["before"].items()
+                      if n.startswith(f"{layer}.") and "linear_qkv.weight" in n)
+        bias = next(v for n, v in run["before"].items()
+                    if n.startswith(f"{layer}.") and "linear_qkv.bias" in n)
+        scale = 1.0
+        if run["model"] == "methods":  # sigma-reparam: W_hat = gamma / sigma * W
+            scale = (logged[f"gamma/layer_{layer:02d}/qkv"] /
+                     logged[f"sigma/layer_{layer:02d}/qkv"])
+        entropy, normalized, maxima, capped_maxima = [], [], [], []
+        for x in run["inputs"][(layer, "attn")]:  # [s, b, h]: one micro-batch
+            qkv = (F.linear(x, weight) * scale + bias).view(SEQ, -1, HEADS, 3, d)
+            q, k = qkv[..., 0, :].permute(1, 2, 0, 3), qkv[..., 1, :].permute(1, 2, 0, 3)
+            scores = q @ k.transpose(-1, -2) / math.sqrt(d)
+            visible = torch.ones(SEQ, SEQ, dtype=torch.bool).tril()
+            capped = scores if cap is None else cap * torch.tanh(scores / cap)
+            probs = torch.softmax(capped.masked_fill(~visible, -math.inf), dim=-1)
+            plogp = torch.where(probs > 0, probs * probs.log(), torch.zeros_like(probs))
+            h = -plogp.sum(-1)  # [b, heads, s]
+            entropy.append(h)
+            normalized.append(h[..., 1:] / torch.arange(2, SEQ + 1).double().log())
+            maxima.append(scores[..., visible].max())
+            capped_maxima.append(capped[..., visible].max())
+        entropy, normalized = torch.cat(entropy), torch.cat(normalized)
+        name = f"layer_{layer:02d}"
+        for head in range(HEADS):
+            close(logged[f"attn_entropy/{name}/head_{head:02d}"],
+                  entropy[:, head].mean().item(), rel=1e-5)
+            close(logged[f"attn_entropy_norm/{name}/head_{head:02d}"],
+                  normalized[:, head].mean().item(), rel=1e-5)
+        close(logged[f"attn_entropy/{name}/min"], entropy.mean(dim=(0, 2)).min().item())
+        close(logged[f"attn_entropy_norm/{name}/min"], normalized.mean(dim=(0, 2)).min().item())
+        close(logged[f"attn_logit_max/{name}"], max(maxima).item())
+        if cap is not None:
+            close(logged[f"attn_logit_max_capped/{name}"], max(capped_maxima).item())
+            assert logged[f"attn_logit_max_capped/{name}"] < cap
+        else:
+            assert f"attn_logit_max_capped/{name}" not in logged
+    # not a vacuous pass: the heads differ and attention is not uniform
+    heads = [logged[f"attn_entropy_norm/layer_01/head_{h:02d}"] for h in range(HEADS)]
+    assert max(heads) - min(heads) > 1e-3 and min(heads) < 0.99
+
+
+def test_output_norms_from_the_linears(run):
+    logged, before = run["logged"], run["before"]
+    slot_param = {"qkv": "linear_qkv", "proj": "linear_proj", "fc1": "linear_fc1",
+                  "fc2": "linear_fc2"}
+    for layer in range(1, LAYERS + 1):
+        for slot, pname in slot_param.items():
+            w = before[next(n for n in before if n.startswith(f"{layer}.") and
+                            f"{pname}.weight" in n)]
+            b = before[next(n for n in before if n.startswith(f"{layer}.") and
+                            f"{pname}.bias" in n)]
+            scale = 1.0
+            if run["model"] == "methods":
+                sigma = run["logged"][f"sigma/layer_{layer:02d}/{slot}"]
+                gamma = run["logged"][f"gamma/layer_{layer:02d}/{slot}"]
+                scale = gamma / sigma  # W_hat = gamma / sigma * W
+            norms = [(F.linear(x, w) * scale + b).norm(dim=-1)
+                     for x in run["inputs"][(layer, slot)]]
+            expected = torch.cat([n.flatten() for n in norms]).mean().item()
+            close(logged[f"out_norm/layer_{layer:02d}/{slot}"], expected, rel=1e-5)
+
+
+def test_grad_and_param_norms_from_autograd(run):
+    logged, grads, before = run["logged"], run["grads"], run["before"]
+
+    def norm(names):
+        return math.sqrt(sum(grads[n].square().sum().item() for n in names))
+
+    groups = {"grad_norm/total": list(grads)}
+    for i in range(1, LAYERS + 1):
+        groups[f"grad_norm/layer_{i:02d}"] = [n for n in grads if n.startswith(f"{i}.")]
+    groups["grad_norm/final_norm"] = [n for n in grads if n.startswith(f"{LAYERS + 1}.")]
+    groups["grad_norm/embedding"] = [n for n in grads if n.startswith(("0.", "tied_modules"))]
+    if run["model"] == "methods":
+        groups["grad_norm/output"] = [n for n in grads if n.startswith(f"{LAYERS + 2}.")]
+    for key, names in groups.items():
+        assert names, key
+        close(logged[key], norm(names), rel=1e-5)
+    assert {k for k in logged if k.startswith("grad_norm/")} == set(groups)
+    close(logged["grad_norm/total"], float(run["engine"].get_global_grad_norm()), rel=1e-5)
+    param_norm = math.sqrt(sum(v.square().sum().item() for v in before.values()))
+    close(logged["param_norm"], param_norm, rel=1e-6)
+
+
+def test_sigma_and_gamma(run):
+    if run["model"] != "methods":
+        assert not any(k.startswith(("sigma/", "gamma/")) for k in run["logged"])
+        return
+    before = run["before"]
+    slot_param = {"qkv": "linear_qkv", "proj": "linear_proj", "fc1": "linear_fc1",
+                  "fc2": "linear_fc2"}
+    for layer in range(1, LAYERS + 1):
+        for slot, pname in slot_param.items():
+            prefix = next(n for n in before if n.startswith(f"{layer}.") and
+                          f"{pname}.weight" in n)[: -len("weight")]
+            sigma = torch.linalg.matrix_norm(before[prefix + "weight"], 2).item()
+            close(run["logged"][f"sigma/layer_{layer:02d}/{slot}"], sigma, rel=1e-3)
+            close(run["logged"][f"gamma/layer_{layer:02d}/{slot}"],
+                  before[prefix + "gamma"].item(), rel=1e-6)
+
+
+def test_off_interval_steps_run_the_plain_model(run, state):
+    """After a measured step nothing stays registered: no hooks, no wrapped optimizer step,
+    no capture (the next, unmeasured step collects no statistics)."""
+    from stable_megatron.metrics.attention import attention_modules
+    from stable_megatron.metrics.parts import output_slots
+    from stable_megatron.train import train_step
+
+    engine, metrics = run["engine"], run["metrics"]
+    assert "_take_model_step" not in engine.__dict__
+    for layer in metrics.parts.layers.values():
+        for module in output_slots(layer).values():
+            assert not module._forward_hooks
+    train_step(engine, iter(batches(run["cfg"], state, engine, step=1)))
+    assert all(m.pop_statistics() is None for m in attention_modules(metrics.parts).values())
+    assert not metrics.due(3) or metrics.cfg.metrics.interval == 1
+
+
+def test_capture_keeps_the_attention_output():
+    """The capture path returns the math kernel's output (and SDPA's up to fp32 rounding)."""
+    from stable_megatron.model.attention import (
+        causal_attention,
+        causal_attention_with_statistics,
+    )
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 8, 4) for _ in range(3))
+    for cap in (None, 1.5):
+        out, stats = causal_attention_with_statistics(q, k, v, cap)
+        torch.testing.assert_close(out, causal_attention(q, k, v, "math", cap), rtol=0, atol=0)
+        assert stats.rows == 16 and stats.normalized_rows == 14
+    torch.testing.assert_close(out, causal_attention(q, k, v, "math", 1.5))
+    plain, _ = causal_attention_with_statistics(q, k, v, None)
+    torch.testing.assert_close(plain, causal_attention(q, k, v, "sdpa"), rtol=1e-5, atol=1e-6)
+
+
+def test_train_logs_metrics_every_interval(state, tmp_path):
+    """The training loop merges the metrics into metrics.jsonl on multiples of
+    metrics.interval only."""
+    from stable_megatron.data.dataset import write_token_documents
+    from stable_megatron.data.tokenizer import train_tokenizer
+    from stable_megatron.train import train
+
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(f"line {i} of some plain english words here" for i in range(300)))
+    tokenizer = train_tokenizer([text], tmp_path / "tok", vocab_size=300)
+    docs = [[(i * 7 + j) % tokenizer.vocab_size for j in range(400)] for i in range(4)]
+    write_token_documents(docs, tmp_path / "train", tokenizer.vocab_size)
+    cfg = make_config(
+        {}, data={"source": "indexed", "train_prefix": str(tmp_path / "train"),
+                  "tokenizer_model": str(tmp_path / "tok.model")},
+        train={"steps": 3, "micro_batch_size": 2, "global_batch_size": 2, "eval_interval": 0,
+               "run_dir": str(tmp_path / "run")},
+        metrics={"interval": 2}, logging={"tensorboard": False, "progress": False},
+        checkpoint={"dir": str(tmp_path / "ckpt")},
+    )
+    cfg.model.vocab_size = None
+    train(cfg)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert ["tev/mean" in r for r in records] == [False, True, False]
+    assert "attn_entropy/layer_01/head_00" in records[1]
+    assert "grad_norm/layer_02" in records[1] and "out_norm/layer_02/fc2" in records[1]
