@@ -105,6 +105,9 @@ def test_gpt2_depth_recipes():
         got[p.stem] = (m.num_layers, m.attention)
     assert got == {f"l{n}_{kind}": (n, "standard" if kind == "baseline" else "mlra")
                    for n in (12, 24, 48) for kind in ("baseline", "mlra")}
+    for p in (RECIPE_DIR / "gpt2_depth").glob("l*.yaml"):  # the count each recipe states
+        stated = f"# {size.total_params(_config(p)):,} parameters"
+        assert stated in p.read_text(), p.name
     assert size.total_params(_config(RECIPE_DIR / "gpt2_depth" / "l12_baseline.yaml")) == (
         124_475_904)
 
