@@ -177,3 +177,23 @@ def test_throughput_accounting():
     assert got["tflops_per_device"] == pytest.approx(1.691904)
     assert got["mfu"] == pytest.approx(1.691904 / 312)
     assert "mfu" not in throughput(cfg, 8e6, 8, "cpu")
+
+
+@pytest.mark.parametrize("layers, pp", [(4, 2), (24, 4), (48, 8), (12, 3)])
+def test_stage_split_matches_deepspeed_partition(layers, pp):
+    """plan's stages = DeepSpeed's `type:TransformerLayerPipe` partition of [embedding,
+    layers, final norm, head]: the embedding on the first stage, norm and head on the last."""
+    from deepspeed.runtime.utils import partition_balanced
+
+    from stable_megatron.model.size import stage_params
+
+    bounds = [int(b) for b in partition_balanced([0] + [1] * layers + [0, 0], pp)]
+    cfg = load_config(TINY, [f"model.num_layers={layers}", f"parallel.pp={pp}"])
+    cfg.model.vocab_size = 1000
+    spans = list(zip(bounds[:-1], bounds[1:], strict=True))
+    for stage, (lo, hi) in zip(stage_params(cfg, 1, pp), spans, strict=True):
+        items = list(range(lo, hi))  # 0 = embedding, 1..L = layers, L+1 = norm, L+2 = head
+        got_layers = [i for i in items if 1 <= i <= layers]
+        assert (got_layers[0], got_layers[-1]) == stage.layers
+        assert (0 in items) == (stage.stage == 0)
+        assert (layers + 2 in items) == (stage.stage == pp - 1)
