@@ -44,7 +44,7 @@ def test_every_method_trains_50_steps_at_tp2(tmp_path, data_cache):
         "checkpoint.interval=0", "logging.tensorboard=false", "logging.progress=false",
         f"data.cache_dir={data_cache}", "data.vocab_size=1024",
     ]
-    torchrun(WORKER, 2, [str(tmp_path), json.dumps(METHODS), *common], timeout=900)
+    torchrun(WORKER, 2, [str(tmp_path), json.dumps(METHODS), *common], timeout=1800)
     for name in METHODS:
         losses = [r["loss"] for r in read_metrics(tmp_path / name)]
         assert len(losses) == STEPS, name
