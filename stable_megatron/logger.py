@@ -31,6 +31,8 @@ def format_progress(record: dict[str, Any], total_steps: int, eta_seconds: float
     parts.append(f"lr {record['lr']:.2e}")
     parts.append(f"grad {record['grad_norm']:.3f}")
     parts.append(f"{record['tokens_per_sec'] / 1000:.1f}k tok/s")
+    if "mfu" in record:
+        parts.append(f"{record['tflops_per_device']:.0f} TFLOP/s/dev, MFU {record['mfu']:.1%}")
     parts.append(f"ETA {format_duration(eta_seconds)}")
     return " | ".join(parts)
 

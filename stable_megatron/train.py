@@ -162,6 +162,7 @@ def train(cfg: Config) -> dict:
     from stable_megatron import parallel
     from stable_megatron.data.dataset import TokenWindowDataset, unigram_perplexity
     from stable_megatron.logger import RunLogger
+    from stable_megatron.plan import throughput
 
     # Data problems surface here, before any process group exists.
     sources = resolve_data(cfg)
@@ -203,6 +204,7 @@ def train(cfg: Config) -> dict:
         from stable_megatron.metrics import StabilityMetrics
 
         stability = StabilityMetrics(cfg, state, engine)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     gb, tokens_per_step = cfg.train.global_batch_size, cfg.train.global_batch_size * seq
     last = {}
     while step < cfg.train.steps:
@@ -222,6 +224,7 @@ def train(cfg: Config) -> dict:
             "lr": lr,
             "grad_norm": float(engine.get_global_grad_norm()),
             "tokens_per_sec": tokens_per_step / elapsed,
+            **throughput(cfg, tokens_per_step / elapsed, layout.world, device_name),
             "consumed_tokens": consumed * seq,
             "step_time": elapsed,
             **stats,
