@@ -15,6 +15,11 @@ from stable_megatron.metrics.parts import model_parts
 from stable_megatron.metrics.reduce import Contributions, reduce_metrics
 
 
+def due(interval: int, step: int) -> bool:
+    """Whether optimizer step number `step` (1-based: the step being taken) is measured."""
+    return bool(interval) and step % interval == 0
+
+
 class StabilityMetrics:
     def __init__(self, cfg, state, engine) -> None:
         self.cfg, self.state, self.engine = cfg, state, engine
@@ -23,9 +28,7 @@ class StabilityMetrics:
         self._hooks: norms.OutputNormHooks | None = None
 
     def due(self, step: int) -> bool:
-        """Whether optimizer step number `step` (1-based: the step being taken) is logged."""
-        interval = self.cfg.metrics.interval
-        return bool(interval) and step % interval == 0
+        return due(self.cfg.metrics.interval, step)
 
     def start_step(self) -> None:
         m = self.cfg.metrics
@@ -78,4 +81,4 @@ class StabilityMetrics:
         return metrics
 
 
-__all__ = ["StabilityMetrics", "Contributions", "reduce_metrics"]
+__all__ = ["StabilityMetrics", "Contributions", "due", "reduce_metrics"]

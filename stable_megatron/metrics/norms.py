@@ -35,7 +35,7 @@ class OutputNormHooks:
         for number, layer in sorted(parts.layers.items()):
             for slot, module in output_slots(layer).items():
                 key = f"out_norm/{layer_name(number, num_layers)}/{slot}"
-                self.sums[key] = [torch.zeros((), dtype=torch.float64), 0]
+                self.sums[key] = [0.0, 0]
                 self._handles.append(module.register_forward_hook(self._hook(key, SLOTS[slot])))
 
     def _hook(self, key: str, sharded: bool) -> Callable:
@@ -47,7 +47,7 @@ class OutputNormHooks:
                 if sharded:
                     parallel.tp_all_reduce_(sum_sq)
                 acc = self.sums[key]
-                acc[0] = acc[0] + sum_sq.sqrt().double().sum().cpu()
+                acc[0] = acc[0] + sum_sq.sqrt().double().sum()  # stays on the device
                 acc[1] += sum_sq.numel()
 
         return hook
@@ -82,12 +82,12 @@ def add_norms(
     """`<prefix>/<group>` (when `per_group`) and `total_key`: L2 norms of `tensor_of(param)`."""
     total = 0.0
     for name, module in groups.items():
-        sum_sq = torch.zeros((), dtype=torch.float64)
+        sum_sq = 0.0
         for param in module.parameters():
             if owns(param, layout):
                 value = tensor_of(param)
                 if value is not None:
-                    sum_sq += value.detach().double().square().sum().cpu()
+                    sum_sq = sum_sq + value.detach().double().square().sum()
         if per_group:
             contrib.norm(f"{prefix}/{name}", sum_sq)
         total = total + sum_sq

@@ -277,7 +277,14 @@ def test_off_interval_steps_run_the_plain_model(run, state):
             assert not module._forward_hooks
     train_step(engine, iter(batches(run["cfg"], state, engine, step=1)))
     assert all(m.pop_statistics() is None for m in attention_modules(metrics.parts).values())
-    assert not metrics.due(3) or metrics.cfg.metrics.interval == 1
+
+
+def test_due_on_multiples_of_the_interval():
+    from stable_megatron.metrics import due
+
+    assert [s for s in range(1, 31) if due(10, s)] == [10, 20, 30]
+    assert [s for s in range(1, 31) if due(1, s)] == list(range(1, 31))
+    assert not any(due(0, s) for s in range(1, 31))
 
 
 def test_capture_keeps_the_attention_output():
@@ -325,3 +332,10 @@ def test_train_logs_metrics_every_interval(state, tmp_path):
     assert ["tev/mean" in r for r in records] == [False, True, False]
     assert "attn_entropy/layer_01/head_00" in records[1]
     assert "grad_norm/layer_02" in records[1] and "out_norm/layer_02/fc2" in records[1]
+
+
+def test_negative_interval_is_rejected():
+    from stable_megatron.config import ConfigError
+
+    with pytest.raises(ConfigError, match="metrics.interval=-1"):
+        make_config({}, metrics={"interval": -1})
