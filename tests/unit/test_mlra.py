@@ -5,40 +5,20 @@ gradient flow and argument errors."""
 from __future__ import annotations
 
 import math
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*tp_group is None:DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*tp_group is None:DeprecationWarning"),
+    pytest.mark.usefixtures("world_of_one"),  # tests/conftest.py
+]
 
 D_MODEL, HEADS, D_HEAD, LAYERS = 32, 4, 8, 3
 SEQ, BATCH = 5, 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def world_of_one():
-    """RowParallelLinear's forward needs a (size-1) tensor-parallel group."""
-    from megatron.core import parallel_state as mpu
-
-    started = not dist.is_initialized()
-    if started:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
-        )
-    owns_mpu = not mpu.model_parallel_is_initialized()
-    if owns_mpu:
-        mpu.initialize_model_parallel(tensor_model_parallel_size=1)
-    yield
-    if owns_mpu:
-        mpu.destroy_model_parallel()
-    if started:
-        dist.destroy_process_group()
 
 
 def tconfig(bias: bool = True, init_std: float = 0.02, **kw):

@@ -4,11 +4,9 @@ listed parallel layout divides evenly at its world size."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
-import torch.distributed as dist
 
 from stable_megatron.config import load_config, validate
 from stable_megatron.model import size
@@ -23,26 +21,6 @@ CLUSTER = sorted((RECIPE_DIR / "rybakov_830m").glob("*.yaml")) + sorted(
 )
 
 
-@pytest.fixture(scope="module")
-def world_of_one():
-    """megatron-core's layers need a (size-1) tensor-parallel group."""
-    from megatron.core import parallel_state as mpu
-
-    started = not dist.is_initialized()
-    if started:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
-                                world_size=1)
-    owns_mpu = not mpu.model_parallel_is_initialized()
-    if owns_mpu:
-        mpu.initialize_model_parallel(tensor_model_parallel_size=1)
-    yield
-    if owns_mpu:
-        mpu.destroy_model_parallel()
-    if started:
-        dist.destroy_process_group()
 
 
 def _config(recipe: Path):

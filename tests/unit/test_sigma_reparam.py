@@ -5,36 +5,17 @@ from __future__ import annotations
 
 import inspect
 import math
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 
 torch_linalg_norm = torch.linalg.matrix_norm
 
 
 @pytest.fixture(scope="module")
-def mp():
-    """A world-1 gloo group and megatron-core's TP=1 groups; yields a layer factory namespace."""
-    from megatron.core import parallel_state as mpu
-
-    created = not dist.is_initialized()
-    if created:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
-        )
-    owns_mpu = not mpu.model_parallel_is_initialized()
-    if owns_mpu:
-        mpu.initialize_model_parallel(tensor_model_parallel_size=1)
+def mp(world_of_one):
+    """A world-1 gloo group and megatron-core's TP=1 groups (tests/conftest.py)."""
     yield
-    if owns_mpu:
-        mpu.destroy_model_parallel()
-    if created:
-        dist.destroy_process_group()
 
 
 def config(dtype=torch.float32, **kw):

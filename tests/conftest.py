@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch.distributed as dist
+
+
+@pytest.fixture(scope="module")
+def world_of_one():
+    """A world-1 gloo process group and megatron-core's TP=1 groups, for single-process tests
+    of tensor-parallel layers; torn down after the module unless they existed before."""
+    from megatron.core import parallel_state as mpu
+
+    started = not dist.is_initialized()
+    if started:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1
+        )
+    owns_mpu = not mpu.model_parallel_is_initialized()
+    if owns_mpu:
+        mpu.initialize_model_parallel(tensor_model_parallel_size=1)
+    yield
+    if owns_mpu:
+        mpu.destroy_model_parallel()
+    if started:
+        dist.destroy_process_group()
