@@ -130,8 +130,12 @@ class DataConfig:
 class CheckpointConfig:
     interval: int = 0  # 0: only at the end of the run
     dir: str | None = None  # default: <run_dir>/checkpoints
-    load: str | None = None  # explicit checkpoint dir; default: resume from `dir` if present
+    # a checkpoint directory (with `latest`) or one checkpoint (a step directory) to start
+    # from; default: resume from `dir` if it holds a complete checkpoint
+    load: str | None = None
     resume: bool = True
+    keep: int = 3  # complete checkpoints kept in `dir` (older ones are deleted); 0: keep all
+    finetune: bool = False  # with `load`: weights only (fresh optimizer, step 0, data start)
 
 
 @dataclass
@@ -153,6 +157,30 @@ class MetricsConfig:
 
 
 @dataclass
+class WarningConfig:
+    """Early-warning rule on the stability metrics (docs/stability.md): reported before the
+    loss diverges."""
+
+    enabled: bool = True
+
+
+@dataclass
+class StabilityConfig:
+    """Loss / grad-norm spike detection and what to do about a spike (README "Spikes")."""
+
+    # log: record the event; skip: drop that step's optimizer update on every rank;
+    # rollback: reload the last checkpoint and skip the batches since it
+    on_spike: Literal["log", "skip", "rollback"] = "log"
+    window: int = 50  # steps in the running mean / std of loss and grad norm
+    min_history: int = 10  # steps of history before spikes are scored
+    loss_k: float = 6.0  # a loss above mean + loss_k * std is a spike
+    grad_norm_k: float = 0.0  # same for the grad norm; 0: only non-finite grad norms count
+    max_rollbacks: int = 3  # give up (exit with an error) after this many rollbacks
+    rollback_lr_factor: float = 1.0  # multiply the LR by this after each rollback
+    warning: WarningConfig = field(default_factory=WarningConfig)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -161,6 +189,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    stability: StabilityConfig = field(default_factory=StabilityConfig)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -401,6 +430,7 @@ def validate(cfg: Config, world_size: int) -> None:
         )
     if cfg.metrics.interval < 0:
         raise ConfigError(f"metrics.interval={cfg.metrics.interval}: must be >= 0 (0 disables)")
+    _validate_stability(cfg)
     if d.source == "indexed":
         for name in ("train_prefix", "tokenizer_model"):
             if getattr(d, name) is None:
@@ -414,6 +444,34 @@ def validate(cfg: Config, world_size: int) -> None:
     if m.vocab_size is not None:
         positive("model.vocab_size", m.vocab_size)
     positive("model.vocab_pad_multiple", m.vocab_pad_multiple)
+
+
+def _validate_stability(cfg: Config) -> None:
+    s, c = cfg.stability, cfg.checkpoint
+    if s.window < 2:
+        raise ConfigError(f"stability.window={s.window}: must be >= 2")
+    if not 2 <= s.min_history <= s.window:
+        raise ConfigError(
+            f"stability.min_history={s.min_history}: must be between 2 and "
+            f"stability.window={s.window}"
+        )
+    if s.loss_k <= 0 or s.grad_norm_k < 0:
+        raise ConfigError("stability.loss_k must be > 0 and stability.grad_norm_k >= 0")
+    if s.max_rollbacks < 0:
+        raise ConfigError(f"stability.max_rollbacks={s.max_rollbacks}: must be >= 0")
+    if not 0 < s.rollback_lr_factor <= 1:
+        raise ConfigError(
+            f"stability.rollback_lr_factor={s.rollback_lr_factor}: must be in (0, 1]"
+        )
+    if s.on_spike == "rollback" and c.interval <= 0:
+        raise ConfigError(
+            "stability.on_spike=rollback needs checkpoints to roll back to: set "
+            "checkpoint.interval > 0"
+        )
+    if c.keep < 0:
+        raise ConfigError(f"checkpoint.keep={c.keep}: must be >= 0 (0 keeps all)")
+    if c.finetune and not c.load:
+        raise ConfigError("checkpoint.finetune=true needs checkpoint.load=PATH (the weights)")
 
 
 MLRA_TARGETS = ("q", "k", "v", "o")
