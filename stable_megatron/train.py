@@ -19,6 +19,7 @@ import torch
 
 from stable_megatron.config import Config, ConfigError, dump_config, load_config, validate
 from stable_megatron.data import DataError
+from stable_megatron.logger import RunLogger
 
 
 @dataclass
@@ -90,14 +91,17 @@ def deepspeed_config(cfg: Config, dp: int) -> dict:
         "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * dp),
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
-        "bf16": {"enabled": t.precision == "bf16"},
+        # check_grad_overflow: drop (not apply) a bf16 step with inf/NaN gradients, as fp32 does
+        "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": True},
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
         "dump_state": False,
     }
 
 
-def build_engine(cfg: Config, state):
+def build_engine(cfg: Config, state, lr_scale=None):
+    """The DeepSpeed pipeline engine; `lr_scale()` (default 1) multiplies the LR schedule
+    (rollbacks lower it)."""
     import deepspeed
 
     from stable_megatron.model.gpt import build_model
@@ -111,7 +115,10 @@ def build_engine(cfg: Config, state):
         eps=t.adam_eps,
         foreach=False,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(cfg, s) / t.lr)
+    scale = lr_scale or (lambda: 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_at(cfg, s) / t.lr * scale()
+    )
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
@@ -155,106 +162,271 @@ def evaluate(engine, dataset, cfg: Config, layout, device) -> float:
     return sum(losses) / len(losses)
 
 
+class TrainingAborted(RuntimeError):
+    """The run stopped itself, with the reason for the user (e.g. too many rollbacks)."""
+
+
+class Trainer:
+    """One training run: data, engine, checkpoints, spike handling and the loop. `run()` trains
+    to `train.steps`; the steps, saves and rollbacks are methods so tests can drive them."""
+
+    def __init__(self, cfg: Config) -> None:
+        from stable_megatron import checkpoint as ckpt
+        from stable_megatron import parallel
+        from stable_megatron.data.dataset import TokenWindowDataset
+        from stable_megatron.spike_guard import SpikeGuard
+
+        self.cfg = cfg
+        # Data and checkpoint problems surface here, before any process group exists.
+        self.sources = resolve_data(cfg)
+        seq = cfg.model.seq_length
+        self.train_ds = TokenWindowDataset(self.sources.train_prefix, seq, seed=cfg.train.seed)
+        self.val_ds = None
+        if self.sources.val_prefix and cfg.train.eval_interval:
+            self.val_ds = TokenWindowDataset(self.sources.val_prefix, seq, seed=cfg.train.seed)
+        start = self._find_checkpoint()
+        self.state = parallel.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.device)
+        self.layout, self.device = self.state.layout, self.state.device
+        if start is not None:
+            self._check_layout(*start)
+        self.step, self.consumed, self.rollbacks, self.lr_scale = 0, 0, 0, 1.0
+        self.engine = build_engine(cfg, self.state, lambda: self.lr_scale)
+        ckpt.install_safe_loading(self.engine)
+        self.guard = SpikeGuard(cfg, self.state, self.engine)
+        self.accum = self.engine.gradient_accumulation_steps()
+        self.metrics = None
+        if cfg.metrics.interval:
+            from stable_megatron.metrics import StabilityMetrics
+
+            self.metrics = StabilityMetrics(cfg, self.state, self.engine)
+        self.started_from = None
+        if start is not None:
+            self._restore(start[0], start[1], weights_only=start[2])
+            self.started_from = start[0]
+        self.start_step = self.step
+        self.log = RunLogger(cfg, enabled=self.state.is_logging_rank, start_step=self.step)
+        self.last_verdict, self.last_measured = None, False
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def _find_checkpoint(self):
+        """(tag_dir, meta, weights_only) to start from, or None. A rerun continues from this
+        run's own latest checkpoint; `checkpoint.load` is used when there is none yet."""
+        from stable_megatron import checkpoint as ckpt
+
+        c = self.cfg.checkpoint
+        tag_dir, weights_only = None, False
+        if c.resume:
+            tag_dir = ckpt.latest_checkpoint(self.cfg.checkpoint_dir)
+        if tag_dir is None and c.load:
+            tag_dir, weights_only = ckpt.resolve(c.load), c.finetune
+        if tag_dir is None:
+            return None
+        meta = ckpt.read_meta(tag_dir)
+        ckpt.verify(tag_dir, meta)
+        ckpt.check_compatible(meta, self.cfg)
+        return tag_dir, meta, weights_only
+
+    def _check_layout(self, tag_dir, meta, weights_only) -> None:
+        from stable_megatron import checkpoint as ckpt
+
+        saved = ckpt.layout_of(meta)
+        here = (self.layout.tp, self.layout.pp, self.layout.dp)
+        if saved != here:
+            raise ckpt.CheckpointError(
+                f"{tag_dir} was saved at tp {saved[0]} x pp {saved[1]} x dp {saved[2]}, this run "
+                f"is tp {here[0]} x pp {here[1]} x dp {here[2]}; loading at another layout is "
+                f"not supported yet"
+            )
+
+    def _restore(self, tag_dir, meta, weights_only: bool = False) -> None:
+        from stable_megatron import checkpoint as ckpt
+
+        client = ckpt.load(self.engine, self.cfg, self.layout, tag_dir, meta, weights_only)
+        if weights_only:
+            return
+        self.step, self.consumed = client["step"], client["consumed_samples"]
+        self.rollbacks = client.get("rollbacks", 0)
+        self.lr_scale = client.get("lr_scale", 1.0)
+        if "spike_detector" in client:
+            self.guard.detector.load_state_dict(client["spike_detector"])
+
+    def client_state(self) -> dict:
+        return {
+            "step": self.step,
+            "consumed_samples": self.consumed,
+            "rollbacks": self.rollbacks,
+            "lr_scale": self.lr_scale,
+            "spike_detector": self.guard.detector.state_dict(),
+        }
+
+    def save(self) -> None:
+        from stable_megatron import checkpoint as ckpt
+
+        result = ckpt.save(self.engine, self.cfg, self.layout, self.cfg.checkpoint_dir,
+                           self.step, self.client_state())
+        removed = f"; removed {', '.join(result.removed)}" if result.removed else ""
+        self.log.info(f"saved checkpoint {result.tag_dir} in {result.seconds:.1f}s{removed}")
+
+    # ---------------------------------------------------------------- spikes
+
+    def rollback(self) -> dict:
+        """Reload the latest checkpoint, keep the data position past the batches seen since it
+        (the spike's included), optionally lower the LR. Every rank calls this."""
+        from stable_megatron import checkpoint as ckpt
+
+        s = self.cfg.stability
+        spike_step, data_position = self.step, self.consumed
+        rollbacks, lr_scale = self.rollbacks + 1, self.lr_scale * s.rollback_lr_factor
+        if rollbacks > s.max_rollbacks:
+            raise TrainingAborted(
+                f"step {spike_step}: loss/grad-norm spike after {s.max_rollbacks} rollbacks "
+                f"(stability.max_rollbacks); giving up. The last checkpoint is "
+                f"{ckpt.latest_checkpoint(self.cfg.checkpoint_dir)}; consider a lower train.lr, "
+                f"stability.rollback_lr_factor < 1, or a stability method (recipes/methods/)"
+            )
+        target = ckpt.latest_checkpoint(self.cfg.checkpoint_dir)
+        if target is None:
+            raise TrainingAborted(
+                f"step {spike_step}: spike, but no checkpoint to roll back to yet in "
+                f"{self.cfg.checkpoint_dir} (checkpoint.interval={self.cfg.checkpoint.interval})"
+            )
+        meta = ckpt.read_meta(target)
+        ckpt.verify(target, meta)
+        self._restore(target, meta)
+        self.rollbacks, self.lr_scale = rollbacks, lr_scale
+        skipped = (self.consumed, data_position)
+        self.consumed = data_position
+        self._apply_lr_scale()
+        event = {
+            "step": spike_step, "event": "rollback", "to_step": self.step,
+            "checkpoint": str(target), "skipped_samples": list(skipped),
+            "rollbacks": rollbacks, "lr_scale": lr_scale,
+        }
+        self.log.info(
+            f"step {spike_step}: rolled back to {target.name} (step {self.step}); skipping "
+            f"samples {skipped[0]}..{skipped[1] - 1}; LR x{lr_scale:g}; rollback {rollbacks} of "
+            f"at most {s.max_rollbacks}"
+        )
+        return event
+
+    def _apply_lr_scale(self) -> None:
+        """Set the optimizer's LR now (the scheduler applies `lr_scale` from its next step)."""
+        scheduler = self.engine.lr_scheduler
+        lrs = [base * fn(scheduler.last_epoch)
+               for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+        for group, lr in zip(self.engine.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+
+    # ---------------------------------------------------------------- steps
+
+    def train_one_step(self) -> dict:
+        """One optimizer step (or a dropped one); returns its log record."""
+        from stable_megatron.plan import throughput
+
+        cfg, engine, layout = self.cfg, self.engine, self.layout
+        lr = engine.get_lr()[0]
+        measure = self.metrics is not None and self.metrics.due(self.step + 1)
+        self.last_measured = measure
+        skipped_before = engine.skipped_steps
+        started = time.time()
+        if measure:
+            self.metrics.start_step()
+        batches = micro_batches(self.train_ds, self.consumed, cfg, layout, self.device,
+                                self.accum)
+        loss = train_step(engine, batches)
+        stats = self.metrics.finish_step() if measure else {}
+        verdict = self.last_verdict = self.guard.finish()
+        elapsed = time.time() - started
+        self.step += 1
+        self.consumed += cfg.train.global_batch_size
+        tokens = cfg.train.global_batch_size * cfg.model.seq_length
+        device_name = (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
+                       else "cpu")
+        record = {
+            "step": self.step,
+            "loss": loss.item(),
+            "lr": lr,
+            "grad_norm": float(engine.get_global_grad_norm()),
+            "tokens_per_sec": tokens / elapsed,
+            **throughput(cfg, tokens / elapsed, layout.world, device_name),
+            "consumed_tokens": self.consumed * cfg.model.seq_length,
+            "step_time": elapsed,
+            **verdict.record(),
+            **stats,
+        }
+        if engine.skipped_steps > skipped_before:
+            record["update_skipped"] = 1
+        return record
+
+    def _on_spike(self, record: dict) -> bool:
+        """Log the spike and act on it; True when the run rolled back."""
+        verdict, action = self.last_verdict, self.cfg.stability.on_spike
+        dropped = "update_skipped" in record
+        self.log.info(
+            f"step {self.step}: spike: {'; '.join(verdict.reasons)} -> {action}"
+            + (" (update dropped)" if dropped else "")
+        )
+        self.log.log({"step": self.step, "event": "spike", "action": action,
+                      "reasons": verdict.reasons, "update_dropped": int(dropped)})
+        if action != "rollback":
+            return False
+        self.log.log(self.rollback())
+        return True
+
+    def run(self) -> dict:
+        from stable_megatron.data.dataset import unigram_perplexity
+
+        cfg, layout, log = self.cfg, self.layout, self.log
+        if self.state.is_logging_rank:
+            Path(cfg.train.run_dir).mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, Path(cfg.train.run_dir) / "config.yaml")
+        log.info(
+            f"stable_megatron: world {layout.world} = tp {layout.tp} x pp {layout.pp} x "
+            f"dp {layout.dp} on {self.device}; run dir {cfg.train.run_dir}"
+            + (f"; resumed at step {self.step} from {self.started_from}" if self.step else "")
+            + (f"; weights from {self.started_from}" if self.started_from and not self.step
+               else "")
+        )
+        if self.val_ds is not None and self.state.is_logging_rank:
+            s = self.sources
+            baseline = unigram_perplexity(s.train_prefix, s.val_prefix, s.vocab_size)
+            log.info(f"validation baseline: unigram perplexity {baseline:.1f}")
+        last: dict = {}
+        while self.step < cfg.train.steps:
+            record = self.train_one_step()
+            if self.last_verdict.is_spike and self._on_spike(record):
+                log.log(record)
+                continue
+            step = self.step
+            evaluate_now = self.val_ds is not None and (
+                step % cfg.train.eval_interval == 0 or step == cfg.train.steps
+            )
+            if evaluate_now:
+                val_loss = evaluate(self.engine, self.val_ds, cfg, layout, self.device)
+                record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
+            if evaluate_now or self.last_measured or step % cfg.train.log_interval == 0 or \
+                    step == cfg.train.steps or self.last_verdict.is_spike:
+                log.log(record)
+            last = record
+            interval = cfg.checkpoint.interval
+            exiting = cfg.train.exit_interval and step - self.start_step >= cfg.train.exit_interval
+            if (interval and step % interval == 0) or step == cfg.train.steps or exiting:
+                self.save()
+            if exiting:
+                log.info(f"exit_interval reached: stopping at step {step}; run again to resume")
+                break
+        log.info(f"done: {self.step} steps; logs in {cfg.train.run_dir}/metrics.jsonl"
+                 f" (TensorBoard: tensorboard --logdir {cfg.train.run_dir})")
+        log.close()
+        return last
+
+
 def train(cfg: Config) -> dict:
     """Train per `cfg` (already validated); returns the last logged record. Starts the process
     groups if needed; the caller ends them (`parallel.shutdown`), so that one process can run
     several trainings."""
-    from stable_megatron import parallel
-    from stable_megatron.data.dataset import TokenWindowDataset, unigram_perplexity
-    from stable_megatron.logger import RunLogger
-    from stable_megatron.plan import throughput
-
-    # Data problems surface here, before any process group exists.
-    sources = resolve_data(cfg)
-    seq = cfg.model.seq_length
-    train_ds = TokenWindowDataset(sources.train_prefix, seq, seed=cfg.train.seed)
-    val_ds = None
-    if sources.val_prefix and cfg.train.eval_interval:
-        val_ds = TokenWindowDataset(sources.val_prefix, seq, seed=cfg.train.seed)
-    state = parallel.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.device)
-    layout, device = state.layout, state.device
-    engine = build_engine(cfg, state)
-    step, consumed = 0, 0
-    ckpt_dir = cfg.checkpoint_dir
-    load_dir = cfg.checkpoint.load or (
-        ckpt_dir if cfg.checkpoint.resume and (ckpt_dir / "latest").is_file() else None
-    )
-    if load_dir is not None:
-        _, client = engine.load_checkpoint(str(load_dir))
-        if client is None:
-            raise RuntimeError(f"checkpoint.load={load_dir}: no loadable checkpoint there")
-        step, consumed = client["step"], client["consumed_samples"]
-    start_step = step
-    log = RunLogger(cfg, enabled=state.is_logging_rank, start_step=step)
-    if state.is_logging_rank:
-        Path(cfg.train.run_dir).mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, Path(cfg.train.run_dir) / "config.yaml")
-    log.info(
-        f"stable_megatron: world {layout.world} = tp {layout.tp} x pp {layout.pp} x "
-        f"dp {layout.dp} on {device}; run dir {cfg.train.run_dir}"
-        + (f"; resumed at step {step}" if step else "")
-    )
-    if val_ds is not None and state.is_logging_rank:
-        baseline = unigram_perplexity(sources.train_prefix, sources.val_prefix,
-                                      sources.vocab_size)
-        log.info(f"validation baseline: unigram perplexity {baseline:.1f}")
-    accum = engine.gradient_accumulation_steps()
-    stability = None
-    if cfg.metrics.interval:
-        from stable_megatron.metrics import StabilityMetrics
-
-        stability = StabilityMetrics(cfg, state, engine)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    gb, tokens_per_step = cfg.train.global_batch_size, cfg.train.global_batch_size * seq
-    last = {}
-    while step < cfg.train.steps:
-        lr = engine.get_lr()[0]
-        measure = stability is not None and stability.due(step + 1)
-        started = time.time()
-        if measure:
-            stability.start_step()
-        loss = train_step(engine, micro_batches(train_ds, consumed, cfg, layout, device, accum))
-        stats = stability.finish_step() if measure else {}
-        elapsed = time.time() - started
-        step += 1
-        consumed += gb
-        record = {
-            "step": step,
-            "loss": loss.item(),
-            "lr": lr,
-            "grad_norm": float(engine.get_global_grad_norm()),
-            "tokens_per_sec": tokens_per_step / elapsed,
-            **throughput(cfg, tokens_per_step / elapsed, layout.world, device_name),
-            "consumed_tokens": consumed * seq,
-            "step_time": elapsed,
-            **stats,
-        }
-        evaluate_now = val_ds is not None and (
-            step % cfg.train.eval_interval == 0 or step == cfg.train.steps
-        )
-        if evaluate_now:
-            val_loss = evaluate(engine, val_ds, cfg, layout, device)
-            record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
-        if evaluate_now or measure or step % cfg.train.log_interval == 0 or \
-                step == cfg.train.steps:
-            log.log(record)
-        last = record
-        interval = cfg.checkpoint.interval
-        exiting = cfg.train.exit_interval and step - start_step >= cfg.train.exit_interval
-        if (interval and step % interval == 0) or step == cfg.train.steps or exiting:
-            engine.save_checkpoint(
-                str(ckpt_dir),
-                tag=f"step{step:08d}",
-                client_state={"step": step, "consumed_samples": consumed},
-            )
-        if exiting:
-            log.info(f"exit_interval reached: stopping at step {step}; run again to resume")
-            break
-    log.info(f"done: {step} steps; logs in {cfg.train.run_dir}/metrics.jsonl"
-             f" (TensorBoard: tensorboard --logdir {cfg.train.run_dir})")
-    log.close()
-    return last
-
+    return Trainer(cfg).run()
 
 def strip_launcher_args(argv: list[str]) -> list[str]:
     """The deepspeed launcher appends `--local_rank=N`; LOCAL_RANK in the environment says it."""
@@ -280,14 +452,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if args else 2
     recipe, overrides = args[0], args[1:]
     from stable_megatron import parallel
+    from stable_megatron.checkpoint import CheckpointError
 
     try:
         cfg = load_config(recipe, overrides)
         validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         train(cfg)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingAborted as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     finally:
         parallel.shutdown()
     return 0
