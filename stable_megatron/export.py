@@ -1,0 +1,814 @@
+"""Read-only checkpoint tools: find a checkpoint, read its files safely, merge the
+tensor-parallel shards into full tensors, summarise it, and export its weights.
+
+A DeepSpeed pipeline checkpoint of stable_megatron is a directory per save ("tag", e.g.
+`step00000020`) holding, per block of the `PipelineModule` (global index XX: 0 the embedding,
+1..L the transformer layers, L+1 the final norm, L+2 the untied output layer) and per
+tensor-parallel rank YY, `layer_XX-model_YY-model_states.pt` (the block's `state_dict`, shards
+of the tensor-parallel tensors), plus `mp_rank_*_model_states.pt` (DeepSpeed's engine state and
+our client state: step, consumed samples) and ZeRO optimizer shards. Data-parallel replicas
+write nothing of their own and pipeline stages only decide which process wrote which
+`layer_XX` file, so the layer files of any TP x PP x DP layout are merged the same way.
+
+Safety: every file is read with `torch.load(map_location="cpu", weights_only=True)`, which
+reads tensors and plain containers and refuses any other pickled object (no code runs); a file
+that needs more is refused with `UnsafeFileError`. The tools never load the optimizer shards
+(DeepSpeed pickles a Python object into them).
+
+Full shapes come from the model itself: the same config is built at TP=1, PP=1 on the meta
+device (no memory, no initialisation; the vocabulary padded as at the checkpoint's TP size), and
+each saved tensor is compared with its full counterpart: equal shapes mean replicated over TP
+(rank 0's copy is taken), a shape that is 1/tp of the full one along exactly one dimension
+means split along that dimension (the shards are concatenated in rank order, which is how
+megatron-core splits: every split in this model has stride 1), anything else is an error.
+Buffers are merged like parameters, e.g. sigma-reparam's power-iteration vectors `u`/`v`.
+
+Names in the merged state dict are `<global block index>.<key in the block>`, e.g.
+`1.layer.self_attention.linear_qkv.weight`: the same at every layout (and the names of
+`PipelineModule.state_dict()` for untied blocks).
+
+The config comes from the tag's `stable_megatron.json` when present, else from an explicit
+config file (`config=`), else from `config.yaml` of the run directory (two levels up:
+`<run_dir>/checkpoints/<tag>`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import pickle
+import re
+import socket
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+META_FILE = "stable_megatron.json"
+LATEST = "latest"
+RUN_CONFIG = "config.yaml"
+LAYER_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
+ENGINE_FILE = "mp_rank_00_model_states.pt"
+EXTRA_STATE = "_extra_state"
+
+
+class ExportError(ValueError):
+    """A checkpoint the tools cannot read or export; the message (one line) names the file,
+    shard or config field."""
+
+
+class UnsafeFileError(ExportError):
+    """A checkpoint file that would unpickle a Python object other than tensors and plain data."""
+
+
+class NotExpressibleError(ExportError):
+    """The model cannot be written in the requested format; the message names the config fields."""
+
+
+def layer_file_name(index: int, tp_rank: int) -> str:
+    return f"layer_{index:02d}-model_{tp_rank:02d}-model_states.pt"
+
+
+# --------------------------------------------------------------------------------------------
+# Reading files
+
+
+def _detail(err: BaseException) -> str:
+    """The informative line of an exception message (torch's are paragraphs)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line in lines:
+        if line.startswith(("Trying to", "Unsupported", "PytorchStreamReader")):
+            return line.split(". This is an internal")[0]
+    return lines[-1] if lines else type(err).__name__
+
+
+def load_file(path: str | os.PathLike) -> Any:
+    """One checkpoint file, read with `weights_only=True` on the CPU; any failure is an
+    `ExportError` naming the file (`UnsafeFileError` for a pickled object)."""
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notices about pickle protocols
+            # mmap (zip-format files only): tensors are read when used, not at load
+            return torch.load(path, map_location="cpu", weights_only=True,
+                              mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if found:
+            raise UnsafeFileError(
+                f"{path}: refused: it pickles a Python object ({found.group(1)}), not tensors; "
+                f"checkpoint files are read with weights_only=True and never unpickled as "
+                f"arbitrary objects"
+            ) from None
+        raise ExportError(
+            f"{path}: corrupt, or not a file torch can load without unpickling objects "
+            f"({_detail(err)})"
+        ) from None
+    except FileNotFoundError:
+        raise ExportError(f"{path}: missing") from None
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        raise ExportError(f"{path}: truncated or corrupt ({_detail(err)})") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Finding a checkpoint
+
+
+def _layer_files(directory: Path) -> dict[tuple[int, int], Path]:
+    found = {}
+    for child in directory.iterdir():
+        match = LAYER_FILE.match(child.name)
+        if match:
+            found[int(match.group(1)), int(match.group(2))] = child
+    return found
+
+
+def locate(path: str | os.PathLike) -> Path:
+    """The tag directory for `path`: a tag directory itself, a checkpoint directory (the tag its
+    `latest` names), or a run directory (its `checkpoints/latest`)."""
+    path = Path(path)
+    if not path.exists():
+        raise ExportError(f"{path}: no such file or directory")
+    if not path.is_dir():
+        raise ExportError(
+            f"{path}: is a file; expected a checkpoint directory (with `latest`) or one "
+            f"checkpoint's directory (e.g. step00000020/)"
+        )
+    if _layer_files(path) or (path / META_FILE).is_file():
+        return path
+    for directory in (path, path / "checkpoints"):
+        pointer = directory / LATEST
+        if pointer.is_file():
+            tag = pointer.read_text().strip()
+            if not tag or not (directory / tag).is_dir():
+                raise ExportError(f"{pointer} names {tag!r}, which is not a directory in "
+                                  f"{directory}")
+            return directory / tag
+    raise ExportError(
+        f"{path}: not a checkpoint: expected a `latest` file (a checkpoint directory) or "
+        f"layer_XX-model_YY-model_states.pt files (one checkpoint's directory)"
+    )
+
+
+@dataclass
+class Checkpoint:
+    """One located checkpoint, its config and layout; no tensor is read yet."""
+
+    tag_dir: Path
+    config: Any  # stable_megatron.config.Config, vocab_size resolved
+    config_source: str
+    meta: dict  # stable_megatron.json, or {} for checkpoints written before it existed
+    step: int | None
+    consumed_samples: int | None
+    layout: dict[str, int]  # tp, pp, dp, world
+    layer_files: dict[int, dict[int, Path]]  # block index -> TP rank -> file
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def tp(self) -> int:
+        return self.layout["tp"]
+
+
+def _read_meta(tag_dir: Path) -> dict:
+    path = tag_dir / META_FILE
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ExportError(f"{path}: corrupt ({err})") from None
+    if not isinstance(meta, dict):
+        raise ExportError(f"{path}: corrupt (expected a JSON object)")
+    return meta
+
+
+def _read_config(tag_dir: Path, meta: dict, config: str | os.PathLike | None):
+    """(Config, where it came from): the tag's JSON, else `config`, else the run's config.yaml."""
+    from stable_megatron.config import ConfigError, config_from_dict, load_config
+
+    run_config = tag_dir.parent.parent / RUN_CONFIG
+    try:
+        if "config" in meta:
+            source = str(tag_dir / META_FILE)
+            cfg = config_from_dict(meta["config"])
+        elif config is not None:
+            source = str(config)
+            if not Path(config).is_file():
+                raise ExportError(f"--config {config}: no such file")
+            cfg = load_config(config)
+        elif run_config.is_file():
+            source = str(run_config)
+            cfg = load_config(run_config)
+        else:
+            raise ExportError(
+                f"{tag_dir}: no {META_FILE} and no {RUN_CONFIG} in the run directory "
+                f"({run_config.parent}): pass the run's config with --config"
+            )
+    except ConfigError as err:
+        raise ExportError(f"{source}: not a config this version can read: {err}") from None
+    if cfg.model.vocab_size is None:
+        from stable_megatron.data import DataError
+        from stable_megatron.plan import resolve_vocab
+
+        try:
+            resolve_vocab(cfg)
+        except DataError as err:
+            raise ExportError(f"{source}: model.vocab_size is not set and the tokenizer "
+                              f"cannot be read: {err}") from None
+    return cfg, source
+
+
+def _check_manifest(tag_dir: Path, meta: dict, names: list[str]) -> None:
+    """Sizes of the files we read against the manifest of stable_megatron.json, if any."""
+    sizes = meta.get("files")
+    if not isinstance(sizes, dict):
+        return
+    for name in names:
+        path = tag_dir / name
+        if name in sizes and path.is_file() and path.stat().st_size != sizes[name]:
+            raise ExportError(
+                f"{path}: truncated or altered ({path.stat().st_size} bytes, saved "
+                f"{sizes[name]})"
+            )
+    for name in sizes:
+        if (LAYER_FILE.match(name) or name.startswith("mp_rank_")) \
+                and not (tag_dir / name).is_file():
+            raise ExportError(f"{tag_dir}: missing shard {name} (listed in {META_FILE})")
+
+
+def _missing_shards(tag_dir: Path, missing: list[tuple[int, int]]) -> ExportError:
+    first = ", ".join(
+        f"{layer_file_name(i, r)} (block {i}, tensor-parallel rank {r})" for i, r in missing[:3]
+    )
+    more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+    return ExportError(f"{tag_dir}: missing shard {first}{more}")
+
+
+def open_checkpoint(path: str | os.PathLike, config: str | os.PathLike | None = None
+                    ) -> Checkpoint:
+    """Locate the checkpoint at `path` and read its config, step and layout; checks that every
+    block has a file for every tensor-parallel rank. Tensors are read later (`read_tensors`)."""
+    tag_dir = locate(path)
+    files = _layer_files(tag_dir)
+    if not files:
+        raise ExportError(
+            f"{tag_dir}: no layer_XX-model_YY-model_states.pt files: not a DeepSpeed pipeline "
+            f"checkpoint (or its model files were removed)"
+        )
+    meta = _read_meta(tag_dir)
+    cfg, source = _read_config(tag_dir, meta, config)
+    _check_manifest(tag_dir, meta, sorted(p.name for p in files.values()) + [ENGINE_FILE])
+    notes: list[str] = []
+    engine: dict = {}
+    if not {"step", "consumed_samples", "layout"} <= meta.keys():
+        if not (tag_dir / ENGINE_FILE).is_file():
+            raise ExportError(f"{tag_dir}: missing {ENGINE_FILE} (DeepSpeed's engine state: "
+                              f"step and layout) and no {META_FILE}")
+        engine = load_file(tag_dir / ENGINE_FILE)
+        if not isinstance(engine, dict):
+            raise ExportError(f"{tag_dir / ENGINE_FILE}: corrupt (expected a dict)")
+    if "layout" in meta:
+        layout = {k: int(meta["layout"][k]) for k in ("tp", "pp", "dp", "world")}
+    else:
+        dims = engine.get("checkpoint_parallel_dimensions") or {}
+        tp = int(dims.get("tp_degree", cfg.parallel.tp))
+        pp = int(dims.get("pp_degree", cfg.parallel.pp))
+        dp = int(engine.get("dp_world_size", 1))
+        layout = {"tp": tp, "pp": pp, "dp": dp, "world": tp * pp * dp}
+    step = meta.get("step", engine.get("step", engine.get("global_steps")))
+    consumed = meta.get("consumed_samples",
+                        engine.get("consumed_samples", engine.get("global_samples")))
+    tp = layout["tp"]
+    if cfg.parallel.tp != tp or cfg.parallel.pp != layout["pp"]:
+        notes.append(f"the config says tp={cfg.parallel.tp}, pp={cfg.parallel.pp}; the "
+                     f"checkpoint was written at tp={tp}, pp={layout['pp']}")
+    by_block: dict[int, dict[int, Path]] = {}
+    for (index, rank), file in sorted(files.items()):
+        if rank >= tp:
+            raise ExportError(f"{file}: a shard of tensor-parallel rank {rank}, but the "
+                              f"checkpoint was written at tp={tp}")
+        by_block.setdefault(index, {})[rank] = file
+    missing = [(i, r) for i in range(max(by_block) + 1) for r in range(tp)
+               if r not in by_block.get(i, {})]
+    if missing:
+        raise _missing_shards(tag_dir, missing)
+    return Checkpoint(tag_dir=tag_dir, config=cfg, config_source=source, meta=meta, step=step,
+                      consumed_samples=consumed, layout=layout, layer_files=by_block,
+                      notes=notes)
+
+
+# --------------------------------------------------------------------------------------------
+# The model's full shapes (TP=1, meta device)
+
+
+def reference_config(cfg, tp: int):
+    """`cfg` at TP=1, PP=1 with the vocabulary padded as at TP size `tp`: the model whose
+    tensors are the merged ones of a checkpoint written at `tp`."""
+    ref = copy.deepcopy(cfg)
+    ref.model.vocab_pad_multiple = cfg.model.vocab_pad_multiple * tp
+    ref.parallel.tp, ref.parallel.pp = 1, 1
+    return ref
+
+
+@contextlib.contextmanager
+def single_process_tp_group():
+    """A tensor-parallel group of size 1 for building megatron-core layers in this process: the
+    existing groups if they have TP size 1, else a one-process gloo world started here and torn
+    down after."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as mpu
+
+    started = not dist.is_initialized()
+    if started:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
+                                world_size=1)
+    owns = not mpu.model_parallel_is_initialized()
+    try:
+        if owns:
+            if dist.get_world_size() != 1:
+                raise RuntimeError("the checkpoint tools build the model in one process; "
+                                   "call them outside a multi-process job")
+            mpu.initialize_model_parallel(tensor_model_parallel_size=1)
+        elif mpu.get_tensor_model_parallel_world_size() != 1:
+            raise RuntimeError("the checkpoint tools need tensor-parallel groups of size 1")
+        yield
+    finally:
+        if owns and mpu.model_parallel_is_initialized():
+            mpu.destroy_model_parallel()
+        if started:
+            dist.destroy_process_group()
+
+
+def _layer_specs(cfg) -> list:
+    """The DeepSpeed layer specs `build_model` passes to `PipelineModule`, in order (the
+    module's global block indices), captured without building the module."""
+    from stable_megatron.model import gpt
+
+    real = gpt.PipelineModule
+    gpt.PipelineModule = lambda layers, **_: list(layers)
+    try:
+        return gpt.build_model(cfg, None, torch.device("cpu"))
+    finally:
+        gpt.PipelineModule = real
+
+
+@dataclass(frozen=True)
+class RefTensor:
+    shape: tuple[int, ...]
+    kind: str  # "param" or "buffer"
+
+
+def reference_tensors(cfg, tp: int = 1) -> dict[int, dict[str, RefTensor]]:
+    """Per saved block index, the full shape and kind of every tensor of its `state_dict`, from
+    the model of `cfg` built at TP=1 on the meta device with the vocabulary padded as at `tp`.
+    Blocks DeepSpeed does not save (the tied output layer, a view of block 0) are left out."""
+    from deepspeed.pipe import TiedLayerSpec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from stable_megatron import compat
+
+    ref = reference_config(cfg, tp)
+    compat.apply_cpu_patches()
+    out: dict[int, dict[str, RefTensor]] = {}
+    with single_process_tp_group():
+        for index, spec in enumerate(_layer_specs(ref)):
+            if isinstance(spec, TiedLayerSpec) and spec.forward_fn is not None:
+                continue  # DeepSpeed saves only modules it calls directly
+            for arg in (*spec.module_args, *spec.module_kwargs.values()):
+                if isinstance(arg, TransformerConfig):
+                    arg.perform_initialization = False  # meta tensors hold no values
+            with torch.device("meta"):
+                module = spec.build()
+            params = {name for name, _ in module.named_parameters()}
+            out[index] = {
+                key: RefTensor(tuple(value.shape), "param" if key in params else "buffer")
+                for key, value in module.state_dict().items()
+                if torch.is_tensor(value) and not key.endswith(EXTRA_STATE)
+            }
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Merging tensor-parallel shards
+
+
+@dataclass
+class TensorInfo:
+    name: str  # "<block>.<key>"
+    block: int
+    key: str
+    shape: tuple[int, ...]  # full
+    dtype: str
+    kind: str  # "param" or "buffer"
+    split_dim: int | None  # the tensor-parallel split dimension; None: replicated
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for size in self.shape:
+            n *= size
+        return n
+
+
+def _split_dim(shard: tuple[int, ...], full: tuple[int, ...], tp: int) -> int | None | str:
+    if shard == full:
+        return None
+    if len(shard) == len(full):
+        differ = [d for d, (s, f) in enumerate(zip(shard, full, strict=True)) if s != f]
+        if len(differ) == 1 and shard[differ[0]] * tp == full[differ[0]]:
+            return differ[0]
+    return "invalid"
+
+
+def read_tensors(ckpt: Checkpoint, merge: bool = True):
+    """(infos, tensors): a `TensorInfo` per tensor of the model in block order and, with
+    `merge`, the full tensors by name (rank 0's copy of replicated tensors, the shards
+    concatenated along `split_dim` otherwise). Every file is checked against the model of the
+    checkpoint's config; the first problem raises `ExportError` naming the file and tensor."""
+    tp = ckpt.tp
+    reference = reference_tensors(ckpt.config, tp)
+    present, expected = set(ckpt.layer_files), set(reference)
+    if expected - present:
+        raise _missing_shards(ckpt.tag_dir, [(i, r) for i in sorted(expected - present)
+                                             for r in range(tp)])
+    if present - expected:
+        index = min(present - expected)
+        raise ExportError(
+            f"{ckpt.layer_files[index][0]}: unexpected block {index}: the model of this config "
+            f"saves blocks {min(expected)}..{max(expected)} (config from {ckpt.config_source})"
+        )
+    infos: list[TensorInfo] = []
+    tensors: dict[str, torch.Tensor] = {}
+    for index in sorted(reference):
+        files = ckpt.layer_files[index]
+        shards = []
+        for rank in range(tp):
+            state = load_file(files[rank])
+            if not isinstance(state, dict):
+                raise ExportError(f"{files[rank]}: corrupt (expected a state dict, got "
+                                  f"{type(state).__name__})")
+            shards.append({k: v for k, v in state.items() if not k.endswith(EXTRA_STATE)})
+        for rank, state in enumerate(shards):
+            extra = sorted(set(state) - set(reference[index]))
+            absent = sorted(set(reference[index]) - set(state))
+            if absent:
+                raise ExportError(f"{files[rank]}: no tensor {absent[0]}, which the model of "
+                                  f"this config has (config from {ckpt.config_source})")
+            if extra:
+                raise ExportError(f"{files[rank]}: unexpected entry {extra[0]}: not in the "
+                                  f"model of this config (config from {ckpt.config_source})")
+        for key, ref in reference[index].items():
+            values = [state[key] for state in shards]
+            for rank, value in enumerate(values):
+                if not torch.is_tensor(value):
+                    raise ExportError(f"{files[rank]}: {key} is a {type(value).__name__}, "
+                                      f"not a tensor")
+            shard = tuple(values[0].shape)
+            dim = _split_dim(shard, ref.shape, tp)
+            for rank, value in enumerate(values):
+                if dim == "invalid" or tuple(value.shape) != shard:
+                    raise ExportError(
+                        f"{files[rank]}: {key} has shape {list(value.shape)}, neither the "
+                        f"full shape {list(ref.shape)} nor a 1/{tp} split of it along one "
+                        f"dimension (config from {ckpt.config_source})"
+                    )
+            name = f"{index}.{key}"
+            infos.append(TensorInfo(name, index, key, ref.shape,
+                                    str(values[0].dtype).removeprefix("torch."), ref.kind, dim))
+            if not merge:
+                continue
+            if dim is None:
+                if any(not torch.equal(values[0], v) for v in values[1:]):
+                    ckpt.notes.append(f"{name}: replicated over TP but the ranks' copies "
+                                      f"differ; rank 0's is used")
+                tensors[name] = values[0].clone()
+            else:
+                tensors[name] = torch.cat(values, dim=dim)
+    return infos, tensors
+
+
+def merged_state_dict(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """The full state dict (`<block>.<key>` -> tensor) of the checkpoint."""
+    return read_tensors(ckpt)[1]
+
+
+def load_into_model(model, state: dict[str, torch.Tensor]) -> None:
+    """Load a merged state dict into a `PipelineModule` built at TP=1, PP=1 from
+    `reference_config(cfg, tp)`, block by block as DeepSpeed does."""
+    by_block: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in state.items():
+        block, key = name.split(".", 1)
+        by_block.setdefault(int(block), {})[key] = value
+    for index, fn in enumerate(model.forward_funcs):
+        if not hasattr(fn, "load_state_dict"):
+            continue
+        result = fn.load_state_dict(by_block.pop(index, {}), strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith(EXTRA_STATE)]
+        if missing or result.unexpected_keys:
+            raise ExportError(f"block {index}: missing {missing}, unexpected "
+                              f"{result.unexpected_keys}")
+    if by_block:
+        raise ExportError(f"blocks {sorted(by_block)} are not in the model")
+
+
+# --------------------------------------------------------------------------------------------
+# Summary
+
+
+def _disk_usage(tag_dir: Path) -> dict[str, int]:
+    usage = {"total_bytes": 0, "model_bytes": 0, "optimizer_bytes": 0, "other_bytes": 0,
+             "files": 0}
+    for path in tag_dir.rglob("*"):
+        if not path.is_file():
+            continue
+        size = path.stat().st_size
+        usage["files"] += 1
+        usage["total_bytes"] += size
+        if LAYER_FILE.match(path.name):
+            usage["model_bytes"] += size
+        elif path.name.endswith("optim_states.pt"):
+            usage["optimizer_bytes"] += size
+        else:
+            usage["other_bytes"] += size
+    return usage
+
+
+def summary(path: str | os.PathLike | Checkpoint, config: str | os.PathLike | None = None
+            ) -> dict[str, Any]:
+    """What a checkpoint holds: step, consumed samples, layout, config source, every tensor
+    (name, full shape, dtype, numel, kind, TP split dimension), parameter count, size on disk."""
+    ckpt = path if isinstance(path, Checkpoint) else open_checkpoint(path, config)
+    infos, _ = read_tensors(ckpt, merge=False)
+    m = ckpt.config.model
+    return {
+        "path": str(ckpt.tag_dir),
+        "tag": ckpt.tag_dir.name,
+        "step": ckpt.step,
+        "consumed_samples": ckpt.consumed_samples,
+        "layout": ckpt.layout,
+        "config_source": ckpt.config_source,
+        "code_version": ckpt.meta.get("code_version"),
+        "model": {
+            "num_layers": m.num_layers, "hidden_size": m.hidden_size,
+            "num_attention_heads": m.num_attention_heads, "ffn_size": m.ffn_size,
+            "seq_length": m.seq_length, "vocab_size": m.vocab_size,
+            "padded_vocab_size": m.padded_vocab_size(ckpt.tp),
+            "tie_embeddings": m.tie_embeddings, "position_embedding": m.position_embedding,
+            "attention": m.attention, "norm_placement": m.norm_placement,
+            "softmax_cap": m.softmax_cap, "sigma_reparam": m.sigma_reparam.enabled,
+        },
+        "total_params": sum(t.numel for t in infos if t.kind == "param"),
+        "total_buffer_values": sum(t.numel for t in infos if t.kind == "buffer"),
+        "num_tensors": len(infos),
+        "disk": _disk_usage(ckpt.tag_dir),
+        "tensors": [
+            {"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "numel": t.numel,
+             "kind": t.kind, "split_dim": t.split_dim}
+            for t in infos
+        ],
+        "notes": list(ckpt.notes),
+    }
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def format_summary(info: dict[str, Any], tensors: bool = False) -> str:
+    m, lay, disk = info["model"], info["layout"], info["disk"]
+    methods = [f"norms {m['norm_placement']}", f"{m['attention']} attention",
+               f"{m['position_embedding']} positions",
+               "tied embeddings" if m["tie_embeddings"] else "untied embeddings"]
+    if m["softmax_cap"] is not None:
+        methods.append(f"softmax cap {m['softmax_cap']}")
+    if m["sigma_reparam"]:
+        methods.append("sigma-reparam")
+    lines = [
+        f"checkpoint   {info['path']}",
+        f"step         {info['step']}   consumed samples {info['consumed_samples']}",
+        f"layout       tp {lay['tp']} x pp {lay['pp']} x dp {lay['dp']} (world {lay['world']})",
+        f"model        {m['num_layers']} layers, hidden {m['hidden_size']}, "
+        f"{m['num_attention_heads']} heads, ffn {m['ffn_size']}, seq {m['seq_length']}, "
+        f"vocab {m['vocab_size']} (padded {m['padded_vocab_size']})",
+        f"             {', '.join(methods)}",
+        f"parameters   {info['total_params']:,}"
+        + (f" (+ {info['total_buffer_values']:,} buffer values)"
+           if info["total_buffer_values"] else "")
+        + f" in {info['num_tensors']} tensors",
+        f"on disk      {_bytes(disk['total_bytes'])} in {disk['files']} files (model "
+        f"{_bytes(disk['model_bytes'])}, optimizer {_bytes(disk['optimizer_bytes'])}, other "
+        f"{_bytes(disk['other_bytes'])})",
+        f"config       {info['config_source']}"
+        + (f" (code {info['code_version']})" if info.get("code_version") else ""),
+    ]
+    lines += [f"note         {note}" for note in info["notes"]]
+    if tensors:
+        rows = [(t["name"], "x".join(map(str, t["shape"])), t["dtype"], f"{t['numel']:,}",
+                 t["kind"], "replicated" if t["split_dim"] is None else f"dim {t['split_dim']}")
+                for t in info["tensors"]]
+        header = ("name", "shape", "dtype", "numel", "kind", "tp split")
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        lines.append("")
+        for row in [header, *rows]:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Export: safetensors
+
+
+def _provenance(ckpt: Checkpoint) -> dict[str, Any]:
+    return {"source": str(ckpt.tag_dir.resolve()), "tag": ckpt.tag_dir.name, "step": ckpt.step,
+            "consumed_samples": ckpt.consumed_samples, "layout": ckpt.layout,
+            "code_version": ckpt.meta.get("code_version")}
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], out: Path, metadata: dict[str, str]
+                      ) -> None:
+    from safetensors.torch import save_file
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, out)
+
+
+def export_safetensors(ckpt: Checkpoint, out: str | os.PathLike) -> Path:
+    """The full merged state dict as one safetensors file; its metadata holds the config
+    (`stable_megatron.config`, JSON) and where the weights came from
+    (`stable_megatron.checkpoint`, JSON: source, tag, step, consumed samples, layout)."""
+    out = Path(out)
+    tensors = merged_state_dict(ckpt)
+    metadata = {
+        "format": "pt",
+        "stable_megatron.config": json.dumps(ckpt.config.to_dict()),
+        "stable_megatron.checkpoint": json.dumps(_provenance(ckpt)),
+        "stable_megatron.names": "<PipelineModule block index>.<state_dict key of the block>, "
+                                 "full tensors (tensor-parallel shards merged)",
+    }
+    _save_safetensors(tensors, out, metadata)
+    return out
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, {"config": dict, "checkpoint": dict}) of a file `export_safetensors` wrote."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return tensors, {"config": json.loads(meta.get("stable_megatron.config", "null")),
+                     "checkpoint": json.loads(meta.get("stable_megatron.checkpoint", "null"))}
+
+
+# --------------------------------------------------------------------------------------------
+# Export: Hugging Face GPT-2
+
+
+def hf_gpt2_blockers(cfg) -> list[str]:
+    """The config fields that keep this model from being a Hugging Face GPT-2 (empty: it is).
+
+    GPT-2 is our baseline: learned absolute positions, pre-LN LayerNorm (weight and bias, any
+    eps), standard multi-head attention scaled by 1/sqrt(d_head), exact-erf GELU MLP of any
+    width, linear biases (a model without them is written with zero biases), tied or untied
+    output layer."""
+    m = cfg.model
+    blockers = []
+    if m.position_embedding != "learned":
+        blockers.append(f"model.position_embedding={m.position_embedding} (GPT-2 has learned "
+                        f"absolute positions)")
+    if m.attention != "standard":
+        blockers.append(f"model.attention={m.attention} (GPT-2 has full-rank QKV and output "
+                        f"projections)")
+    if m.norm_placement != "pre_ln":
+        blockers.append(f"model.norm_placement={m.norm_placement} (GPT-2 has pre-LN only, no "
+                        f"QK/V/Proj/FC2 norms)")
+    if m.softmax_cap is not None:
+        blockers.append(f"model.softmax_cap={m.softmax_cap} (GPT-2 has no attention logit cap)")
+    if m.sigma_reparam.enabled:
+        blockers.append("model.sigma_reparam.enabled=true (GPT-2 has plain linear weights; "
+                        "export --format safetensors keeps gamma, u and v)")
+    return blockers
+
+
+def _qkv_rows_to_blocks(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """linear_qkv's output rows, per head `[q_h; k_h; v_h]`, reordered to `[q | k | v]` with
+    the heads in order inside each block (GPT-2's c_attn columns)."""
+    rest = t.shape[1:]
+    per = t.reshape(heads, 3, t.shape[0] // (3 * heads), *rest)
+    return per.transpose(0, 1).reshape(t.shape)
+
+
+def hf_gpt2_state_dict(cfg, merged: dict[str, torch.Tensor], tp: int = 1,
+                       trim_vocab: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config.json contents, GPT2LMHeadModel state dict) for a merged state dict of `cfg`
+    written at TP size `tp` (which sets the vocabulary padding). The padded vocabulary rows are
+    kept unless `trim_vocab` (the logits of real tokens are the same either way; the padding
+    rows take part in the training softmax)."""
+    blockers = hf_gpt2_blockers(cfg)
+    if blockers:
+        raise NotExpressibleError("not expressible as Hugging Face GPT-2: " + "; ".join(blockers))
+    m = cfg.model
+    d, heads, layers = m.hidden_size, m.num_attention_heads, m.num_layers
+    vocab = m.vocab_size if trim_vocab else m.padded_vocab_size(tp)
+    dtype = merged["0.word_embeddings.weight"].dtype
+
+    def bias(name: str, size: int) -> torch.Tensor:
+        return merged[name] if name in merged else torch.zeros(size, dtype=dtype)
+
+    out = {
+        "transformer.wte.weight": merged["0.word_embeddings.weight"][:vocab],
+        "transformer.wpe.weight": merged["0.position_embeddings.weight"],
+    }
+    for i in range(1, layers + 1):
+        src, dst = f"{i}.layer.", f"transformer.h.{i - 1}."
+        attn, mlp = src + "self_attention.", src + "mlp."
+        out.update({
+            dst + "ln_1.weight": merged[src + "input_layernorm.weight"],
+            dst + "ln_1.bias": merged[src + "input_layernorm.bias"],
+            dst + "attn.c_attn.weight": _qkv_rows_to_blocks(
+                merged[attn + "linear_qkv.weight"], heads).t(),
+            dst + "attn.c_attn.bias": _qkv_rows_to_blocks(
+                bias(attn + "linear_qkv.bias", 3 * d), heads),
+            dst + "attn.c_proj.weight": merged[attn + "linear_proj.weight"].t(),
+            dst + "attn.c_proj.bias": bias(attn + "linear_proj.bias", d),
+            dst + "ln_2.weight": merged[src + "pre_mlp_layernorm.weight"],
+            dst + "ln_2.bias": merged[src + "pre_mlp_layernorm.bias"],
+            dst + "mlp.c_fc.weight": merged[mlp + "linear_fc1.weight"].t(),
+            dst + "mlp.c_fc.bias": bias(mlp + "linear_fc1.bias", m.ffn_size),
+            dst + "mlp.c_proj.weight": merged[mlp + "linear_fc2.weight"].t(),
+            dst + "mlp.c_proj.bias": bias(mlp + "linear_fc2.bias", d),
+        })
+    out["transformer.ln_f.weight"] = merged[f"{layers + 1}.norm.weight"]
+    out["transformer.ln_f.bias"] = merged[f"{layers + 1}.norm.bias"]
+    if not m.tie_embeddings:
+        out["lm_head.weight"] = merged[f"{layers + 2}.output_layer.weight"][:vocab]
+    config = {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": vocab,
+        "n_positions": m.seq_length,
+        "n_embd": d,
+        "n_layer": layers,
+        "n_head": heads,
+        "n_inner": m.ffn_size,
+        "activation_function": "gelu",  # torch's exact (erf) GELU, as megatron-core's MLP here
+        "resid_pdrop": m.hidden_dropout,
+        "embd_pdrop": m.hidden_dropout,
+        "attn_pdrop": m.attention_dropout,
+        "layer_norm_epsilon": m.layernorm_epsilon,
+        "initializer_range": m.init_std,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": m.tie_embeddings,
+        "bos_token_id": None,  # the sentencepiece tokenizer is not exported
+        "eos_token_id": None,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "use_cache": True,
+    }
+    return config, {k: v.contiguous() for k, v in out.items()}
+
+
+def export_hf_gpt2(ckpt: Checkpoint, out_dir: str | os.PathLike, trim_vocab: bool = False
+                   ) -> Path:
+    """A Hugging Face GPT-2 directory (config.json + model.safetensors) for a baseline model;
+    `NotExpressibleError` naming the config fields otherwise (checked before any tensor is
+    read)."""
+    blockers = hf_gpt2_blockers(ckpt.config)
+    if blockers:
+        raise NotExpressibleError("not expressible as Hugging Face GPT-2: " + "; ".join(blockers))
+    out = Path(out_dir)
+    config, tensors = hf_gpt2_state_dict(ckpt.config, merged_state_dict(ckpt), ckpt.tp,
+                                         trim_vocab)
+    config["stable_megatron"] = _provenance(ckpt)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out}: exists and is not a directory")
+    _save_safetensors(tensors, out / "model.safetensors", {"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+LLAMA_NOT_EXPRESSIBLE = (
+    "not expressible as Hugging Face Llama: Llama blocks use RMSNorm, a gated SwiGLU MLP (three "
+    "projections), rotary positions and no linear biases; stable_megatron's GPT has LayerNorm "
+    "with bias, a two-layer GELU MLP and (by default) learned positions, and no config field "
+    "selects RMSNorm or SwiGLU. Use --format hf-gpt2 (baseline models) or --format safetensors"
+)
+
+
+def export_hf_llama(ckpt: Checkpoint, out_dir: str | os.PathLike) -> Path:
+    raise NotExpressibleError(LLAMA_NOT_EXPRESSIBLE)

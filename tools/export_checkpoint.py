@@ -1,0 +1,77 @@
+#!/usr/bin/env python
+"""Export the weights of a stable_megatron checkpoint, tensor-parallel shards merged.
+
+usage:
+  python tools/export_checkpoint.py PATH --format safetensors --out model.safetensors
+  python tools/export_checkpoint.py PATH --format hf-gpt2 --out hf_model/ [--trim-vocab]
+
+- safetensors: the full state dict, named `<PipelineModule block index>.<key>` (the same at
+  every parallel layout; sigma-reparam's u/v buffers included), with the resolved config and
+  the checkpoint's step, consumed samples and layout as JSON in the file's metadata.
+- hf-gpt2: a Hugging Face GPT-2 directory (config.json + model.safetensors) for
+  `GPT2LMHeadModel.from_pretrained`, for baseline models only (learned positions, pre-LN,
+  standard attention, no softmax cap, no sigma-reparam); anything else is refused naming the
+  config fields. The vocabulary stays padded (as trained) unless --trim-vocab. The tokenizer
+  is not exported.
+- hf-llama: refused: stable_megatron's GPT (LayerNorm, GELU MLP) is not a Llama (RMSNorm,
+  SwiGLU).
+
+PATH and --config as for tools/inspect_checkpoint.py. Read-only for the checkpoint: files are
+loaded with torch.load(weights_only=True) and never unpickled as arbitrary objects.
+Exit code 2 with one line on stderr for a checkpoint that cannot be read or exported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import warnings
+from pathlib import Path
+
+try:
+    import stable_megatron  # noqa: F401
+except ImportError:  # running from a source checkout without installing the package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+EXIT_ERROR = 2
+FORMATS = ("safetensors", "hf-gpt2", "hf-llama")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="export_checkpoint.py",
+        description="Export a stable_megatron checkpoint's merged weights.",
+    )
+    parser.add_argument("path", help="checkpoint directory, step directory or run directory")
+    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--out", required=True,
+                        help="output file (safetensors) or directory (hf-gpt2)")
+    parser.add_argument("--config", help="the run's config YAML, for checkpoints without "
+                        "stable_megatron.json whose run directory has no config.yaml")
+    parser.add_argument("--trim-vocab", action="store_true",
+                        help="hf-gpt2: drop the vocabulary padding rows")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    warnings.filterwarnings("ignore")  # import-time notices of megatron-core and torch
+    from stable_megatron import export
+
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            if args.format == "hf-llama":
+                raise export.NotExpressibleError(export.LLAMA_NOT_EXPRESSIBLE)
+            ckpt = export.open_checkpoint(args.path, args.config)
+            if args.format == "safetensors":
+                out = export.export_safetensors(ckpt, args.out)
+            else:
+                out = export.export_hf_gpt2(ckpt, args.out, trim_vocab=args.trim_vocab)
+    except export.ExportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"wrote {out} ({args.format}) from {ckpt.tag_dir} (step {ckpt.step})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
