@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 import torch.distributed as dist
@@ -28,3 +29,13 @@ def world_of_one():
         mpu.destroy_model_parallel()
     if started:
         dist.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory) -> Path:
+    """The built-in corpus at a 1024 vocabulary, prepared once for the session."""
+    from stable_megatron.data.dataset import prepare_builtin_data
+
+    cache = tmp_path_factory.mktemp("data-cache")
+    prepare_builtin_data(cache, vocab_size=1024)
+    return cache
