@@ -13,8 +13,10 @@ Layout of `checkpoint.dir`:
 
 A save writes everything into `.tmp-<tag>/<tag>`, checks that every rank's files are there,
 writes the manifest, renames the tag directory into place, and only then rewrites `latest`
-(atomically, via a temporary file). A process killed at any point leaves the previous
-checkpoint and `latest` intact.
+(atomically, via a temporary file). A checkpoint is complete when its manifest exists (it is
+written after every shard); resuming takes the newest complete one and first checks each file
+against the manifest's sizes. A process killed at any point leaves the previous checkpoint
+intact and loadable.
 
 Loading never unpickles arbitrary objects: every file goes through `safe_load`
 (`torch.load(weights_only=True)`, with three plain-data DeepSpeed classes allowlisted) —
@@ -158,13 +160,9 @@ def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    """What a rerun resumes from: the tag `latest` names if complete, else the newest complete
-    checkpoint (`latest` is written last, so it can lag one save behind a kill)."""
-    pointer = ckpt_dir / LATEST
-    if pointer.is_file():
-        tag_dir = ckpt_dir / pointer.read_text().strip()
-        if (tag_dir / META_FILE).is_file():
-            return tag_dir
+    """What a rerun resumes from: the newest complete checkpoint. (`latest` names the same one,
+    except after a kill between a checkpoint's rename and the `latest` update; it is kept for
+    DeepSpeed's tools and for people.)"""
     complete = complete_checkpoints(ckpt_dir)
     return complete[-1] if complete else None
 
