@@ -157,15 +157,21 @@ def _check_layouts_agree(layout: Layout, topology) -> None:
         )
 
 
-def shutdown() -> None:
-    """End megatron-core's groups and torch.distributed (gloo can abort at exit otherwise)."""
-    if not dist.is_initialized():
-        return
+def reset_groups() -> None:
+    """End megatron-core's groups and our grid groups but keep torch.distributed, so that the
+    next `initialize` may use another layout of the same processes."""
     from megatron.core import parallel_state as mpu
 
     if mpu.model_parallel_is_initialized():
         mpu.destroy_model_parallel()
     _GRID_GROUPS.clear()
+
+
+def shutdown() -> None:
+    """End megatron-core's groups and torch.distributed (gloo can abort at exit otherwise)."""
+    if not dist.is_initialized():
+        return
+    reset_groups()
     dist.barrier()
     dist.destroy_process_group()
 
