@@ -284,6 +284,8 @@ def open_checkpoint(path: str | os.PathLike, config: str | os.PathLike | None = 
     consumed = meta.get("consumed_samples",
                         engine.get("consumed_samples", engine.get("global_samples")))
     tp = layout["tp"]
+    if config is not None and "config" in meta:
+        notes.append(f"--config {config} not used: the checkpoint's {META_FILE} has its config")
     if cfg.parallel.tp != tp or cfg.parallel.pp != layout["pp"]:
         notes.append(f"the config says tp={cfg.parallel.tp}, pp={cfg.parallel.pp}; the "
                      f"checkpoint was written at tp={tp}, pp={layout['pp']}")
