@@ -159,9 +159,25 @@ class MetricsConfig:
 @dataclass
 class WarningConfig:
     """Early-warning rule on the stability metrics (docs/stability.md): reported before the
-    loss diverges."""
+    loss diverges. Each rule compares the newest metric record with those of the trailing
+    `window` steps (stable_megatron/metrics/warning.py) and fires once per episode."""
 
     enabled: bool = True
+    window: int = 50  # steps each trend is measured over (and quiet steps that re-arm a rule)
+    # metric records needed before a rule is scored; when fewer than this fall in the window
+    # (metrics.interval > window / min_records) the trend spans the last min_records records
+    min_records: int = 3
+    # logit_growth: a layer's max attention logit (before capping) >= logit_floor and
+    # >= logit_growth x its minimum over the window; logit_growth=0 turns the rule off
+    logit_growth: float = 2.0
+    logit_floor: float = 50.0  # the softmax cap of Rybakov et al.; healthy tiny runs stay < 40
+    # entropy_collapse: a layer's lowest normalised head entropy (1 = uniform) < entropy_floor
+    # and < entropy_drop x its maximum over the window; entropy_floor=0 turns the rule off
+    entropy_floor: float = 0.2
+    entropy_drop: float = 0.5
+    # tev_growth: tev/mean (and tev_out/mean) >= tev_growth x its minimum over the window;
+    # 0 turns the rule off
+    tev_growth: float = 2.0
 
 
 @dataclass
@@ -472,6 +488,24 @@ def _validate_stability(cfg: Config) -> None:
         raise ConfigError(f"checkpoint.keep={c.keep}: must be >= 0 (0 keeps all)")
     if c.finetune and not c.load:
         raise ConfigError("checkpoint.finetune=true needs checkpoint.load=PATH (the weights)")
+    _validate_warning(cfg)
+
+
+def _validate_warning(cfg: Config) -> None:
+    w = cfg.stability.warning
+    name = "stability.warning"
+    if w.window < 1 or w.min_records < 1:
+        raise ConfigError(f"{name}.window and {name}.min_records must be >= 1")
+    for key in ("logit_growth", "tev_growth"):
+        value = getattr(w, key)
+        if value != 0 and not value > 1:
+            raise ConfigError(f"{name}.{key}={value}: must be > 1 (a growth factor) or 0 (off)")
+    if not w.logit_floor >= 0:
+        raise ConfigError(f"{name}.logit_floor={w.logit_floor}: must be >= 0")
+    if not 0 <= w.entropy_floor < 1:
+        raise ConfigError(f"{name}.entropy_floor={w.entropy_floor}: must be in [0, 1) (0: off)")
+    if not 0 < w.entropy_drop <= 1:
+        raise ConfigError(f"{name}.entropy_drop={w.entropy_drop}: must be in (0, 1]")
 
 
 MLRA_TARGETS = ("q", "k", "v", "o")

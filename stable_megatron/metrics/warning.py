@@ -1,0 +1,258 @@
+"""Early warning: trend rules on the stability metrics that fire before the loss diverges.
+
+`EarlyWarning(cfg.stability.warning).update(step, record)` is called with every logged record;
+records without stability metrics (steps between `metrics.interval` steps) are ignored. Each
+rule compares the newest value of a signal with its values over the trailing `window` steps
+(`step - window .. step - 1`; when fewer than `min_records` metric records fall in the window,
+as with `metrics.interval` > window / min_records, the last `min_records` records instead), and
+scores nothing until `min_records` records exist. Growth is measured against the window's
+minimum and a drop against its maximum, so the rules are scale-free where the signal allows.
+The rules and their `stability.warning.*` thresholds (docs/stability.md, "Early warning"):
+
+- `logit_growth`: the largest attention logit of a layer (`attn_logit_max/layer_NN`, before
+  capping) is >= `logit_floor` (50) and >= `logit_growth` (2) times its minimum over the
+  window. Logits are dimensionless (`q.k / sqrt(d_head)`); the floor keeps the ordinary growth
+  of the first steps (from ~0.5 at initialisation to 10-40 in a healthy run) quiet.
+- `entropy_collapse`: the attention entropy of a layer's most peaked head as a fraction of
+  log(number of visible keys) (`attn_entropy_norm/layer_NN/min`; 1 is uniform attention) is
+  < `entropy_floor` (0.2) and < `entropy_drop` (0.5) times its maximum over the window:
+  entropy collapse [Zhai et al. 2023] under way, not a head that has been sharp all along.
+- `tev_growth`: the Token Embedding Variability (`tev/mean`; `tev_out/mean` for an untied
+  output layer) is >= `tev_growth` (2) times its minimum over the window [Chung et al. 2024].
+
+`logit_growth=0`, `entropy_floor=0` or `tev_growth=0` turns a rule off. A non-finite value of a
+watched signal fires its rule at once. Each rule fires once per episode: after firing it stays
+quiet until its condition has been false on every metric record for `window` steps, then it is
+armed again. The state (histories and episodes) is plain Python (`state_dict()` /
+`load_state_dict()`) for checkpoints; a step that is not after the last one seen (a rollback)
+drops the history from that step on and re-arms the rules that fired since.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+RULES = ("logit_growth", "entropy_collapse", "tev_growth")
+
+_LOGIT = re.compile(r"^attn_logit_max/(layer_\d+)$")
+_ENTROPY = re.compile(r"^attn_entropy_norm/(layer_\d+)/min$")
+_TEV = {"tev/mean": "input embedding", "tev_out/mean": "output layer"}
+
+
+@dataclass(frozen=True)
+class WarningEvent:
+    """One firing of a rule: `signal` is the metric key that triggered it."""
+
+    step: int
+    rule: str
+    signal: str
+    message: str
+
+
+def _layer_number(name: str) -> int:
+    return int(name.split("_", 1)[1])
+
+
+def _fmt(value: float) -> str:
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+
+
+class EarlyWarning:
+    """Trend rules over the logged stability metrics; `update` returns the messages of the
+    rules that fire at this record (usually none)."""
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        # signal key -> [[step, value], ...] over the trailing window (finite values only)
+        self.history: dict[str, list[list[float]]] = {}
+        # rule -> {"active": bool, "last_true": step the condition last held or None}
+        self.episodes: dict[str, dict[str, Any]] = {
+            rule: {"active": False, "last_true": None} for rule in RULES
+        }
+        self.last_step: int | None = None
+
+    # ----------------------------------------------------------------------------------------
+    # Public interface
+
+    def update(self, step: int, record: dict[str, Any]) -> list[str]:
+        """Messages of the rules that fire at `step` (one line each, starting with the step)."""
+        return [event.message for event in self.update_events(step, record)]
+
+    def update_events(self, step: int, record: dict[str, Any]) -> list[WarningEvent]:
+        """As `update`, with the rule and the signal of each firing."""
+        if not getattr(self.cfg, "enabled", True):
+            return []
+        signals = self._signals(record)
+        if not signals:
+            return []
+        step = int(step)
+        if self.last_step is not None and step <= self.last_step:
+            self._forget_from(step)
+        self.last_step = step
+        window, keep = self.cfg.window, self.cfg.min_records
+        for hist in self.history.values():
+            while len(hist) > keep and hist[0][0] < step - window:
+                hist.pop(0)
+        c = self.cfg
+        findings = {
+            "logit_growth": self._logit_growth(step, signals) if c.logit_growth else None,
+            "entropy_collapse":
+                self._entropy_collapse(step, signals) if c.entropy_floor else None,
+            "tev_growth": self._tev_growth(step, signals) if c.tev_growth else None,
+        }
+        for key, value in signals.items():
+            if math.isfinite(value):
+                self.history.setdefault(key, []).append([step, value])
+        events = []
+        for rule in RULES:
+            finding = findings[rule]
+            episode = self.episodes[rule]
+            if finding is not None:
+                if not episode["active"]:
+                    signal, text = finding
+                    events.append(WarningEvent(step, rule, signal, f"step {step}: {text}"))
+                episode["active"] = True
+                episode["last_true"] = step
+            elif episode["active"] and step - episode["last_true"] >= window:
+                episode["active"] = False
+        return events
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "history": {key: [list(p) for p in hist] for key, hist in self.history.items()},
+            "episodes": {rule: dict(ep) for rule, ep in self.episodes.items()},
+            "last_step": self.last_step,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = {
+            str(key): [[int(s), float(v)] for s, v in hist]
+            for key, hist in state.get("history", {}).items()
+        }
+        for rule in RULES:
+            ep = state.get("episodes", {}).get(rule, {})
+            self.episodes[rule] = {
+                "active": bool(ep.get("active", False)),
+                "last_true": ep.get("last_true"),
+            }
+        self.last_step = state.get("last_step")
+
+    # ----------------------------------------------------------------------------------------
+    # Rules: each returns (signal key, message text) for the worst offender, or None
+
+    def _signals(self, record: dict[str, Any]) -> dict[str, float]:
+        out = {}
+        for key, value in record.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            if key in _TEV or _LOGIT.match(key) or _ENTROPY.match(key):
+                out[key] = float(value)
+        return out
+
+    def _window(self, key: str, step: int) -> tuple[list[float], int] | None:
+        """Values of `key` over the trailing window (or its last `min_records` values, if
+        fewer fall in the window) and the number of steps they span up to `step`; None while
+        there are fewer than `min_records` values."""
+        hist = self.history.get(key, [])
+        if len(hist) < self.cfg.min_records:
+            return None
+        return [v for _, v in hist], step - int(hist[0][0])
+
+    def _logit_growth(self, step: int, signals: dict[str, float]) -> tuple[str, str] | None:
+        c = self.cfg
+        worst = None  # (ratio, key, text)
+        for key, value in signals.items():
+            match = _LOGIT.match(key)
+            if not match:
+                continue
+            layer = _layer_number(match.group(1))
+            if not math.isfinite(value):
+                return key, f"max attention logit is {value} in layer {layer}"
+            past = self._window(key, step)
+            if past is None or value < c.logit_floor:
+                continue
+            values, span = past
+            low = min(values)
+            ratio = value / low if low > 0 else math.inf
+            if ratio < c.logit_growth:
+                continue
+            if worst is None or ratio > worst[0]:
+                grew = f"{ratio:.1f}x" if math.isfinite(ratio) else f"from {_fmt(low)}"
+                text = (
+                    f"max attention logit {_fmt(value)} in layer {layer} grew {grew} over the "
+                    f"last {span} steps (logit_growth: >= {c.logit_growth:g}x and "
+                    f">= {c.logit_floor:g})"
+                )
+                worst = (ratio, key, text)
+        return None if worst is None else (worst[1], worst[2])
+
+    def _entropy_collapse(self, step: int, signals: dict[str, float]) -> tuple[str, str] | None:
+        c = self.cfg
+        worst = None  # (value, key, text)
+        for key, value in signals.items():
+            match = _ENTROPY.match(key)
+            if not match:
+                continue
+            layer = _layer_number(match.group(1))
+            if not math.isfinite(value):
+                return key, f"attention entropy is {value} in layer {layer}"
+            past = self._window(key, step)
+            if past is None or value >= c.entropy_floor:
+                continue
+            values, span = past
+            high = max(values)
+            if value >= c.entropy_drop * high:
+                continue
+            if worst is None or value < worst[0]:
+                text = (
+                    f"attention entropy collapsing in layer {layer}: its most peaked head is at "
+                    f"{value:.3f} of log(keys), down from {high:.3f} within the last {span} "
+                    f"steps (entropy_collapse: < {c.entropy_floor:g} and < {c.entropy_drop:g}x "
+                    f"the window's maximum)"
+                )
+                worst = (value, key, text)
+        return None if worst is None else (worst[1], worst[2])
+
+    def _tev_growth(self, step: int, signals: dict[str, float]) -> tuple[str, str] | None:
+        c = self.cfg
+        for key, what in _TEV.items():
+            if key not in signals:
+                continue
+            value = signals[key]
+            if not math.isfinite(value):
+                return key, f"TEV of the {what} is {value}"
+            past = self._window(key, step)
+            if past is None:
+                continue
+            values, span = past
+            low = min(values)
+            if low > 0 and value >= c.tev_growth * low:
+                return key, (
+                    f"TEV of the {what} {value:.4g} grew {value / low:.1f}x over the last "
+                    f"{span} steps (tev_growth: >= {c.tev_growth:g}x)"
+                )
+        return None
+
+    def _forget_from(self, step: int) -> None:
+        for hist in self.history.values():
+            hist[:] = [p for p in hist if p[0] < step]
+        for episode in self.episodes.values():
+            if episode["last_true"] is not None and episode["last_true"] >= step:
+                episode["active"], episode["last_true"] = False, None
+
+
+def replay(cfg: Any, records: list[dict[str, Any]]) -> list[WarningEvent]:
+    """Every firing over a run's records (e.g. the lines of its metrics.jsonl), in order;
+    records without a `step` (or events such as {"event": "warning"}) are skipped."""
+    warn = EarlyWarning(cfg)
+    events = []
+    for record in records:
+        if "step" not in record or "event" in record:
+            continue
+        events.extend(warn.update_events(record["step"], record))
+    return events
