@@ -172,8 +172,9 @@ class Trainer:
 
     def __init__(self, cfg: Config) -> None:
         from stable_megatron import checkpoint as ckpt
-        from stable_megatron import parallel
+        from stable_megatron import parallel, reshape
         from stable_megatron.data.dataset import TokenWindowDataset
+        from stable_megatron.metrics.warning import EarlyWarning
         from stable_megatron.spike_guard import SpikeGuard
 
         self.cfg = cfg
@@ -192,7 +193,9 @@ class Trainer:
         self.step, self.consumed, self.rollbacks, self.lr_scale = 0, 0, 0, 1.0
         self.engine = build_engine(cfg, self.state, lambda: self.lr_scale)
         ckpt.install_safe_loading(self.engine)
+        reshape.attach_universal_checkpoint_info(self.engine, cfg)  # saved with checkpoints
         self.guard = SpikeGuard(cfg, self.state, self.engine)
+        self.warning = EarlyWarning(cfg.stability.warning)
         self.accum = self.engine.gradient_accumulation_steps()
         self.metrics = None
         if cfg.metrics.interval:
@@ -232,17 +235,17 @@ class Trainer:
 
         saved = ckpt.layout_of(meta)
         here = (self.layout.tp, self.layout.pp, self.layout.dp)
-        if saved != here:
-            raise ckpt.CheckpointError(
-                f"{tag_dir} was saved at tp {saved[0]} x pp {saved[1]} x dp {saved[2]}, this run "
-                f"is tp {here[0]} x pp {here[1]} x dp {here[2]}; loading at another layout is "
-                f"not supported yet"
-            )
+        if saved != here:  # loaded through DeepSpeed's universal checkpoint (reshape.py)
+            from stable_megatron import reshape
+
+            reshape.check_reshape(tag_dir, meta, self.cfg, self.layout, weights_only)
 
     def _restore(self, tag_dir, meta, weights_only: bool = False) -> None:
         from stable_megatron import checkpoint as ckpt
+        from stable_megatron import reshape
 
-        client = ckpt.load(self.engine, self.cfg, self.layout, tag_dir, meta, weights_only)
+        load = reshape.load if reshape.is_reshape(meta, self.layout) else ckpt.load
+        client = load(self.engine, self.cfg, self.layout, tag_dir, meta, weights_only)
         if weights_only:
             return
         self.step, self.consumed = client["step"], client["consumed_samples"]
@@ -250,6 +253,8 @@ class Trainer:
         self.lr_scale = client.get("lr_scale", 1.0)
         if "spike_detector" in client:
             self.guard.detector.load_state_dict(client["spike_detector"])
+        if "early_warning" in client:
+            self.warning.load_state_dict(client["early_warning"])
 
     def client_state(self) -> dict:
         return {
@@ -258,6 +263,7 @@ class Trainer:
             "rollbacks": self.rollbacks,
             "lr_scale": self.lr_scale,
             "spike_detector": self.guard.detector.state_dict(),
+            "early_warning": self.warning.state_dict(),
         }
 
     def save(self) -> None:
@@ -374,6 +380,13 @@ class Trainer:
         self.log.log(self.rollback())
         return True
 
+    def _early_warning(self, record: dict) -> None:
+        """Feed the step's record to the trend rules; a firing rule is printed and logged."""
+        for event in self.warning.update_events(record["step"], record):
+            self.log.info(f"early warning: {event.message}")
+            self.log.log({"step": event.step, "event": "warning", "rule": event.rule,
+                          "signal": event.signal, "message": event.message})
+
     def run(self) -> dict:
         from stable_megatron.data.dataset import unigram_perplexity
 
@@ -408,6 +421,7 @@ class Trainer:
             if evaluate_now or self.last_measured or step % cfg.train.log_interval == 0 or \
                     step == cfg.train.steps or self.last_verdict.is_spike:
                 log.log(record)
+            self._early_warning(record)
             last = record
             interval = cfg.checkpoint.interval
             exiting = cfg.train.exit_interval and step - self.start_step >= cfg.train.exit_interval

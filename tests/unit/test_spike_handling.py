@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from stable_megatron import parallel
+from stable_megatron.checkpoint import safe_load
 from stable_megatron.config import load_config, validate
 from stable_megatron.metrics.spikes import SpikeDetector
 from stable_megatron.model.gpt import lm_loss
@@ -222,3 +223,21 @@ def test_detector_scores_against_the_running_window():
     restored = SpikeDetector(window=4, min_history=3, loss_k=3.0)
     restored.load_state_dict(json.loads(json.dumps(det.state_dict())))
     assert restored.check_loss(5.0).spike_score == det.check_loss(5.0).spike_score
+
+
+def test_early_warning_is_logged_and_checkpointed(make_trainer, tmp_path):
+    """Wiring: the trainer feeds every record to the trend rules, logs a firing rule as an
+    event, and saves the rules' state with the checkpoint (the rules: test_warning.py)."""
+    trainer = make_trainer("metrics.interval=1", "train.steps=6", "checkpoint.interval=6",
+                           "stability.warning.logit_growth=1.01",
+                           "stability.warning.logit_floor=0")
+    trainer.run()
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    warnings = [r for r in lines if r.get("event") == "warning"]
+    assert warnings and warnings[0]["rule"] == "logit_growth"
+    assert warnings[0]["message"].startswith(f"step {warnings[0]['step']}: max attention logit")
+    assert len({w["rule"] for w in warnings}) == len(warnings)  # once per episode
+    client = safe_load(tmp_path / "run" / "checkpoints" / "step00000006" /
+                       "mp_rank_00_model_states.pt")
+    assert client["early_warning"] == trainer.warning.state_dict()
+    assert client["early_warning"]["last_step"] == 6
