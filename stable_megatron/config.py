@@ -8,6 +8,7 @@ group is created so that a bad recipe costs nothing on a cluster.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -79,8 +80,12 @@ class ModelConfig:
         return self.hidden_size // self.num_attention_heads
 
     def padded_vocab_size(self, tp: int) -> int:
+        """vocab_size rounded up to a multiple of vocab_pad_multiple that tp divides. Padded
+        logits take part in the softmax, so the padded size is part of the model: with the
+        least common multiple it is the same at every tp that divides vocab_pad_multiple
+        (any power of two up to 128 by default), and checkpoints reshape exactly."""
         assert self.vocab_size is not None, "vocab_size is resolved from the tokenizer first"
-        multiple = self.vocab_pad_multiple * tp
+        multiple = math.lcm(self.vocab_pad_multiple, tp)
         return -(-self.vocab_size // multiple) * multiple
 
 

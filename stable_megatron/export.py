@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import pickle
 import re
@@ -312,7 +313,7 @@ def reference_config(cfg, tp: int):
     """`cfg` at TP=1, PP=1 with the vocabulary padded as at TP size `tp`: the model whose
     tensors are the merged ones of a checkpoint written at `tp`."""
     ref = copy.deepcopy(cfg)
-    ref.model.vocab_pad_multiple = cfg.model.vocab_pad_multiple * tp
+    ref.model.vocab_pad_multiple = math.lcm(cfg.model.vocab_pad_multiple, tp)
     ref.parallel.tp, ref.parallel.pp = 1, 1
     return ref
 

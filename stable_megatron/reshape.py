@@ -34,13 +34,13 @@ sigma-reparam's `gamma`, head norms, position embeddings). `universal_checkpoint
 this into DeepSpeed's pattern lists; the Trainer puts it on `engine.module` (DeepSpeed 0.19 saves
 `module.universal_checkpoint_info` with every checkpoint and refuses the key in client state).
 
-Vocabulary padding: the vocabulary is padded to a multiple of `model.vocab_pad_multiple * tp`,
-so its padded size may differ between TP sizes. The converter keeps the first
-`original_vocab_size` rows, set here to the padded size at TP=1 (the smallest of any layout),
-and the loader pads with zero rows up to this layout's size. When `vocab_size` is a multiple of
-`vocab_pad_multiple * tp` at both layouts (the built-in recipes) nothing changes; otherwise the
-padding rows beyond the TP=1 padding restart at zero, and since padded logits take part in the
-softmax the first loss after such a reshape differs slightly from the original layout's.
+Vocabulary padding: the vocabulary is padded to a multiple of lcm(`model.vocab_pad_multiple`,
+tp), the same size at every tp dividing `vocab_pad_multiple` (powers of two up to 128 by
+default), where a reshape is exact. The converter keeps the first `original_vocab_size` rows,
+set here to the padded size at TP=1 (the smallest of any layout), and the loader pads with zero
+rows up to this layout's size: only at a tp that does not divide `vocab_pad_multiple` (e.g. 3)
+do padding rows restart at zero, and since padded logits take part in the softmax the first
+loss after such a reshape then differs slightly from the original layout's.
 
 `checkpoint.finetune=true` at another layout (weights only) needs no conversion: each rank reads
 the source layer files of its blocks and reshards every parameter and buffer directly.

@@ -21,7 +21,7 @@ word embedding when pp > 1). Per layer, with d = hidden, H heads of d_h, f = ffn
 
 Embedding: V_pad d / t (vocab-parallel) + s d (learned positions, replicated); output layer
 V_pad d / t; final norm 2d. V_pad is the vocabulary padded to a multiple of
-`vocab_pad_multiple * t`. Without `add_bias_linear` the linear biases are absent.
+lcm(`vocab_pad_multiple`, t). Without `add_bias_linear` the linear biases are absent.
 """
 
 from __future__ import annotations

@@ -28,10 +28,10 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*tp_group is None:DeprecationWa
 
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
 TP, STEP, CONSUMED = 2, 7, 56
-# vocab 200 padded to a multiple of 48 * tp: 240 at TP1 but 288 at TP2, so a merge that pads as
-# at TP1 would fail
+# vocab 200 padded to a multiple of lcm(75, tp): 225 at TP1 but 300 at TP2, so a merge that
+# pads as at TP1 would fail
 BASE = {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 16,
-        "vocab_size": 200, "vocab_pad_multiple": 48, "init_std": 0.2}
+        "vocab_size": 200, "vocab_pad_multiple": 75, "init_std": 0.2}
 CASES = {
     "tied": {},
     "untied_nobias": {"tie_embeddings": False, "add_bias_linear": False, "ffn_hidden_size": 48},
@@ -196,16 +196,16 @@ def test_summary(checkpoints):
     assert info["config_source"].endswith(export.META_FILE)
     assert info["total_params"] == size.total_params(cfg, TP) == sum(t.numel() for t in
                                                                     full.values())
-    assert info["model"]["padded_vocab_size"] == 288
+    assert info["model"]["padded_vocab_size"] == 300
     emb = next(t for t in info["tensors"] if t["name"] == "0.word_embeddings.weight")
-    assert emb == {"name": "0.word_embeddings.weight", "shape": [288, 32], "dtype": "float32",
-                   "numel": 288 * 32, "kind": "param", "split_dim": 0}
+    assert emb == {"name": "0.word_embeddings.weight", "shape": [300, 32], "dtype": "float32",
+                   "numel": 300 * 32, "kind": "param", "split_dim": 0}
     on_disk = sum(p.stat().st_size for p in tag.iterdir())
     assert info["disk"]["total_bytes"] == on_disk and info["disk"]["files"] == len(
         list(tag.iterdir()))
     text = export.format_summary(info, tensors=True)
     assert f"step         {STEP}" in text and "tp 2 x pp 1 x dp 1 (world 2)" in text
-    assert "0.word_embeddings.weight" in text and "288x32" in text
+    assert "0.word_embeddings.weight" in text and "300x32" in text
 
 
 def test_summary_without_meta_reads_engine_file_and_run_config(checkpoints, tmp_path):
@@ -243,7 +243,7 @@ def test_hf_gpt2_gives_the_models_logits(checkpoints, case, tmp_path):
     want = our_logits(model, tokens)
     with torch.no_grad():
         got = hf(tokens).logits
-    assert got.shape == want.shape == (3, 16, 288)
+    assert got.shape == want.shape == (3, 16, 300)
     assert want.std() > 0.1  # init_std 0.2: far from constant logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
