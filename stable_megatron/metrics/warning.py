@@ -208,6 +208,11 @@ class EarlyWarning:
             high = max(values)
             if value >= c.entropy_drop * high:
                 continue
+            # A head that learns a sharp pattern at small logits is specialising, not
+            # collapsing (seen at step ~40 of healthy tiny runs): collapse needs large logits.
+            logit = signals.get(f"attn_logit_max/{match.group(1)}")
+            if logit is not None and logit < c.logit_floor:
+                continue
             if worst is None or value < worst[0]:
                 text = (
                     f"attention entropy collapsing in layer {layer}: its most peaked head is at "

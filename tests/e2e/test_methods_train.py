@@ -46,7 +46,8 @@ def test_every_method_trains_50_steps_at_tp2(tmp_path, data_cache):
     ]
     torchrun(WORKER, 2, [str(tmp_path), json.dumps(METHODS), *common], timeout=1800)
     for name in METHODS:
-        losses = [r["loss"] for r in read_metrics(tmp_path / name)]
+        # (event records - spikes, early warnings - carry no loss)
+        losses = [r["loss"] for r in read_metrics(tmp_path / name) if "loss" in r]
         assert len(losses) == STEPS, name
         assert all(math.isfinite(x) for x in losses), name
         first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5

@@ -90,13 +90,25 @@ def test_collapsing_entropy_fires_at_the_expected_step():
     def change(step, record):
         if step >= 200:
             record["attn_entropy_norm/layer_01/min"] = fall.get(step, 0.05)
+            record["attn_logit_max/layer_01"] = 60.0  # >= logit_floor
 
     records = trace(range(5, 301, 5), change)
-    # 215: 0.15 < 0.2 and < 0.5 * 0.45 (the window's maximum)
-    assert run(records) == [(215, "entropy_collapse")]
-    warn = EarlyWarning(WarningConfig())
+    # 215: 0.15 < 0.2 and < 0.5 * 0.45 (the window's maximum), with logits >= logit_floor
+    assert run(records, logit_growth=0) == [(215, "entropy_collapse")]
+    warn = EarlyWarning(dataclasses.replace(WarningConfig(), logit_growth=0))
     texts = [t for r in records for t in warn.update(r["step"], r)]
     assert texts == [texts[0]] and "layer 1" in texts[0] and "0.150 of log(keys)" in texts[0]
+
+
+def test_a_head_that_sharpens_at_small_logits_does_not_fire():
+    """A head specialising early in a healthy run (seen at step ~40 of the tiny recipe): its
+    entropy falls from 1 to 0.17, but its logits stay far below logit_floor."""
+    def change(step, record):
+        record["attn_entropy_norm/layer_01/min"] = max(0.17, 1.0 - 0.03 * step)
+
+    records = trace(range(2, 101, 2), change)
+    assert run(records) == []
+    assert run(records, logit_floor=0.0, logit_growth=0) == [(28, "entropy_collapse")]
 
 
 def test_a_head_that_was_always_sharp_does_not_fire():
@@ -186,6 +198,7 @@ def test_state_dict_round_trip_resumes_identically():
         if step >= 150:
             record["attn_logit_max/layer_01"] = 10.0 * 1.04 ** (step - 150)
             record["attn_entropy_norm/layer_02/min"] = max(0.02, 0.45 - 0.01 * (step - 150))
+            record["attn_logit_max/layer_02"] = 60.0  # a collapse needs large logits
 
     records = trace(range(5, 301, 5), change)
     whole = EarlyWarning(WarningConfig())
