@@ -57,13 +57,13 @@ class StabilityMetrics:
         if self.parts.head is not None:
             weight = self.parts.head.output_layer.weight
             tev.add_tev(contrib, "tev_out", weight, layout.tp_rank * weight.size(0), vocab, owner)
-        norms.add_norms(contrib, groups, lambda p: p, "param_norm", "param_norm", layout,
+        norms.add_norms(contrib, groups, norms.param_share(layout), "param_norm", "param_norm",
                         per_group=False)
         norms.add_sigma_reparam(contrib, self.parts, num_layers)
         if cfg.metrics.grad_norms:
-            grads = norms.full_grads(self.engine.module)
-            norms.add_norms(contrib, groups, lambda p: grads.get(id(p)), "grad_norm",
-                            "grad_norm/total", layout)
+            shares = norms.grad_shares(self.engine.module, layout)
+            norms.add_norms(contrib, groups, lambda p: shares.get(id(p)), "grad_norm",
+                            "grad_norm/total")
 
     def finish_step(self) -> dict[str, float]:
         self.engine.__dict__.pop("_take_model_step", None)

@@ -8,8 +8,11 @@ and gamma.
 - `grad_norm/{embedding,layer_NN,final_norm,output}` and `grad_norm/total`: L2 norms of the
   gradients the optimizer step receives (averaged over data-parallel ranks, before clipping).
 - `param_norm`: L2 norm of all parameters, as used in the step's forward.
-TP-sharded parameters add their shards' sums of squares; replicated ones are counted once (by
-TP rank 0 and data-parallel rank 0; the tied embedding by the first pipeline stage).
+Sums of squares are accumulated in float64. TP-sharded parameters add their shards' sums of
+squares; replicated ones are counted once (by TP rank 0 and data-parallel rank 0; the tied
+embedding by the first pipeline stage). Gradients that ZeRO partitions over data-parallel
+ranks add each rank's fragment (`grad_shares`): no collective beyond the one reduction of all
+metrics.
 """
 
 from __future__ import annotations
@@ -43,12 +46,13 @@ class OutputNormHooks:
             out, bias = output if isinstance(output, tuple) else (output, None)
             with torch.no_grad():
                 full = out.float() if bias is None else out.float() + bias.float()
-                sum_sq = full.square().sum(dim=-1)
-                if sharded:
-                    parallel.tp_all_reduce_(sum_sq)
+                if sharded:  # per-token sums of squares of this shard, summed over TP ranks
+                    norm = parallel.tp_all_reduce_(torch.linalg.vecdot(full, full)).sqrt()
+                else:  # one fused pass over the whole vector
+                    norm = torch.linalg.vector_norm(full, dim=-1)
                 acc = self.sums[key]
-                acc[0] = acc[0] + sum_sq.sqrt().double().sum()  # stays on the device
-                acc[1] += sum_sq.numel()
+                acc[0] = acc[0] + norm.double().sum()  # stays on the device
+                acc[1] += norm.numel()
 
         return hook
 
@@ -70,38 +74,97 @@ def owns(param: torch.Tensor, layout) -> bool:
     return layout.dp_rank == 0 and (is_tp_sharded(param) or layout.tp_rank == 0)
 
 
+_CHUNK = 1 << 24  # elements converted to float64 at a time (bounds the temporary buffer)
+
+
+def sum_of_squares(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of the squared entries, accumulated in float64 (a 0-d tensor on the device):
+    one float64 dot product per chunk of the flattened tensor, so the float64 copy is at most
+    `_CHUNK` entries and no squared tensor is materialised."""
+    flat = tensor.detach().reshape(-1)
+    total = torch.zeros((), dtype=torch.float64, device=flat.device)
+    for start in range(0, flat.numel(), _CHUNK):
+        part = flat[start:start + _CHUNK].double()
+        total += torch.dot(part, part)
+    return total
+
+
 def add_norms(
     contrib: Contributions,
     groups: dict[str, nn.Module],
-    tensor_of: Callable[[nn.Parameter], torch.Tensor | None],
+    share_of: Callable[[nn.Parameter], torch.Tensor | None],
     prefix: str,
     total_key: str,
-    layout,
     per_group: bool = True,
 ) -> None:
-    """`<prefix>/<group>` (when `per_group`) and `total_key`: L2 norms of `tensor_of(param)`."""
+    """`<prefix>/<group>` (when `per_group`) and `total_key`: L2 norms from `share_of(param)`,
+    this rank's part of the parameter's sum of squares (None: nothing). The parts of the ranks
+    of a stage are summed by the reduction."""
     total = 0.0
     for name, module in groups.items():
         sum_sq = 0.0
         for param in module.parameters():
-            if owns(param, layout):
-                value = tensor_of(param)
-                if value is not None:
-                    sum_sq = sum_sq + value.detach().double().square().sum()
+            share = share_of(param)
+            if share is not None:
+                sum_sq = sum_sq + share
         if per_group:
             contrib.norm(f"{prefix}/{name}", sum_sq)
         total = total + sum_sq
     contrib.norm(total_key, total)
 
 
-def full_grads(module: nn.Module) -> dict[int, torch.Tensor | None]:
-    """The data-parallel-averaged gradient of every parameter, by id, through DeepSpeed's
-    `safe_get_full_grad` (a collective over the data-parallel group for ZeRO-sharded
-    gradients: every rank calls it for every parameter, in module order). Call inside the
-    engine's optimizer step, before the update."""
-    from deepspeed.utils import safe_get_full_grad
+def param_share(layout) -> Callable[[nn.Parameter], torch.Tensor | None]:
+    """The weights as the step's forward used them: each parameter counted once (`owns`)."""
+    return lambda param: sum_of_squares(param) if owns(param, layout) else None
 
-    return {id(p): safe_get_full_grad(p) for p in module.parameters() if p.requires_grad}
+
+def grad_shares(module: nn.Module, layout) -> dict[int, torch.Tensor | None]:
+    """This rank's part of the sum of squares of every parameter's gradient as the optimizer
+    step receives it (averaged over data-parallel ranks, before clipping), by parameter id.
+    Call inside the engine's optimizer step, before the update; every rank calls it.
+
+    The gradient is found where DeepSpeed's `safe_get_full_grad` finds it, without that
+    function's per-parameter all-reduce over the data-parallel group: with ZeRO (stage 1/2)
+    and DeepSpeed's bf16 optimizer, every data-parallel rank holds a disjoint fragment of the
+    averaged gradient and contributes the sum of squares of its own fragment (the reduction
+    sums the parts: the same sum as over the assembled gradient, up to float64 rounding); a
+    plain `.grad` is whole on every data-parallel rank and counted once (`owns`). A gradient
+    replicated over tensor-parallel ranks is counted by TP rank 0 only."""
+    shares: dict[int, torch.Tensor | None] = {}
+    for param in module.parameters():
+        if param.requires_grad:
+            shares[id(param)] = _grad_share(param, layout)
+    return shares
+
+
+def _grad_share(param: nn.Parameter, layout) -> torch.Tensor | None:
+    # the order of deepspeed.utils.safe_get_full_grad's cases
+    if getattr(param, "_hp_grad", None) is not None:
+        return _fragment_share(param, layout)
+    if param.grad is not None:
+        return sum_of_squares(param.grad) if owns(param, layout) else None
+    if hasattr(param, "ds_id"):  # ZeRO stage 3 (not a supported config): the full gradient
+        from deepspeed.utils import safe_get_full_grad
+
+        grad = safe_get_full_grad(param)  # a collective: every rank calls it
+        return sum_of_squares(grad) if grad is not None and owns(param, layout) else None
+    if hasattr(param, "_hp_mapping"):
+        return _fragment_share(param, layout)
+    return None
+
+
+def _fragment_share(param: nn.Parameter, layout) -> torch.Tensor | None:
+    """This data-parallel rank's fragment of the averaged gradient (what DeepSpeed's
+    `get_full_hp_grad` puts into its all-reduce buffer), as a sum of squares."""
+    mapping = param._hp_mapping
+    if mapping is None or not (is_tp_sharded(param) or layout.tp_rank == 0):
+        return None
+    fragment = mapping.get_lp_grad_fragment(param._index_in_param_group).reshape(-1)
+    address = mapping.lp_fragment_address
+    if fragment.numel() == param.numel():
+        # the bf16 optimizer keeps the whole gradient: its own fragment is a slice of it
+        fragment = fragment.narrow(0, address.start, address.numel)
+    return sum_of_squares(fragment)
 
 
 def add_sigma_reparam(contrib: Contributions, parts: ModelParts, num_layers: int) -> None:
