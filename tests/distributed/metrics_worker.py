@@ -1,5 +1,6 @@
 """Worker for the stability-metrics parity test: trains a small model a few steps per case,
-with the metrics on, and writes rank 0's metric records to OUT_DIR/<case>.json.
+with the metrics on and the trainer's spike guard judging every step (`stability.on_spike`
+log: it scores, never drops), and writes rank 0's records to OUT_DIR/<case>.json.
 
 usage: torchrun --nproc_per_node N metrics_worker.py OUT_DIR CASES_JSON
 CASES_JSON maps a case name to config overrides (plus "steps"); the cases run one after the
@@ -25,6 +26,7 @@ def run_case(overrides: dict, out: Path) -> None:
     from stable_megatron import parallel
     from stable_megatron.config import config_from_dict, validate
     from stable_megatron.metrics import StabilityMetrics
+    from stable_megatron.spike_guard import SpikeGuard
     from stable_megatron.train import build_engine, micro_batches, train_step
 
     steps = overrides.pop("steps", 2)
@@ -35,6 +37,7 @@ def run_case(overrides: dict, out: Path) -> None:
     state = parallel.initialize(cfg.parallel.tp, cfg.parallel.pp, "cpu")
     engine = build_engine(cfg, state)
     metrics = StabilityMetrics(cfg, state, engine)
+    guard = SpikeGuard(cfg, state, engine)
     data = RandomTokens(cfg.model.vocab_size, cfg.model.seq_length)
     accum = engine.gradient_accumulation_steps()
     records = []
@@ -46,7 +49,10 @@ def run_case(overrides: dict, out: Path) -> None:
             metrics.start_step()
         loss = train_step(engine, batches).item()
         record = metrics.finish_step() if measure else {}
-        record.update(step=step, loss=loss, engine_grad_norm=float(engine.get_global_grad_norm()))
+        verdict = guard.finish()
+        record.update(verdict.record())
+        record.update(step=step, loss=loss, engine_grad_norm=float(engine.get_global_grad_norm()),
+                      guard_loss=verdict.loss, guard_grad_norm=verdict.grad_norm)
         records.append(record)
     if state.layout.rank == 0:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,8 @@
 """Every logged stability metric has the same value at TP1, TP2, PP2, TP2xPP2 and DP2 as in a
 single process, for the same model and data (fp32 tolerance): the reductions in
-stable_megatron/metrics/reduce.py make rank 0's numbers independent of the layout."""
+stable_megatron/metrics/reduce.py make rank 0's numbers independent of the layout. So do the
+spike guard's loss statistics (`loss_mean`, `loss_std`, `spike_score`, `grad_norm_score`),
+which it computes on every step from its own all-reduce of the loss."""
 
 from __future__ import annotations
 
@@ -22,8 +24,11 @@ BASE = {
     },
     "train": {"micro_batch_size": 2, "global_batch_size": 8, "lr": 3e-3, "warmup_steps": 0},
     "metrics": {"interval": 2},
-    "steps": 3,
+    "stability": {"min_history": 2},  # spike statistics from step 3 on
+    "steps": 4,
 }
+SPIKE_KEYS = ("loss_mean", "loss_std", "spike_score", "grad_norm_score")
+LOSS_RTOL, GRAD_RTOL = 2e-6, 1e-5  # how closely losses and grad norms agree across layouts
 # baseline: tied embeddings, SDPA kernel outside the logging steps. methods: untied head
 # (tev_out), softmax cap (capped logits, math kernel), Proj/FC2 output norms around MLRA's
 # projections, sigma-reparam on FC1/FC2 (sigma, gamma).
@@ -64,13 +69,14 @@ def reference(tmp_path_factory):
 
 
 def metric_keys(record: dict) -> set[str]:
-    return set(record) - {"step", "loss", "engine_grad_norm"}
+    return set(record) - {"step", "loss", "engine_grad_norm", "guard_loss", "guard_grad_norm",
+                          *SPIKE_KEYS}
 
 
 def test_reference_logs_every_family(reference):
     """Metrics on logging steps only, every family present, finite and non-trivial."""
     for model, records in reference.items():
-        assert [bool(metric_keys(r)) for r in records] == [False, True, False], model
+        assert [bool(metric_keys(r)) for r in records] == [False, True, False, True], model
         logged = records[1]
         families = {k.split("/")[0] for k in metric_keys(logged)}
         expected = {"tev", "attn_entropy", "attn_entropy_norm", "attn_logit_max", "out_norm",
@@ -82,6 +88,7 @@ def test_reference_logs_every_family(reference):
         assert len([k for k in logged if k.startswith("attn_entropy/")]) == 4 * 4 + 4
         assert len([k for k in logged if k.startswith("out_norm/")]) == 4 * 4
         assert logged["grad_norm/total"] == pytest.approx(logged["engine_grad_norm"], rel=1e-5)
+        check_spike_statistics(records, records, model)  # present from step 3, consistent
 
 
 @pytest.mark.parametrize("nproc", list(LAUNCHES))
@@ -95,3 +102,43 @@ def test_metrics_match_single_process(nproc, reference, tmp_path):
                if not got[k] == pytest.approx(ref[k], rel=1e-4, abs=1e-7)}
         assert not bad, f"{layout} {model}: {bad}"
         assert not metric_keys(records[0]) and not metric_keys(records[2])
+        check_spike_statistics(records, reference[model], f"{layout} {model}")
+
+
+def moments(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation, as the spike detector defines them."""
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def check_spike_statistics(records: list[dict], ref: list[dict], where: str) -> None:
+    """The guard's own all-reduced loss and grad norm equal the step's; its running statistics
+    are those of its earlier steps (recomputed here) and match the single process's. The
+    tolerances follow from the fp32 agreement of losses (LOSS_RTOL) and grad norms
+    (GRAD_RTOL) across layouts: an error e in the values moves a mean or std by about e and a
+    score (value - mean) / std by up to about 4 e / std."""
+    for i, (got, want) in enumerate(zip(records, ref, strict=True)):
+        step = got["step"]
+        assert got["guard_loss"] == pytest.approx(got["loss"], rel=1e-6), (where, step)
+        assert got["guard_grad_norm"] == pytest.approx(got["engine_grad_norm"], rel=1e-6)
+        assert got["guard_loss"] == pytest.approx(want["guard_loss"], rel=LOSS_RTOL), step
+        assert got["guard_grad_norm"] == pytest.approx(want["guard_grad_norm"], rel=GRAD_RTOL)
+        scored = step > BASE["stability"]["min_history"]
+        assert set(SPIKE_KEYS) <= set(got) if scored else not set(SPIKE_KEYS) & set(got), step
+        if not scored:
+            continue
+        mean, std = moments([r["guard_loss"] for r in records[:i]])
+        g_mean, g_std = moments([r["guard_grad_norm"] for r in records[:i]])
+        assert (got["loss_mean"], got["loss_std"]) == pytest.approx((mean, std), rel=1e-9)
+        assert got["spike_score"] == pytest.approx((got["guard_loss"] - mean) / std, rel=1e-9)
+        assert got["grad_norm_score"] == pytest.approx(
+            (got["guard_grad_norm"] - g_mean) / g_std, rel=1e-9)
+        loss_err, grad_err = LOSS_RTOL * want["loss_mean"], GRAD_RTOL * want["guard_grad_norm"]
+        _, want_g_std = moments([r["guard_grad_norm"] for r in ref[:i]])
+        expected = {
+            "loss_mean": loss_err, "loss_std": loss_err,
+            "spike_score": 4 * loss_err / want["loss_std"],
+            "grad_norm_score": 4 * grad_err / want_g_std,
+        }
+        for key, tol in expected.items():
+            assert got[key] == pytest.approx(want[key], rel=0, abs=tol), (where, step, key)
