@@ -156,7 +156,7 @@ class MetricsConfig:
     """Stability metrics (README "Stability metrics"), computed every `interval` steps."""
 
     interval: int = 10  # 0: off
-    attention: bool = True  # entropy and max logit (the exact attention path on those steps)
+    attention: bool = True  # entropy and max logit (an extra no-grad attention pass)
     output_norms: bool = True  # mean token L2 norm of the QKV, Proj, FC1, FC2 outputs
     grad_norms: bool = True  # per-layer and global gradient norms
 

@@ -15,8 +15,8 @@ to round, so load drift on a shared machine hits both alike. Reported, per shape
 - the metric step against a plain step (medians), the overhead that implies at the interval
   (a second, less noisy estimate of the same cost), and where the metric step's extra time
   goes: `start_step`, the weight/gradient metrics inside the optimizer step, `finish_step`
-  (attention statistics and the reductions), and the rest (the exact attention path and the
-  output-norm hooks in forward and backward).
+  (attention statistics and the reductions), and the rest (the attention statistics pass and
+  the output-norm hooks in the forwards).
 
     python tools/bench_metrics.py                            # tiny recipe + a larger shape
     python tools/bench_metrics.py --shapes tiny --rounds 20
@@ -309,7 +309,7 @@ def format_report(result: dict[str, Any]) -> str:
     out += _table(header, rows)
     out += ["", "extra time of the metric step over a plain step (medians, ms):"]
     header = ["shape", "extra", "start_step", "grad/param/TEV", "finish_step",
-              "attention path + hooks"]
+              "attention pass + hooks"]
     rows = []
     for name, r in shapes.items():
         extra = r["metric_step_s"] - r["plain_step_s"]
@@ -328,7 +328,7 @@ def format_report(result: dict[str, Any]) -> str:
         "medians: the same overhead estimated from single steps",
         "- grad/param/TEV: the weight and gradient metrics inside the optimizer step; "
         "finish_step: attention statistics, output norms and every reduction; the rest is "
-        "the exact attention path and the output-norm hooks in forward and backward",
+        "the attention statistics pass and the output-norm hooks in the forwards",
     ]
     verdicts = [f"{name} {_pct(r['overhead'])} {'PASS' if r['pass'] else 'FAIL'}"
                 for name, r in shapes.items()]

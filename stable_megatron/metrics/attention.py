@@ -1,7 +1,7 @@
 """Attention metrics (Zhai et al. 2023; methods.md section 5), exact, on logging steps only.
 
-While capturing, every `SelfAttention` takes the math path, which materialises the
-probabilities, and accumulates `AttentionStatistics` (see model/attention.py). Logged:
+While capturing, every `SelfAttention` accumulates the `AttentionStatistics` of its
+probabilities, from a pass without autograd beside its kernel (see model/attention.py). Logged:
 - `attn_entropy/layer_NN/head_HH`: mean over the step's batch rows and query positions of
   `H = -sum_j p_j log p_j` (visible keys j), fp32; `attn_entropy/layer_NN/min`: its minimum
   over the heads of the layer (collapse: near 0);

@@ -288,7 +288,8 @@ def test_due_on_multiples_of_the_interval():
 
 
 def test_capture_keeps_the_attention_output():
-    """The capture path returns the math kernel's output (and SDPA's up to fp32 rounding)."""
+    """The math kernel's capture path returns the math kernel's output (and SDPA's up to fp32
+    rounding)."""
     from stable_megatron.model.attention import (
         causal_attention,
         causal_attention_with_statistics,
@@ -303,6 +304,61 @@ def test_capture_keeps_the_attention_output():
     torch.testing.assert_close(out, causal_attention(q, k, v, "math", 1.5))
     plain, _ = causal_attention_with_statistics(q, k, v, None)
     torch.testing.assert_close(plain, causal_attention(q, k, v, "sdpa"), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows_per_block", [1, 3, 8, 100])
+@pytest.mark.parametrize("cap", [None, 1.5])
+def test_blocked_statistics_equal_the_materialised_ones(rows_per_block, cap):
+    """The pass beside a fused kernel (blocks of query rows, no autograd) gives the statistics
+    of the full probability matrix, whatever the block size (1 row, blocks that do not divide
+    the sequence, one block)."""
+    from stable_megatron.model.attention import (
+        attention_statistics,
+        causal_attention_with_statistics,
+    )
+
+    torch.manual_seed(1)
+    batch, heads, seq = 2, 3, 8
+    q, k, v = (3 * torch.randn(batch, heads, seq, 4, requires_grad=True) for _ in range(3))
+    _, want = causal_attention_with_statistics(q, k, v, cap, first_head=3)
+    got = attention_statistics(q, k, cap, first_head=3, block_rows=rows_per_block)
+    assert got.first_head == 3 and not got.entropy_sum.requires_grad
+    assert (got.rows, got.normalized_rows) == (want.rows, want.normalized_rows) == (16, 14)
+    for field in ("entropy_sum", "normalized_entropy_sum", "max_logit", "max_capped_logit"):
+        torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=1e-6,
+                                   atol=1e-6, msg=field)
+    if cap is not None:
+        assert got.max_capped_logit <= cap < got.max_logit
+
+
+def test_statistics_blocks_follow_the_triangle_and_the_memory_budget():
+    from stable_megatron.model.attention import STATISTICS_BLOCK_ELEMENTS, statistics_block_rows
+
+    assert statistics_block_rows(2, 6, 512) == 64  # 8 blocks: the budget allows the whole
+    assert statistics_block_rows(1, 16, 4096) == 256  # the budget: 256 x 4096 x 16 = 2^24
+    assert statistics_block_rows(1, 16, 4096) * 16 * 4096 <= STATISTICS_BLOCK_ELEMENTS
+    assert statistics_block_rows(64, 64, 1 << 16) == 1  # never less than a row
+    assert statistics_block_rows(1, 1, 5) == 1
+
+
+def test_capture_beside_a_fused_kernel_keeps_its_output(run):
+    """With a fused kernel (the baseline's SDPA) the capture adds statistics and leaves the
+    module's output exactly as it is without capture; the math kernel (the capped model on
+    CPU) reads them from its own probabilities."""
+    from stable_megatron.model.attention import SelfAttention
+
+    attn = next(m for m in run["engine"].module.modules() if isinstance(m, SelfAttention))
+    assert attn.kernel == ("sdpa" if run["model"] == "baseline" else "math")
+    hidden = run["inputs"][(attn.layer_number, "attn")][0].float()
+    with torch.no_grad():
+        attn.capture_statistics(True)
+        captured, _ = attn(hidden)
+        stats = attn.pop_statistics()
+        attn.capture_statistics(False)
+        plain, _ = attn(hidden)
+    assert stats is not None and stats.rows == hidden.size(1) * hidden.size(0)
+    assert attn.pop_statistics() is None
+    assert torch.equal(captured, plain)
 
 
 def test_train_logs_metrics_every_interval(state, tmp_path):
