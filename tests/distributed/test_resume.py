@@ -28,7 +28,7 @@ COMMON = [
     "checkpoint.interval=3", "logging.tensorboard=false", "logging.progress=false",
 ]
 LAYOUTS = {"tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"], "dp2": []}
-METHODS = ["mlra", "qk_norm_cap", "qkv_norm", "qk_fc_norm", "sigma_reparam", "soft_cap"]
+METHODS = ["mlra", "qk_norm", "qk_norm_cap", "qkv_norm", "qk_fc_norm", "sigma_reparam", "soft_cap"]
 CASES = {
     **{name: {"overrides": o} for name, o in LAYOUTS.items()},
     **{f"tp2-{m}": {"recipe": f"recipes/methods/{m}.yaml", "overrides": ["parallel.tp=2"]}
