@@ -63,11 +63,15 @@ def scaled_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(q.size(-1))
 
 
+def masked_logits(scores: torch.Tensor, cap: float | None, future: torch.Tensor) -> torch.Tensor:
+    """The logits the softmax takes: `scores` capped, then the `future` keys at -inf."""
+    return capped(scores, cap).masked_fill(future, float("-inf"))
+
+
 def causal_logits(q: torch.Tensor, k: torch.Tensor, cap: float | None = None) -> torch.Tensor:
     """Attention logits after capping, fp32, future keys at -inf: [b, h, s, s]."""
     seq = q.size(-2)
-    future = future_keys(0, seq, seq, q.device)
-    return capped(scaled_scores(q, k), cap).masked_fill(future, float("-inf"))
+    return masked_logits(scaled_scores(q, k), cap, future_keys(0, seq, seq, q.device))
 
 
 _compiled_flex = None
@@ -173,7 +177,7 @@ def causal_attention_with_statistics(
     scores = scaled_scores(q, k)
     seq = q.size(-2)
     future = future_keys(0, seq, seq, q.device)
-    logits = capped(scores, cap).masked_fill(future, float("-inf"))
+    logits = masked_logits(scores, cap, future)
     probs = torch.softmax(logits, dim=-1)
     context = torch.matmul(probs.to(v.dtype), v)
     with torch.no_grad():
@@ -212,7 +216,7 @@ def attention_statistics(
         stop = min(seq, start + rows)
         scores = scaled_scores(q[:, :, start:stop], k[:, :, :stop])
         future = future_keys(start, stop, stop, q.device)
-        logits = capped(scores, cap).masked_fill(future, float("-inf"))
+        logits = masked_logits(scores, cap, future)
         block = _statistics(scores, logits, torch.softmax(logits, dim=-1), future, start,
                             first_head)
         total = block if total is None else total.merge(block)
