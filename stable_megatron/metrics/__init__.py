@@ -59,7 +59,8 @@ class StabilityMetrics:
             tev.add_tev(contrib, "tev_out", weight, layout.tp_rank * weight.size(0), vocab, owner)
         norms.add_norms(contrib, groups, norms.param_share(layout), "param_norm", "param_norm",
                         per_group=False)
-        norms.add_sigma_reparam(contrib, self.parts, num_layers)
+        norms.add_sigma_reparam(contrib, self.parts, num_layers,
+                                cfg.metrics.sigma_exact_iters)
         if cfg.metrics.grad_norms:
             shares = norms.grad_shares(self.engine.module, layout)
             norms.add_norms(contrib, groups, lambda p: shares.get(id(p)), "grad_norm",

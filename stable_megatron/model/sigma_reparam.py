@@ -46,6 +46,8 @@ Communication per layer, over the layer's tensor-parallel group, through
   carries the gradient of s; row: none).
 Per optimizer step with k micro-batches: `power_iters + k` all-reduces (2 for the defaults and
 k = 1), in addition to the layer's megatron-core collectives, which are unchanged.
+On metric steps with `metrics.sigma_exact_iters` = n > 0 only: `converged_sigma(n)` adds n
+all-reduces of the power-step size (on a copy of the vectors; u, v and `sigma` are unchanged).
 Construction (once): `init_iters` all-reduces (column) or `init_iters + 1` (row: the first
 v = normalize(W u0)), plus 1 for `gamma_init="sigma0"`. With `config.perform_initialization`
 False nothing is iterated (the weights are not set yet): u is the seeded start, v zero, gamma 1,
@@ -158,17 +160,25 @@ class _SigmaReparam:
         """(replicated, sharded) buffers."""
         return (self.u, self.v) if self._SHARDED == "v" else (self.v, self.u)
 
-    def _finish_step(self, m: torch.Tensor, sharded_unnormalised: torch.Tensor) -> None:
-        """One all-reduce of [M^T s~ ; ||s~||^2]: normalises s~ and sets r = normalize(M^T s~)."""
+    def _step(
+        self, m: torch.Tensor, sharded_unnormalised: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One all-reduce of [M^T s~ ; ||s~||^2]; returns new tensors (r, s, sigma):
+        r = normalize(M^T s~), s = s~ / ||s~|| and sigma = ||M^T s|| = v^T W u."""
         s = sharded_unnormalised
         buf = torch.cat([m.t() @ s, s.square().sum().reshape(1)])
         parallel.tp_all_reduce_(buf, group=self.tp_group)
         s_norm = buf[-1].sqrt().clamp_min(EPS)
         r_norm = buf[:-1].norm().clamp_min(EPS)
+        return buf[:-1] / r_norm, s / s_norm, r_norm / s_norm
+
+    def _finish_step(self, m: torch.Tensor, sharded_unnormalised: torch.Tensor) -> None:
+        """`_step` into the buffers and `_sigma_est`."""
+        r, s, sigma = self._step(m, sharded_unnormalised)
         replicated, sharded = self._vectors()
-        sharded.copy_(s / s_norm)
-        replicated.copy_(buf[:-1] / r_norm)
-        self._sigma_est = (r_norm / s_norm).detach()  # = ||M^T s|| = v^T W u
+        sharded.copy_(s)
+        replicated.copy_(r)
+        self._sigma_est = sigma.detach()
 
     @torch.no_grad()
     def power_iteration(self, iters: int | None = None) -> None:
@@ -177,6 +187,20 @@ class _SigmaReparam:
         for _ in range(self.power_iters if iters is None else iters):
             replicated, _ = self._vectors()
             self._finish_step(m, m @ replicated.float())
+
+    @torch.no_grad()
+    def converged_sigma(self, iters: int) -> torch.Tensor:
+        """||M^T s|| (0-d fp32) after `iters` >= 1 power steps from a copy of the current
+        vectors, one TP all-reduce each (every TP rank of the layer must call it alike);
+        u, v and `sigma` are left unchanged. A converged reference for `sigma` (metrics)."""
+        if iters < 1:
+            raise ValueError(f"{type(self).__name__}.converged_sigma: iters must be >= 1, "
+                             f"got {iters!r}")
+        m = self._local_operator()
+        r = self._vectors()[0].float().clone()
+        for _ in range(iters):
+            r, _, sigma = self._step(m, m @ r)
+        return sigma
 
     @torch.no_grad()
     def init_power_iteration(self, iters: int | None = None) -> None:

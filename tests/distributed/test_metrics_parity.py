@@ -23,7 +23,7 @@ BASE = {
         "seq_length": 32,
     },
     "train": {"micro_batch_size": 2, "global_batch_size": 8, "lr": 3e-3, "warmup_steps": 0},
-    "metrics": {"interval": 2},
+    "metrics": {"interval": 2, "sigma_exact_iters": 30},
     "stability": {"min_history": 2},  # spike statistics from step 3 on
     "steps": 4,
 }
@@ -31,7 +31,7 @@ SPIKE_KEYS = ("loss_mean", "loss_std", "spike_score", "grad_norm_score")
 LOSS_RTOL, GRAD_RTOL = 2e-6, 1e-5  # how closely losses and grad norms agree across layouts
 # baseline: tied embeddings, SDPA kernel outside the logging steps. methods: untied head
 # (tev_out), softmax cap (capped logits, math kernel), Proj/FC2 output norms around MLRA's
-# projections, sigma-reparam on FC1/FC2 (sigma, gamma).
+# projections, sigma-reparam on FC1/FC2 (sigma, gamma, sigma_exact, sigma_lag).
 MODELS = {
     "baseline": {},
     "methods": {
@@ -82,7 +82,8 @@ def test_reference_logs_every_family(reference):
         expected = {"tev", "attn_entropy", "attn_entropy_norm", "attn_logit_max", "out_norm",
                     "grad_norm", "param_norm"}
         if model == "methods":
-            expected |= {"tev_out", "attn_logit_max_capped", "sigma", "gamma"}
+            expected |= {"tev_out", "attn_logit_max_capped", "sigma", "gamma", "sigma_exact",
+                         "sigma_lag"}
         assert families == expected, model
         assert all(math.isfinite(logged[k]) for k in metric_keys(logged)), model
         assert len([k for k in logged if k.startswith("attn_entropy/")]) == 4 * 4 + 4

@@ -24,6 +24,7 @@ MODELS = {
     "methods": {"tie_embeddings": False, "softmax_cap": 2.0,
                 "sigma_reparam": {"enabled": True, "init_iters": 300}},
 }
+SIGMA_EXACT_ITERS = {"baseline": 0, "methods": 50}  # metrics.sigma_exact_iters per model
 
 
 def make_config(model: dict, **sections):
@@ -104,7 +105,8 @@ def run(request, state):
     from stable_megatron.model.gpt import build_model, lm_loss
     from stable_megatron.train import build_engine, train_step
 
-    cfg = make_config(MODELS[request.param])
+    cfg = make_config(MODELS[request.param], metrics={
+        "interval": 1, "sigma_exact_iters": SIGMA_EXACT_ITERS[request.param]})
     engine = build_engine(cfg, state)
     with torch.no_grad():  # make the padded vocabulary rows stand out: TEV must ignore them
         for name, param in engine.module.named_parameters():
@@ -261,6 +263,34 @@ def test_sigma_and_gamma(run):
             close(run["logged"][f"sigma/layer_{layer:02d}/{slot}"], sigma, rel=1e-3)
             close(run["logged"][f"gamma/layer_{layer:02d}/{slot}"],
                   before[prefix + "gamma"].item(), rel=1e-6)
+
+
+def test_sigma_exact_and_lag(run):
+    """`sigma_exact/...` is the 2-norm of the weights the step's forward used and `sigma_lag`
+    = 1 - sigma / sigma_exact; with metrics.sigma_exact_iters = 0 neither is logged."""
+    from stable_megatron.metrics import Contributions, norms
+
+    logged, before = run["logged"], run["before"]
+    families = ("sigma_exact/", "sigma_lag/")
+    if run["model"] != "methods":
+        assert not any(k.startswith(families) for k in logged)
+        return
+    slot_param = {"qkv": "linear_qkv", "proj": "linear_proj", "fc1": "linear_fc1",
+                  "fc2": "linear_fc2"}
+    for layer in range(1, LAYERS + 1):
+        for slot, pname in slot_param.items():
+            name = f"layer_{layer:02d}/{slot}"
+            weight = before[next(n for n in before if n.startswith(f"{layer}.") and
+                                 f"{pname}.weight" in n)]
+            exact = logged[f"sigma_exact/{name}"]
+            close(exact, torch.linalg.matrix_norm(weight, 2).item(), rel=1e-5)
+            lag = 1 - logged[f"sigma/{name}"] / exact
+            assert logged[f"sigma_lag/{name}"] == pytest.approx(lag, rel=0, abs=1e-12)
+    assert len([k for k in logged if k.startswith(families)]) == 2 * 4 * LAYERS
+
+    contrib = Contributions()  # the same layers with the reference off
+    norms.add_sigma_reparam(contrib, run["metrics"].parts, LAYERS, 0)
+    assert {k.split("/")[0] for k in contrib.entries} == {"sigma", "gamma"}
 
 
 def test_off_interval_steps_run_the_plain_model(run, state):

@@ -163,6 +163,27 @@ def test_convergence_gamma_one_and_bf16(mp):
         assert y.dtype == torch.bfloat16
 
 
+def test_converged_sigma_is_exact_and_leaves_the_state_alone(mp):
+    """After a strong weight change the one-step estimate lags; converged_sigma(200) gives the
+    spectral norm and changes neither u, v nor sigma (bit for bit)."""
+    for layer in (column(n_in=24, n_out=32), row(n_in=32, n_out=24)):
+        layer.power_iteration(300)
+        with torch.no_grad():
+            layer.weight.add_(5 * gapped(*layer.weight.shape, seed=4).float())
+        layer.power_iteration()  # the training loop's one step per optimizer step
+        state = [t.clone() for t in (layer.u, layer.v, layer.sigma)]
+        exact = layer.converged_sigma(200)
+        assert exact.shape == () and exact.dtype == torch.float32
+        true = torch_linalg_norm(layer.weight.detach().double(), 2).item()
+        assert math.isclose(exact.item(), true, rel_tol=1e-4)
+        assert layer.sigma.item() < 0.95 * true  # lags
+        for before, after in zip(state, (layer.u, layer.v, layer.sigma), strict=True):
+            assert torch.equal(before, after)
+        assert exact is not layer.sigma
+        with pytest.raises(ValueError, match="iters"):
+            layer.converged_sigma(0)
+
+
 def test_gradients_match_full_matrix_autograd(mp):
     for layer, n_in in ((column(skip_bias_add=False), 12), (row(skip_bias_add=True), 16)):
         set_weight(layer, gapped(*layer.weight.shape))
