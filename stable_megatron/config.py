@@ -159,6 +159,10 @@ class MetricsConfig:
     attention: bool = True  # entropy and max logit (an extra no-grad attention pass)
     output_norms: bool = True  # mean token L2 norm of the QKV, Proj, FC1, FC2 outputs
     grad_norms: bool = True  # per-layer and global gradient norms
+    # sigma-reparam: also log `sigma_exact/...`, the spectral norm from this many extra power
+    # steps on copies of each layer's vectors (a converged reference for the one-step estimate
+    # `sigma/...`), and `sigma_lag/...` = 1 - sigma / sigma_exact; 0: off
+    sigma_exact_iters: int = 0
 
 
 @dataclass
@@ -199,6 +203,11 @@ class StabilityConfig:
     max_rollbacks: int = 3  # give up (exit with an error) after this many rollbacks
     rollback_lr_factor: float = 1.0  # multiply the LR by this after each rollback
     warning: WarningConfig = field(default_factory=WarningConfig)
+    # Stop the run (exit 0, `{"event": "diverged"}` in metrics.jsonl) when the loss is not
+    # finite, or has stayed above the run's first-step loss for `divergence_patience` steps in a
+    # row (stable_megatron/metrics/divergence.py). The LR sweep turns it on.
+    stop_on_divergence: bool = False
+    divergence_patience: int = 10
 
 
 @dataclass
@@ -371,8 +380,10 @@ def load_config(
 ) -> Config:
     """Recipe YAML + `a.b=c` overrides -> Config (types checked, not yet validated)."""
     data = read_recipe(recipe) if recipe is not None else {}
-    # Recipe metadata, not a run setting: per-world-size layouts read by `plan` (plan.py).
+    # Recipe metadata, not run settings: per-world-size layouts read by `plan` (plan.py) and
+    # the default methods / learning rates of `stable-megatron sweep` (sweep.py).
     data.pop("layouts", None)
+    data.pop("sweep", None)
     data = _merge(data, parse_overrides(overrides or []))
     return _build(Config, data, "")
 
@@ -451,6 +462,10 @@ def validate(cfg: Config, world_size: int) -> None:
         )
     if cfg.metrics.interval < 0:
         raise ConfigError(f"metrics.interval={cfg.metrics.interval}: must be >= 0 (0 disables)")
+    if cfg.metrics.sigma_exact_iters < 0:
+        raise ConfigError(
+            f"metrics.sigma_exact_iters={cfg.metrics.sigma_exact_iters}: must be >= 0 (0: off)"
+        )
     _validate_stability(cfg)
     if d.source == "indexed":
         for name in ("train_prefix", "tokenizer_model"):
@@ -488,6 +503,10 @@ def _validate_stability(cfg: Config) -> None:
         raise ConfigError(
             "stability.on_spike=rollback needs checkpoints to roll back to: set "
             "checkpoint.interval > 0"
+        )
+    if s.divergence_patience < 1:
+        raise ConfigError(
+            f"stability.divergence_patience={s.divergence_patience}: must be >= 1"
         )
     if c.keep < 0:
         raise ConfigError(f"checkpoint.keep={c.keep}: must be >= 0 (0 keeps all)")

@@ -174,6 +174,7 @@ class Trainer:
         from stable_megatron import checkpoint as ckpt
         from stable_megatron import parallel, reshape
         from stable_megatron.data.dataset import TokenWindowDataset
+        from stable_megatron.metrics.divergence import DivergenceRule
         from stable_megatron.metrics.warning import EarlyWarning
         from stable_megatron.spike_guard import SpikeGuard
 
@@ -196,6 +197,8 @@ class Trainer:
         reshape.attach_universal_checkpoint_info(self.engine, cfg)  # saved with checkpoints
         self.guard = SpikeGuard(cfg, self.state, self.engine)
         self.warning = EarlyWarning(cfg.stability.warning)
+        self.divergence = DivergenceRule(cfg.stability.divergence_patience)
+        self.diverged: str | None = None  # why the run stopped, under stop_on_divergence
         self.accum = self.engine.gradient_accumulation_steps()
         self.metrics = None
         if cfg.metrics.interval:
@@ -255,6 +258,8 @@ class Trainer:
             self.guard.detector.load_state_dict(client["spike_detector"])
         if "early_warning" in client:
             self.warning.load_state_dict(client["early_warning"])
+        if "divergence" in client:
+            self.divergence.load_state_dict(client["divergence"])
 
     def client_state(self) -> dict:
         return {
@@ -264,6 +269,7 @@ class Trainer:
             "lr_scale": self.lr_scale,
             "spike_detector": self.guard.detector.state_dict(),
             "early_warning": self.warning.state_dict(),
+            "divergence": self.divergence.state_dict(),
         }
 
     def save(self) -> None:
@@ -387,6 +393,14 @@ class Trainer:
             self.log.log({"step": event.step, "event": "warning", "rule": event.rule,
                           "signal": event.signal, "message": event.message})
 
+    def _stop_diverged(self, reason: str) -> None:
+        self.diverged = reason
+        self.log.log({"step": self.step, "event": "diverged", "reason": reason,
+                      "initial_loss": self.divergence.initial_loss,
+                      "patience": self.cfg.stability.divergence_patience})
+        self.log.info(f"step {self.step}: stopping: the loss diverged ({reason}; "
+                      f"stability.stop_on_divergence)")
+
     def run(self) -> dict:
         from stable_megatron.data.dataset import unigram_perplexity
 
@@ -418,11 +432,16 @@ class Trainer:
             if evaluate_now:
                 val_loss = evaluate(self.engine, self.val_ds, cfg, layout, self.device)
                 record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
+            reason = self.divergence.update(step, record["loss"])
+            reason = reason if cfg.stability.stop_on_divergence else None
             if evaluate_now or self.last_measured or step % cfg.train.log_interval == 0 or \
-                    step == cfg.train.steps or self.last_verdict.is_spike:
+                    step in (1, cfg.train.steps) or self.last_verdict.is_spike or reason:
                 log.log(record)
             self._early_warning(record)
             last = record
+            if reason:
+                self._stop_diverged(reason)
+                break
             interval = cfg.checkpoint.interval
             exiting = cfg.train.exit_interval and step - self.start_step >= cfg.train.exit_interval
             if (interval and step % interval == 0) or step == cfg.train.steps or exiting:
@@ -430,8 +449,9 @@ class Trainer:
             if exiting:
                 log.info(f"exit_interval reached: stopping at step {step}; run again to resume")
                 break
-        log.info(f"done: {self.step} steps; logs in {cfg.train.run_dir}/metrics.jsonl"
-                 f" (TensorBoard: tensorboard --logdir {cfg.train.run_dir})")
+        if not self.diverged:
+            log.info(f"done: {self.step} steps; logs in {cfg.train.run_dir}/metrics.jsonl"
+                     f" (TensorBoard: tensorboard --logdir {cfg.train.run_dir})")
         log.close()
         return last
 

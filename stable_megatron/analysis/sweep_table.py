@@ -1,0 +1,211 @@
+"""The LR sweep's numbers: per run, its outcome; per method, how robust it is to the LR.
+
+Definitions (docs/results.md, README "LR sweep"):
+- a run's **final loss** is its last validation loss (`val_loss`, evaluated at the end of the
+  run), or its last training loss when the run has no validation data; a diverged run has none;
+- **initial loss** L0 is the first step's training loss (the untrained model's loss);
+- **diverges at**: the smallest LR of the grid at which the run diverged (stopped by
+  `stability.stop_on_divergence`); **largest stable LR**: the largest LR below it (every LR
+  of the grid up to it trained without diverging);
+- **LR sensitivity** (Wortsman et al., arXiv 2309.14322): the mean over the LR grid of
+  `min(L(lr), L0) - L*`, with `L(lr)` the final loss (L0 for a diverged run) and `L*` the best
+  final loss over the grid. Lower is more robust; 0 means every LR reached the best loss.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+STATUSES = ("done", "diverged", "failed", "pending")
+
+
+@dataclass
+class SweepRun:
+    method: str
+    lr: float
+    status: str  # one of STATUSES
+    run_dir: str = ""
+    steps: int = 0  # the last step logged
+    initial_loss: float | None = None
+    train_loss: float | None = None  # the last logged training loss
+    val_loss: float | None = None  # the last validation loss
+    diverged_step: int | None = None
+    max_attn_logit: float | None = None  # the largest attention logit logged in the run
+    min_attn_entropy: float | None = None  # lowest normalised head entropy, last metric step
+    seconds: float | None = None  # wall time of the run's launches
+
+    @property
+    def final_loss(self) -> float | None:
+        if self.status != "done":
+            return None
+        return self.val_loss if self.val_loss is not None else self.train_loss
+
+
+@dataclass
+class MethodSummary:
+    method: str
+    runs: int
+    diverged: int
+    diverges_at: float | None
+    largest_stable_lr: float | None
+    best_lr: float | None
+    best_loss: float | None
+    initial_loss: float | None
+    lr_sensitivity: float | None
+    complete: bool  # every LR of the grid finished (done or diverged)
+
+    @property
+    def best_ppl(self) -> float | None:
+        return math.exp(min(self.best_loss, 50.0)) if self.best_loss is not None else None
+
+
+def lr_sensitivity(final_losses: Sequence[float | None], initial_loss: float) -> float:
+    """Mean over the grid of min(L, L0) - L*; `None` (diverged) counts as L0."""
+    if not final_losses:
+        raise ValueError("lr_sensitivity needs at least one run")
+    capped = [initial_loss if loss is None or not math.isfinite(loss) else min(loss, initial_loss)
+              for loss in final_losses]
+    best = min(capped)
+    return sum(c - best for c in capped) / len(capped)
+
+
+def diverges_at(runs: Iterable[SweepRun]) -> float | None:
+    diverged = [r.lr for r in runs if r.status == "diverged"]
+    return min(diverged) if diverged else None
+
+
+def largest_stable_lr(runs: Iterable[SweepRun]) -> float | None:
+    """The largest LR below the smallest diverging one, among the runs that finished."""
+    runs = list(runs)
+    limit = diverges_at(runs)
+    stable = [r.lr for r in runs if r.status == "done" and (limit is None or r.lr < limit)]
+    return max(stable) if stable else None
+
+
+def summarise(runs: Sequence[SweepRun], methods: Sequence[str] | None = None
+              ) -> list[MethodSummary]:
+    """One summary per method (in `methods` order, else first-seen order)."""
+    order = list(methods) if methods else list(dict.fromkeys(r.method for r in runs))
+    out = []
+    for method in order:
+        mine = sorted((r for r in runs if r.method == method), key=lambda r: r.lr)
+        finished = [r for r in mine if r.status in ("done", "diverged")]
+        initial = [r.initial_loss for r in mine if r.initial_loss is not None]
+        l0 = sorted(initial)[len(initial) // 2] if initial else None
+        done = [r for r in finished if r.final_loss is not None]
+        best = min(done, key=lambda r: r.final_loss) if done else None
+        sensitivity = None
+        if finished and l0 is not None:
+            sensitivity = lr_sensitivity([r.final_loss for r in finished], l0)
+        out.append(MethodSummary(
+            method=method, runs=len(mine), diverged=sum(r.status == "diverged" for r in mine),
+            diverges_at=diverges_at(mine), largest_stable_lr=largest_stable_lr(mine),
+            best_lr=best.lr if best else None, best_loss=best.final_loss if best else None,
+            initial_loss=l0, lr_sensitivity=sensitivity,
+            complete=bool(mine) and len(finished) == len(mine),
+        ))
+    return out
+
+
+# ------------------------------------------------------------------------------ output
+
+
+def write_csv(runs: Sequence[SweepRun], path: Path) -> None:
+    names = [f.name for f in fields(SweepRun)] + ["final_loss"]
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=names)
+        writer.writeheader()
+        for run in runs:
+            writer.writerow({**asdict(run), "final_loss": run.final_loss})
+
+
+def read_csv(path: Path) -> list[SweepRun]:
+    """sweep.csv back into runs (for re-plotting or docs)."""
+    kinds = {f.name: f.type for f in fields(SweepRun)}
+    runs = []
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            row.pop("final_loss", None)
+            kwargs = {}
+            for key, raw in row.items():
+                kind = str(kinds[key])
+                if raw == "":
+                    kwargs[key] = None if "None" in kind else raw
+                elif kind.startswith("int"):
+                    kwargs[key] = int(raw)
+                elif "float" in kind:
+                    kwargs[key] = float(raw)
+                elif "int" in kind:
+                    kwargs[key] = int(raw)
+                else:
+                    kwargs[key] = raw
+            runs.append(SweepRun(**kwargs))
+    return runs
+
+
+def _num(value: float | None, fmt: str = ".3f") -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _lr(value: float | None) -> str:
+    return "-" if value is None else format(value, "g")
+
+
+def cell(run: SweepRun | None) -> str:
+    """A grid cell: the final loss, `div@N` for a diverged run, the status otherwise."""
+    if run is None:
+        return ""
+    if run.status == "diverged":
+        return f"div@{run.diverged_step}"
+    if run.status == "done":
+        return _num(run.final_loss)
+    return run.status
+
+
+def loss_grid(runs: Sequence[SweepRun], methods: Sequence[str]) -> list[str]:
+    """Markdown table: methods x LRs, final loss per cell."""
+    lrs = sorted({r.lr for r in runs})
+    at = {(r.method, r.lr): r for r in runs}
+    lines = ["| method | " + " | ".join(f"lr {_lr(lr)}" for lr in lrs) + " |",
+             "|---|" + "---|" * len(lrs)]
+    for method in methods:
+        lines.append(f"| {method} | " + " | ".join(cell(at.get((method, lr))) for lr in lrs)
+                     + " |")
+    return lines
+
+
+def summary_table(summaries: Sequence[MethodSummary]) -> list[str]:
+    lines = ["| method | diverged runs | diverges at | largest stable LR | best LR | "
+             "best final loss (ppl) | LR sensitivity |",
+             "|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        best = "-" if s.best_loss is None else f"{s.best_loss:.3f} ({s.best_ppl:.1f})"
+        flag = "" if s.complete else " (incomplete)"
+        lines.append(
+            f"| {s.method}{flag} | {s.diverged}/{s.runs} | {_lr(s.diverges_at)} | "
+            f"{_lr(s.largest_stable_lr)} | {_lr(s.best_lr)} | {best} | "
+            f"{_num(s.lr_sensitivity)} |"
+        )
+    return lines
+
+
+def extremes_grid(runs: Sequence[SweepRun], methods: Sequence[str]) -> list[str]:
+    """Markdown table: the run's largest attention logit / last lowest normalised entropy."""
+    lrs = sorted({r.lr for r in runs})
+    at = {(r.method, r.lr): r for r in runs}
+    lines = ["| method | " + " | ".join(f"lr {_lr(lr)}" for lr in lrs) + " |",
+             "|---|" + "---|" * len(lrs)]
+    for method in methods:
+        cells = []
+        for lr in lrs:
+            run = at.get((method, lr))
+            if run is None or run.max_attn_logit is None:
+                cells.append("-")
+            else:
+                cells.append(f"{run.max_attn_logit:.3g} / {_num(run.min_attn_entropy, '.2f')}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines

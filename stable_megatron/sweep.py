@@ -1,0 +1,516 @@
+"""`stable-megatron sweep`: train every (method, learning rate) pair of a grid and summarise how
+robust each method is to the learning rate.
+
+    stable-megatron sweep RECIPE [--methods a,b,...] [--lrs 1e-3,3e-3,...] [--out DIR]
+                                 [--nproc N] [--jobs J] [--dry-run] [key=value ...]
+
+Each pair is an ordinary run directory, `OUT/<method>/lr_<lr>`, trained by the same command as
+any training run (`python -m stable_megatron.train` for one process; the `deepspeed` launcher
+for `--nproc` > 1), so every run can be inspected, resumed, plotted and reported on by the
+usual tools. Its console output goes to `train.log` in the run directory; `sweep_run.json`
+beside it records the outcome once the run has ended.
+
+- Methods are names of `recipes/methods/*.yaml` (their settings, without `base` and the run
+  directory, are applied as overrides on top of RECIPE), paths to such a YAML file, or
+  `name:key=value,key=value` for a custom one. The recipe may list default `methods` and
+  `lrs` in a `sweep:` section.
+- Every run gets `train.lr=<lr>`, `train.min_lr` at the recipe's min_lr / lr ratio, and
+  `stability.stop_on_divergence=true`: a run stops early once its loss is not finite or has
+  been above its first-step loss for `stability.divergence_patience` steps
+  (stable_megatron/metrics/divergence.py).
+- Runs go one after another, or `--jobs J` at a time (each with cores / (J * nproc) threads).
+- Run again, the same command skips the runs that ended (done or diverged) with the same
+  settings and relaunches the others, which resume from their latest checkpoint.
+- At the end (and with `--summarise-only`) it writes `OUT/sweep.csv` (one row per run),
+  `OUT/sweep.md` (loss grid, per-method summary, LR sensitivity; definitions in
+  stable_megatron/analysis/sweep_table.py) and `OUT/sweep.png` (final loss against LR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from stable_megatron.analysis import sweep_table
+from stable_megatron.analysis.runs import RunLogError, is_number, read_run
+from stable_megatron.config import ConfigError, load_config, read_recipe, validate
+
+RESULT_FILE = "sweep_run.json"
+METHODS_DIR = Path(__file__).resolve().parents[1] / "recipes" / "methods"
+_KEY_VALUE = re.compile(r"[A-Za-z_][\w.]*=")
+
+
+class SweepError(ValueError):
+    """A sweep that cannot start; the message names the flag, method or file."""
+
+
+@dataclass
+class Method:
+    name: str
+    overrides: list[str]
+
+
+@dataclass
+class RunSpec:
+    method: Method
+    lr: float
+    run_dir: Path
+    overrides: list[str] = field(default_factory=list)  # everything given to train, in order
+
+    @property
+    def label(self) -> str:
+        return f"{self.method.name} lr={self.lr:g}"
+
+
+# ------------------------------------------------------------------------------ planning
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> list[str]:
+    """A nested mapping as dotted `key=value` overrides (values in YAML flow style)."""
+    out = []
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out += flatten(value, f"{name}.")
+        else:
+            text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+            out.append(f"{name}={text.removesuffix('...').strip()}")
+    return out
+
+
+def method_from_yaml(name: str, path: Path) -> Method:
+    """A method recipe's own settings (not its base), minus where it logs."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise SweepError(f"method {name}: {path} is not valid YAML ({err})") from None
+    if not isinstance(data, dict):
+        raise SweepError(f"method {name}: {path} is not a mapping of sections")
+    data.pop("base", None)
+    train = data.get("train")
+    if isinstance(train, dict):
+        train.pop("run_dir", None)
+        if not train:
+            data.pop("train")
+    return Method(name, flatten(data))
+
+
+def resolve_method(spec: str, search: Sequence[Path] = (METHODS_DIR,)) -> Method:
+    """`qk_norm` (recipes/methods/qk_norm.yaml), `path/to/m.yaml`, or `name:k=v,k=v`."""
+    spec = spec.strip()
+    if ":" in spec:
+        name, _, rest = spec.partition(":")
+        items = split_top_level(rest)
+        bad = [item for item in items if "=" not in item]
+        if not name or bad:
+            raise SweepError(f"method {spec!r}: expected name:key=value,key=value")
+        return Method(name.strip(), items)
+    if spec.endswith((".yaml", ".yml")):
+        path = Path(spec)
+        if not path.is_file():
+            raise SweepError(f"method {spec}: no such file")
+        return method_from_yaml(path.stem, path)
+    for folder in search:
+        path = folder / f"{spec}.yaml"
+        if path.is_file():
+            return method_from_yaml(spec, path)
+    known = sorted({p.stem for folder in search if folder.is_dir() for p in folder.glob("*.yaml")})
+    raise SweepError(f"unknown method {spec!r}; known: {', '.join(known)} "
+                     f"(or name:key=value,... for a custom one)")
+
+
+def parse_lrs(text: str) -> list[float]:
+    try:
+        lrs = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SweepError(f"--lrs {text}: expected comma-separated numbers, e.g. 1e-3,3e-3") \
+            from None
+    if not lrs or any(not lr > 0 for lr in lrs):
+        raise SweepError(f"--lrs {text}: needs at least one learning rate, all > 0")
+    if len(set(lrs)) != len(lrs):
+        raise SweepError(f"--lrs {text}: a learning rate is listed twice")
+    return sorted(lrs)
+
+
+def recipe_sweep_defaults(recipe: str) -> dict[str, Any]:
+    section = read_recipe(recipe).get("sweep") or {}
+    if not isinstance(section, dict):
+        raise SweepError(f"recipe {recipe}: sweep must be a mapping (methods, lrs)")
+    return section
+
+
+def lr_dir_name(lr: float) -> str:
+    return f"lr_{lr:g}"
+
+
+def plan_runs(recipe: str, methods: list[Method], lrs: list[float], out: Path,
+              overrides: list[str], world: int) -> list[RunSpec]:
+    """Every (method, lr) run, its config checked at `world` processes before anything runs."""
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+        raise SweepError(f"--methods: a method name is listed twice ({', '.join(names)})")
+    base = load_config(recipe, overrides)
+    ratio = base.train.min_lr / base.train.lr
+    runs = []
+    for method in methods:
+        for lr in lrs:
+            run_dir = out / method.name / lr_dir_name(lr)
+            run_overrides = [*method.overrides, *overrides, f"train.lr={lr!r}",
+                             f"train.min_lr={lr * ratio:.6g}", f"train.run_dir={run_dir}",
+                             "stability.stop_on_divergence=true"]
+            try:
+                validate(load_config(recipe, run_overrides), world)
+            except ConfigError as err:
+                raise SweepError(f"method {method.name} at lr {lr:g}: {err}") from None
+            runs.append(RunSpec(method, lr, run_dir, run_overrides))
+    return runs
+
+
+# ------------------------------------------------------------------------------ running
+
+
+def train_command(recipe: str, run: RunSpec, nproc: int, port: int) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "stable_megatron.train", recipe, *run.overrides]
+    return ["deepspeed", "--num_gpus", str(nproc), "--master_port", str(port),
+            "--module", "stable_megatron.train", recipe, *run.overrides]
+
+
+def read_result(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / RESULT_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def is_finished(run: RunSpec) -> bool:
+    """Ended (done or diverged) with the same settings as now."""
+    result = read_result(run.run_dir)
+    return bool(result) and result.get("status") in ("done", "diverged") and \
+        result.get("overrides") == run.overrides
+
+
+def outcome(run_dir: Path, returncode: int, steps: int) -> tuple[str, str]:
+    """(status, detail) of a run whose process has ended."""
+    try:
+        log = read_run(run_dir)
+    except RunLogError:
+        return "failed", f"exit code {returncode}, no metrics.jsonl"
+    diverged = log.events_of("diverged")
+    if returncode == 0 and diverged:
+        return "diverged", diverged[-1].get("reason", "")
+    if returncode == 0 and log.last_step >= steps:
+        return "done", ""
+    return "failed", f"exit code {returncode} at step {log.last_step}"
+
+
+def run_summary(run_dir: Path, method: str, lr: float) -> sweep_table.SweepRun:
+    """One row of the table, from the run's log and result file."""
+    result = read_result(run_dir) or {}
+    status = result.get("status", "pending")
+    row = sweep_table.SweepRun(method=method, lr=lr, status=status, run_dir=str(run_dir),
+                               seconds=result.get("seconds"))
+    try:
+        log = read_run(run_dir)
+    except RunLogError:
+        return row
+    row.steps = log.last_step
+    row.initial_loss = log.first("loss")
+    row.train_loss = log.last("loss")
+    row.val_loss = log.last("val_loss")
+    diverged = log.events_of("diverged")
+    if status == "diverged" and diverged:
+        row.diverged_step = int(diverged[-1]["step"])
+        if is_number(diverged[-1].get("initial_loss")):
+            row.initial_loss = float(diverged[-1]["initial_loss"])
+    logits = [v for r in log.records for k, v in r.items()
+              if k.startswith("attn_logit_max/layer_") and is_number(v)]
+    row.max_attn_logit = max(logits) if logits else None
+    for record in reversed(log.records):
+        entropies = [v for k, v in record.items()
+                     if k.startswith("attn_entropy_norm/layer_") and k.endswith("/min")
+                     and is_number(v)]
+        if entropies:
+            row.min_attn_entropy = min(entropies)
+            break
+    return row
+
+
+class Runner:
+    """Launches the runs, `jobs` at a time, and records each one's outcome."""
+
+    def __init__(self, recipe: str, runs: list[RunSpec], nproc: int, jobs: int,
+                 port: int, steps: int) -> None:
+        self.recipe, self.runs, self.nproc, self.jobs = recipe, runs, nproc, jobs
+        self.port, self.steps = port, steps
+        self.durations: list[float] = []
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        threads = max(1, (os.cpu_count() or 1) // (self.jobs * self.nproc))
+        env.setdefault("OMP_NUM_THREADS", str(threads))
+        env.setdefault("PYTHONWARNINGS", "ignore")
+        return env
+
+    def _start(self, run: RunSpec, slot: int) -> tuple[subprocess.Popen, float, Any]:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        log = open(run.run_dir / "train.log", "a")
+        cmd = train_command(self.recipe, run, self.nproc, self.port + slot)
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        # its own session, so that stopping it stops the launcher's workers too; and a SIGTERM
+        # to it if the sweep itself is killed, so that no orphan keeps writing the run
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self._env(),
+                                start_new_session=True, preexec_fn=_terminate_with_parent)
+        return proc, time.time(), log
+
+    def _finish(self, run: RunSpec, proc: subprocess.Popen, started: float) -> str:
+        seconds = time.time() - started
+        previous = read_result(run.run_dir) or {}
+        status, detail = outcome(run.run_dir, proc.returncode, self.steps)
+        result = {"status": status, "detail": detail, "returncode": proc.returncode,
+                  "seconds": round(seconds + float(previous.get("seconds") or 0.0), 1),
+                  "launches": int(previous.get("launches", 0)) + 1,
+                  "overrides": run.overrides}
+        tmp = run.run_dir / f".{RESULT_FILE}.tmp"
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(run.run_dir / RESULT_FILE)
+        self.durations.append(seconds)
+        return f"{status}{': ' + detail if detail else ''} ({seconds:.0f}s)"
+
+    def run(self) -> None:
+        todo = [r for r in self.runs if not is_finished(r)]
+        skipped = len(self.runs) - len(todo)
+        if skipped:
+            print(f"sweep: {skipped} of {len(self.runs)} runs already ended; skipping them",
+                  flush=True)
+        active: dict[int, tuple[RunSpec, subprocess.Popen, float, Any]] = {}
+        queue, done_count, total = list(todo), 0, len(todo)
+        sweep_start = time.time()
+        try:
+            while queue or active:
+                while queue and len(active) < self.jobs:
+                    slot = next(i for i in range(self.jobs) if i not in active)
+                    run = queue.pop(0)
+                    resumed = " (resuming)" if (run.run_dir / "metrics.jsonl").exists() else ""
+                    print(f"[{done_count + len(active) + 1}/{total}] {run.label}: "
+                          f"started{resumed} -> {run.run_dir}/train.log", flush=True)
+                    active[slot] = (run, *self._start(run, slot))
+                time.sleep(0.5)
+                for slot, (run, proc, started, log) in list(active.items()):
+                    if proc.poll() is None:
+                        continue
+                    log.close()
+                    message = self._finish(run, proc, started)
+                    del active[slot]
+                    done_count += 1
+                    eta = ""
+                    if queue or active:
+                        per_run = (time.time() - sweep_start) / done_count
+                        left = per_run * (total - done_count)
+                        eta = f"; {total - done_count} left, ETA {left / 60:.0f} min"
+                    print(f"[{done_count}/{total}] {run.label}: {message}{eta}", flush=True)
+        except KeyboardInterrupt:
+            for _, proc, _, log in active.values():
+                _stop(proc)
+                log.close()
+            print("sweep: interrupted; run the same command again to continue "
+                  "(ended runs are kept, the others resume)", file=sys.stderr)
+            raise
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _terminate_with_parent() -> None:
+    """Linux: deliver SIGTERM to this (child) process when its parent dies."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+# ------------------------------------------------------------------------------ summary
+
+
+def summarise(out: Path, runs: list[RunSpec], methods: list[str], header: list[str]
+              ) -> tuple[list[sweep_table.SweepRun], list[sweep_table.MethodSummary]]:
+    """Write sweep.csv, sweep.md and sweep.png; returns the rows and the method summaries."""
+    rows = [run_summary(r.run_dir, r.method.name, r.lr) for r in runs]
+    summaries = sweep_table.summarise(rows, methods)
+    out.mkdir(parents=True, exist_ok=True)
+    sweep_table.write_csv(rows, out / "sweep.csv")
+    plot_note = _plot(rows, out / "sweep.png")
+    lines = ["# LR sweep", "", *header, "",
+             "## Per method", "", *sweep_table.summary_table(summaries), "",
+             "LR sensitivity (Wortsman et al. 2023): mean over the grid of min(final loss, "
+             "initial loss) - best final loss; lower is more robust. Final loss: the last "
+             "validation loss; a diverged run counts as its initial loss.", "",
+             "## Final loss per run", "", *sweep_table.loss_grid(rows, methods), "",
+             "`div@N`: stopped by the divergence rule at step N.", "",
+             "## Largest attention logit / last lowest normalised entropy", "",
+             *sweep_table.extremes_grid(rows, methods), "", plot_note, ""]
+    (out / "sweep.md").write_text("\n".join(lines))
+    return rows, summaries
+
+
+def _plot(rows: list[sweep_table.SweepRun], path: Path) -> str:
+    try:
+        from stable_megatron.analysis.plotting import plot_sweep
+    except ImportError as err:  # matplotlib is optional
+        return f"(no plot: {err}; `pip install matplotlib`)"
+    points = [{"method": r.method, "lr": r.lr, "loss": r.final_loss,
+               "diverged": r.status == "diverged", "initial_loss": r.initial_loss}
+              for r in rows if r.status in ("done", "diverged")]
+    if not points:
+        return "(no plot: no run has ended yet)"
+    plot_sweep(points, path, title="final loss against learning rate")
+    return f"![final loss against learning rate]({path.name})"
+
+
+# ------------------------------------------------------------------------------ CLI
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="stable-megatron sweep",
+        description="Train every (method, LR) pair of a grid; write sweep.csv/.md/.png.")
+    parser.add_argument("recipe")
+    parser.add_argument("--methods", help="comma-separated; default: the recipe's sweep.methods")
+    parser.add_argument("--lrs", help="comma-separated learning rates; default: sweep.lrs")
+    parser.add_argument("--out", type=Path, help="sweep directory (default: sweep.out, "
+                        "else runs/sweep/<recipe name>)")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="processes per run (deepspeed launcher when > 1)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at the same time")
+    parser.add_argument("--master-port", type=int, default=29600,
+                        help="first rendezvous port (one per concurrent job)")
+    parser.add_argument("--dry-run", action="store_true", help="print the runs and stop")
+    parser.add_argument("--summarise-only", action="store_true",
+                        help="write the summary of the runs so far; launch nothing")
+    args, overrides = parser.parse_known_args(argv)
+    unknown = [o for o in overrides if o.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.nproc < 1 or args.jobs < 1:
+        parser.error("--nproc and --jobs must be >= 1")
+    return args, overrides
+
+
+def split_top_level(text: str) -> list[str]:
+    """Split at commas outside brackets (`[q,k,v]` stays one piece)."""
+    pieces, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            pieces.append(current)
+            current = ""
+        else:
+            current += char
+    pieces.append(current)
+    return [p.strip() for p in pieces if p.strip()]
+
+
+def split_methods(text: str | list | None) -> list[str]:
+    """Comma-separated methods, where a custom `name:k=v,k=v` keeps its own commas: a piece
+    that is a `key=value` continues the custom method before it."""
+    if text is None:
+        return []
+    if isinstance(text, list):
+        return [str(x) for x in text]
+    methods: list[str] = []
+    for piece in split_top_level(text):
+        if methods and ":" in methods[-1] and _KEY_VALUE.match(piece):
+            methods[-1] += "," + piece
+        else:
+            methods.append(piece)
+    return methods
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        defaults = recipe_sweep_defaults(args.recipe)
+        method_specs = split_methods(args.methods) or split_methods(defaults.get("methods"))
+        if not method_specs:
+            raise SweepError("no methods: pass --methods (or give the recipe sweep.methods)")
+        lr_text = args.lrs or ",".join(str(x) for x in defaults.get("lrs") or [])
+        if not lr_text:
+            raise SweepError("no learning rates: pass --lrs (or give the recipe sweep.lrs)")
+        lrs = parse_lrs(lr_text)
+        methods = [resolve_method(s, (Path(args.recipe).parent / "methods", METHODS_DIR))
+                   for s in method_specs]
+        out = args.out or Path(defaults.get("out") or f"runs/sweep/{Path(args.recipe).stem}")
+        runs = plan_runs(args.recipe, methods, lrs, out, overrides, args.nproc)
+        steps = load_config(args.recipe, runs[0].overrides).train.steps
+    except (SweepError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    names = [m.name for m in methods]
+    print(f"sweep: {len(names)} methods x {len(lrs)} learning rates = {len(runs)} runs "
+          f"of {args.recipe} ({steps} steps, {args.nproc} process(es) each, {args.jobs} at a "
+          f"time) -> {out}", flush=True)
+    if args.dry_run:
+        for run in runs:
+            state = " [ended]" if is_finished(run) else ""
+            cmd = train_command(args.recipe, run, args.nproc, args.master_port)
+            print(f"{run.label}{state}: {' '.join(cmd)}")
+        return 0
+    started = time.time()
+    if not args.summarise_only:
+        # SIGTERM (a scheduler's, or `kill`) stops the runs as Ctrl-C does
+        signal.signal(signal.SIGTERM, _interrupt)
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background
+            signal.signal(signal.SIGINT, _interrupt)
+        try:
+            Runner(args.recipe, runs, args.nproc, args.jobs, args.master_port, steps).run()
+        except KeyboardInterrupt:
+            return 130
+    elapsed = time.time() - started
+    header = [f"Recipe `{args.recipe}`, {steps} steps, methods {', '.join(names)}, learning "
+              f"rates {', '.join(f'{lr:g}' for lr in lrs)}; {args.nproc} process(es) per run, "
+              f"{args.jobs} run(s) at a time; overrides: {' '.join(overrides) or 'none'}.",
+              f"Command: `stable-megatron sweep {' '.join(argv or sys.argv[1:])}`"]
+    rows, summaries = summarise(out, runs, names, header)
+    print("\n".join(sweep_table.summary_table(summaries)))
+    failed = [r for r in rows if r.status in ("failed", "pending")]
+    print(f"sweep: wrote {out}/sweep.md, sweep.csv, sweep.png "
+          f"(this invocation {elapsed / 60:.1f} min)")
+    if failed and not args.summarise_only:
+        names = ", ".join(f"{r.method} lr={r.lr:g}" for r in failed)
+        print(f"sweep: {len(failed)} run(s) did not end: {names}; see their train.log",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
