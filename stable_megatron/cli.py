@@ -7,6 +7,8 @@ import sys
 COMMANDS = {
     "train": "train a model from a recipe (launch with deepspeed/torchrun for several processes)",
     "plan": "dry run: validate at a world size; layout, sizes, memory, speed, launch commands",
+    "sweep": "train every (method, learning rate) pair of a grid; LR sensitivity table and plot",
+    "report": "Markdown page with plots of runs' stability metrics, spikes, warnings, divergence",
 }
 
 
@@ -30,6 +32,14 @@ def main(argv: list[str] | None = None) -> int:
         from stable_megatron.plan import main as plan_main
 
         return plan_main(rest)
+    if command == "sweep":
+        from stable_megatron.sweep import main as sweep_main
+
+        return sweep_main(rest)
+    if command == "report":
+        from stable_megatron.report import main as report_main
+
+        return report_main(rest)
     print(f"error: unknown command {command!r}\n{_usage()}", file=sys.stderr)
     return 2
 

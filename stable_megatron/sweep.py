@@ -369,6 +369,9 @@ def summarise(out: Path, runs: list[RunSpec], methods: list[str], header: list[s
     out.mkdir(parents=True, exist_ok=True)
     sweep_table.write_csv(rows, out / "sweep.csv")
     plot_note = _plot(rows, out / "sweep.png")
+    seconds = sum(r.seconds or 0.0 for r in rows)
+    header = [*header, f"Sum of the runs' own wall times (start-up included): "
+              f"{seconds / 60:.1f} min over {sum(r.seconds is not None for r in rows)} runs."]
     lines = ["# LR sweep", "", *header, "",
              "## Per method", "", *sweep_table.summary_table(summaries), "",
              "LR sensitivity (Wortsman et al. 2023): mean over the grid of min(final loss, "
@@ -383,16 +386,17 @@ def summarise(out: Path, runs: list[RunSpec], methods: list[str], header: list[s
 
 
 def _plot(rows: list[sweep_table.SweepRun], path: Path) -> str:
-    try:
-        from stable_megatron.analysis.plotting import plot_sweep
-    except ImportError as err:  # matplotlib is optional
-        return f"(no plot: {err}; `pip install matplotlib`)"
     points = [{"method": r.method, "lr": r.lr, "loss": r.final_loss,
                "diverged": r.status == "diverged", "initial_loss": r.initial_loss}
               for r in rows if r.status in ("done", "diverged")]
     if not points:
         return "(no plot: no run has ended yet)"
-    plot_sweep(points, path, title="final loss against learning rate")
+    from stable_megatron.analysis.plotting import plot_sweep
+
+    try:
+        plot_sweep(points, path, title="final loss against learning rate")
+    except ImportError as err:  # matplotlib is optional
+        return f"(no plot: {err}; `pip install matplotlib`)"
     return f"![final loss against learning rate]({path.name})"
 
 
@@ -496,9 +500,11 @@ def main(argv: list[str] | None = None) -> int:
             return 130
     elapsed = time.time() - started
     header = [f"Recipe `{args.recipe}`, {steps} steps, methods {', '.join(names)}, learning "
-              f"rates {', '.join(f'{lr:g}' for lr in lrs)}; {args.nproc} process(es) per run, "
-              f"{args.jobs} run(s) at a time; overrides: {' '.join(overrides) or 'none'}.",
-              f"Command: `stable-megatron sweep {' '.join(argv or sys.argv[1:])}`"]
+              f"rates {', '.join(f'{lr:g}' for lr in lrs)}; {args.nproc} process(es) per run; "
+              f"overrides: {' '.join(overrides) or 'none'}."]
+    if not args.summarise_only:
+        header.append(f"This invocation: {elapsed / 60:.1f} min wall, {args.jobs} run(s) at a "
+                      f"time, on {os.cpu_count()} CPU core(s) / visible device(s).")
     rows, summaries = summarise(out, runs, names, header)
     print("\n".join(sweep_table.summary_table(summaries)))
     failed = [r for r in rows if r.status in ("failed", "pending")]

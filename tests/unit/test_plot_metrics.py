@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from stable_megatron.analysis.plotting import divergence_step
+
 pytest.importorskip("matplotlib")
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "plot_metrics.py"
@@ -64,17 +66,17 @@ def test_plot_writes_a_png_with_warnings_and_divergence(tool, tmp_path, capsys):
     assert "high LR: loss diverged at step 71" in text  # 7.1 > 6.0 + 1 from step 71 on
 
 
-def test_divergence_step(tool):
+def test_divergence_step():
     def records(losses):
         return [{"step": i + 1, "loss": v} for i, v in enumerate(losses)]
 
-    assert tool.divergence_step(records([9, 8, 7, 6] * 10)) is None
+    assert divergence_step(records([9, 8, 7, 6] * 10)) is None
     # one spike that recovers at once is not a divergence; a non-finite loss is
-    assert tool.divergence_step(records([9, 7, 6, 12, 6, 6, 6])) is None
-    assert tool.divergence_step(records([9, 7, 6, math.inf, 6])) == 4
-    assert tool.divergence_step(records([9, 7, 6] + [7.5] * 9 + [5.0])) is None
-    assert tool.divergence_step(records([9, 7, 6] + [7.5] * 10), patience=10) == 4
-    assert tool.divergence_step(records([9, 7, 6] + [6.5] * 10), margin=0.4) == 4
+    assert divergence_step(records([9, 7, 6, 12, 6, 6, 6])) is None
+    assert divergence_step(records([9, 7, 6, math.inf, 6])) == 4
+    assert divergence_step(records([9, 7, 6] + [7.5] * 9 + [5.0])) is None
+    assert divergence_step(records([9, 7, 6] + [7.5] * 10), patience=10) == 4
+    assert divergence_step(records([9, 7, 6] + [6.5] * 10), margin=0.4) == 4
 
 
 def test_missing_run_is_one_line(tool, tmp_path):
