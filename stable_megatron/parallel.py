@@ -78,8 +78,14 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _ensure_single_process_env() -> None:
-    """Let `python -m stable_megatron.train` run without a launcher (world size 1)."""
+_NO_LAUNCHER = "STABLE_MEGATRON_NO_LAUNCHER"
+
+
+def _ensure_single_process_env() -> bool:
+    """Let `python -m stable_megatron.train` run without a launcher (world size 1); True when
+    there is no launcher (no MASTER_PORT given, world size 1)."""
+    alone = os.environ.get(_NO_LAUNCHER) == "1" or (
+        "MASTER_PORT" not in os.environ and os.environ.get("WORLD_SIZE", "1") == "1")
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -90,6 +96,9 @@ def _ensure_single_process_env() -> None:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+    if alone:  # remembered for later trainings in this process (MASTER_PORT is set now)
+        os.environ[_NO_LAUNCHER] = "1"
+    return alone
 
 
 def initialize(tp: int, pp: int, device: str = "auto", timeout_minutes: int = 30) -> ParallelState:
@@ -100,7 +109,7 @@ def initialize(tp: int, pp: int, device: str = "auto", timeout_minutes: int = 30
 
     from stable_megatron import compat
 
-    _ensure_single_process_env()
+    alone = _ensure_single_process_env()
     dev = select_device(device)
     if dev.type == "cpu":
         _share_cpu_threads()
@@ -109,9 +118,15 @@ def initialize(tp: int, pp: int, device: str = "auto", timeout_minutes: int = 30
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         compat.apply_cpu_patches()
     if not dist.is_initialized():
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if alone:
+            # One process: an in-memory store, so that runs started side by side (a sweep's
+            # jobs) never race for the same free TCP port; DeepSpeed adopts the group.
+            dist.init_process_group(backend_for(dev), store=dist.HashStore(), rank=0,
+                                    world_size=1, timeout=timeout)
         deepspeed.init_distributed(
             dist_backend=backend_for(dev),
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            timeout=timeout,
             verbose=False,
         )
     world, rank = dist.get_world_size(), dist.get_rank()

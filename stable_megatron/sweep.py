@@ -20,7 +20,8 @@ beside it records the outcome once the run has ended.
   (stable_megatron/metrics/divergence.py).
 - Runs go one after another, or `--jobs J` at a time (each with cores / (J * nproc) threads).
 - Run again, the same command skips the runs that ended (done or diverged) with the same
-  settings and relaunches the others, which resume from their latest checkpoint.
+  overrides and relaunches the others, which resume from their latest checkpoint. (An edit of
+  the recipe file itself is not detected: sweep into a new `--out` after one.)
 - At the end (and with `--summarise-only`) it writes `OUT/sweep.csv` (one row per run),
   `OUT/sweep.md` (loss grid, per-method summary, LR sensitivity; definitions in
   stable_megatron/analysis/sweep_table.py) and `OUT/sweep.png` (final loss against LR).
@@ -32,6 +33,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -184,7 +186,9 @@ def plan_runs(recipe: str, methods: list[Method], lrs: list[float], out: Path,
 def train_command(recipe: str, run: RunSpec, nproc: int, port: int) -> list[str]:
     if nproc == 1:
         return [sys.executable, "-m", "stable_megatron.train", recipe, *run.overrides]
-    return ["deepspeed", "--num_gpus", str(nproc), "--master_port", str(port),
+    launcher = ["deepspeed"] if shutil.which("deepspeed") else \
+        [sys.executable, "-m", "deepspeed.launcher.runner"]
+    return [*launcher, "--num_gpus", str(nproc), "--master_port", str(port),
             "--module", "stable_megatron.train", recipe, *run.overrides]
 
 
