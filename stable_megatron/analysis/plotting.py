@@ -157,11 +157,16 @@ def plot(run_dirs: list[Path], out: Path, labels: list[str] | None = None,
     _finish_panels(grid, columns, zoom, margin)
     if title:
         fig.suptitle(title, fontsize=10)
+    _save(plt, fig, out, dpi=80)
+    return summary
+
+
+def _save(plt, fig, out: Path, dpi: int) -> None:
+    """Lay out (tight), write the PNG (creating its folder) and free the figure."""
     fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=80)
+    fig.savefig(out, dpi=dpi)
     plt.close(fig)
-    return summary
 
 
 def _plot_run(grid, records, events, diverged, color, label, zoom) -> None:
@@ -252,10 +257,7 @@ def plot_sweep(rows: list[dict[str, Any]], out: Path, title: str | None = None) 
     ax.legend(handles=handles, fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
+    _save(plt, fig, out, dpi=90)
 
 
 def _sweep_points(rows: list[dict[str, Any]]) -> list[tuple[float, float, bool]]:

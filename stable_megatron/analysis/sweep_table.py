@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -166,16 +166,22 @@ def cell(run: SweepRun | None) -> str:
     return run.status
 
 
-def loss_grid(runs: Sequence[SweepRun], methods: Sequence[str]) -> list[str]:
-    """Markdown table: methods x LRs, final loss per cell."""
+def method_lr_grid(runs: Sequence[SweepRun], methods: Sequence[str],
+                   cell_of: Callable[[SweepRun | None], str]) -> list[str]:
+    """Markdown table: one row per method, one column per LR, `cell_of(run)` in each cell."""
     lrs = sorted({r.lr for r in runs})
     at = {(r.method, r.lr): r for r in runs}
     lines = ["| method | " + " | ".join(f"lr {_lr(lr)}" for lr in lrs) + " |",
              "|---|" + "---|" * len(lrs)]
     for method in methods:
-        lines.append(f"| {method} | " + " | ".join(cell(at.get((method, lr))) for lr in lrs)
+        lines.append(f"| {method} | " + " | ".join(cell_of(at.get((method, lr))) for lr in lrs)
                      + " |")
     return lines
+
+
+def loss_grid(runs: Sequence[SweepRun], methods: Sequence[str]) -> list[str]:
+    """Markdown table: methods x LRs, final loss per cell."""
+    return method_lr_grid(runs, methods, cell)
 
 
 def summary_table(summaries: Sequence[MethodSummary]) -> list[str]:
@@ -193,19 +199,13 @@ def summary_table(summaries: Sequence[MethodSummary]) -> list[str]:
     return lines
 
 
+def extremes_cell(run: SweepRun | None) -> str:
+    """The run's largest attention logit / its last lowest normalised entropy."""
+    if run is None or run.max_attn_logit is None:
+        return "-"
+    return f"{run.max_attn_logit:.3g} / {_num(run.min_attn_entropy, '.2f')}"
+
+
 def extremes_grid(runs: Sequence[SweepRun], methods: Sequence[str]) -> list[str]:
     """Markdown table: the run's largest attention logit / last lowest normalised entropy."""
-    lrs = sorted({r.lr for r in runs})
-    at = {(r.method, r.lr): r for r in runs}
-    lines = ["| method | " + " | ".join(f"lr {_lr(lr)}" for lr in lrs) + " |",
-             "|---|" + "---|" * len(lrs)]
-    for method in methods:
-        cells = []
-        for lr in lrs:
-            run = at.get((method, lr))
-            if run is None or run.max_attn_logit is None:
-                cells.append("-")
-            else:
-                cells.append(f"{run.max_attn_logit:.3g} / {_num(run.min_attn_entropy, '.2f')}")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return lines
+    return method_lr_grid(runs, methods, extremes_cell)
