@@ -7,6 +7,8 @@ Reads the `sigma_lag/layer_NN/<slot>` metrics (1 - sigma / sigma_exact; logged w
 `metrics.sigma_exact_iters` > 0) and prints a Markdown table: per run, the largest lag over the
 layers at the chosen steps, and the mean and largest over all metric steps. A positive lag is an
 estimate below the true norm, i.e. a weight scaled up by more than gamma / sigma(W).
+`--scale` prints gamma / sigma_exact instead: the factor by which an optimizer step of W moves
+the effective weight gamma / sigma(W) * W.
 """
 
 from __future__ import annotations
@@ -20,6 +22,27 @@ from stable_megatron.analysis.runs import RunLogError, is_number, read_run
 
 def lags(record: dict) -> list[float]:
     return [v for k, v in record.items() if k.startswith("sigma_lag/") and is_number(v)]
+
+
+def scales(record: dict) -> list[float]:
+    """gamma / sigma_exact of each layer: the factor by which a step of W moves W_hat."""
+    return [record[f"gamma/{k[len('sigma_exact/'):]}"] / v for k, v in record.items()
+            if k.startswith("sigma_exact/") and is_number(v)
+            and is_number(record.get(f"gamma/{k[len('sigma_exact/'):]}"))]
+
+
+def scale_table(run_dirs: list[Path], steps: list[int]) -> list[str]:
+    """Per run, the smallest and largest gamma / sigma_exact over the layers at `steps`."""
+    lines = ["| run | " + " | ".join(f"step {s}" for s in steps) + " |",
+             "|---|" + "---|" * len(steps)]
+    for run_dir in run_dirs:
+        by_step = {r["step"]: scales(r) for r in read_run(run_dir).records if scales(r)}
+        if not by_step:
+            raise RunLogError(f"{run_dir}: no sigma_exact metrics (metrics.sigma_exact_iters=0?)")
+        cells = [f"{min(by_step[s]):.3f} to {max(by_step[s]):.3f}" if s in by_step else "-"
+                 for s in steps]
+        lines.append(f"| {run_dir} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def table(run_dirs: list[Path], steps: list[int]) -> list[str]:
@@ -41,13 +64,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dirs", nargs="+", type=Path)
     parser.add_argument("--steps", default="10,20,50,100,200,300",
                         help="comma-separated steps for the table's columns")
+    parser.add_argument("--scale", action="store_true",
+                        help="print gamma / sigma_exact (smallest to largest over the layers) "
+                             "instead of the lag")
     args = parser.parse_args(argv)
     try:
         steps = [int(s) for s in args.steps.split(",")]
     except ValueError:
         parser.error(f"--steps {args.steps}: expected comma-separated integers")
     try:
-        print("\n".join(table(args.run_dirs, steps)))
+        print("\n".join((scale_table if args.scale else table)(args.run_dirs, steps)))
     except RunLogError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
