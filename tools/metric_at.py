@@ -13,7 +13,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from stable_megatron.analysis.runs import RunLogError, is_number, read_run
+from stable_megatron.analysis.runs import (
+    is_number,
+    print_table,
+    read_run,
+    step_list,
+)
 
 
 def table(run_dirs: list[Path], keys: list[str], steps: list[int]) -> list[str]:
@@ -36,18 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dirs", nargs="+", type=Path)
     parser.add_argument("--keys", required=True, help="comma-separated metric keys")
-    parser.add_argument("--steps", required=True, help="comma-separated steps")
+    parser.add_argument("--steps", required=True, type=step_list,
+                        help="comma-separated steps")
     args = parser.parse_args(argv)
-    try:
-        steps = [int(s) for s in args.steps.split(",")]
-    except ValueError:
-        parser.error(f"--steps {args.steps}: expected comma-separated integers")
-    try:
-        print("\n".join(table(args.run_dirs, args.keys.split(","), steps)))
-    except RunLogError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return print_table(lambda: table(args.run_dirs, args.keys.split(","), args.steps))
 
 
 if __name__ == "__main__":

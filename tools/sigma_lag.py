@@ -17,7 +17,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from stable_megatron.analysis.runs import RunLogError, is_number, read_run
+from stable_megatron.analysis.runs import (
+    RunLogError,
+    is_number,
+    print_table,
+    read_run,
+    step_list,
+)
 
 
 def lags(record: dict) -> list[float]:
@@ -62,22 +68,13 @@ def table(run_dirs: list[Path], steps: list[int]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dirs", nargs="+", type=Path)
-    parser.add_argument("--steps", default="10,20,50,100,200,300",
+    parser.add_argument("--steps", default=[10, 20, 50, 100, 200, 300], type=step_list,
                         help="comma-separated steps for the table's columns")
     parser.add_argument("--scale", action="store_true",
                         help="print gamma / sigma_exact (smallest to largest over the layers) "
                              "instead of the lag")
     args = parser.parse_args(argv)
-    try:
-        steps = [int(s) for s in args.steps.split(",")]
-    except ValueError:
-        parser.error(f"--steps {args.steps}: expected comma-separated integers")
-    try:
-        print("\n".join((scale_table if args.scale else table)(args.run_dirs, steps)))
-    except RunLogError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return print_table(lambda: (scale_table if args.scale else table)(args.run_dirs, args.steps))
 
 
 if __name__ == "__main__":

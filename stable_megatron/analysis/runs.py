@@ -8,8 +8,11 @@ last line (a run being written, or killed mid-write) is skipped.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,3 +109,26 @@ def is_number(value: Any) -> bool:
 
 def finite(value: Any) -> bool:
     return is_number(value) and math.isfinite(value)
+
+
+# ------------------------------------------------------------------------------ tools' CLI glue
+
+
+def step_list(text: str) -> list[int]:
+    """argparse type for `--steps 10,20,50`."""
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text}: expected comma-separated integers") from None
+
+
+def print_table(build: Callable[[], list[str]]) -> int:
+    """Print the Markdown lines `build()` returns; a run without its log is one error line,
+    exit code 2."""
+    try:
+        lines = build()
+    except RunLogError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return 0
