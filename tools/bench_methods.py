@@ -152,10 +152,10 @@ def method_config(method: str, shape: Shape, device: str = "auto"):
         "num_layers": shape.layers,
         "num_attention_heads": shape.heads,
         "seq_length": shape.seq,
-        "vocab_size": shape.vocab,
         **ALL_METHODS[method],
     }
     cfg = config_from_dict({
+        "data": {"vocab_size": shape.vocab},
         "model": model,
         "parallel": {"tp": 1, "pp": 1, "device": device},
         "train": {"micro_batch_size": shape.batch, "global_batch_size": shape.batch},
@@ -165,7 +165,7 @@ def method_config(method: str, shape: Shape, device: str = "auto"):
 
 
 def attention_path(method: str, on_cuda: bool) -> str:
-    from stable_megatron.model.attention import attention_kernel
+    from stable_megatron.model.spec import attention_kernel
 
     m = ALL_METHODS[method]
     return attention_kernel(m.get("attention_backend", "auto"), m.get("softmax_cap"), on_cuda)

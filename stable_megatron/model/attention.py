@@ -8,26 +8,36 @@ Proj is row-parallel; its bias is returned separately for megatron-core's bias-d
 
 Optional pieces (all per head over d_head, parameters shared by the heads, TP-replicated):
 - `q_layernorm`, `k_layernorm` (qk_norm), plus `v_layernorm` (qkv_norm) on the QKV output;
-- `softmax_cap` c: logits `s = q k^T / sqrt(d)` become `c * tanh(s / c)` before the mask.
+- the softmax cap c of the `core_attention` kernel: logits `s = q k^T / sqrt(d)` become
+  `capped(s, c) = c * tanh(s / c)` before the mask (the one place the formula is written).
 
-Kernels (`attention_kernel`):
-- `sdpa`: `scaled_dot_product_attention`, causal; flash / memory-efficient kernels on GPU. No cap.
-- `flex`: FlexAttention with the cap as a `score_mod`: the fused path for capped attention on
-  GPU (compiled there; eager, and slow, on CPU).
-- `math`: the explicit softmax, which materialises the probabilities: exact and always works.
+Kernels: the `core_attention` slot (megatron-core's name) takes one of the parameterless kernel
+modules below, chosen by `model/spec.py`; each takes q, k, v `[b, h, s, d]` and returns the
+causal context. What each supports is declared once, on its class, and checked at construction:
 
-Statistics capture (for the stability metrics, on logging steps only): after
-`capture_statistics(True)`, every forward also accumulates `AttentionStatistics` (entropy per
-head, max logit before and after capping) until `pop_statistics()` returns and resets them.
-The output and its gradients still come from the configured kernel; the statistics come from a
-second pass over q and k without autograd, a block of query rows at a time (fused kernels never
-materialise the probabilities). The math kernel has them at hand and reads them directly.
+- `SdpaAttention` (`sdpa`): no cap, no dropout; never materialises the probabilities (flash /
+  memory-efficient on GPU, fused on CPU); softmax in the inputs' dtype;
+- `FlexAttention` (`flex`): the cap as a `score_mod`, no dropout; fused on CUDA (compiled),
+  eager and slow on CPU (forward only there); softmax in the inputs' dtype;
+- `MathAttention` (`math`): the cap, no dropout; the exact path on any device: fp32 logits
+  and softmax, the probabilities materialised and cast to v's dtype.
+
+Attention statistics: every kernel alike, through the capture hook below (none computes
+them). `flex` without a cap runs SDPA. No kernel applies attention dropout: the config rejects
+`model.attention_dropout` > 0 (config.py, `_validate_methods`).
+
+Statistics capture: the stability metrics (`metrics/attention.py`) set a capture hook on the
+module for metric steps; every forward then hands the hook an `AttentionCapture` (the detached
+q and k the kernel saw, the cap, the rank's first head) after the kernel ran. The kernel's
+output and gradients do not depend on whether a hook is set; the model computes no statistics.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -43,12 +53,14 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 class SelfAttentionSubmodules:
     linear_qkv: ModuleSpec | type
     linear_proj: ModuleSpec | type
+    core_attention: ModuleSpec | type
     q_layernorm: ModuleSpec | type = IdentityOp
     k_layernorm: ModuleSpec | type = IdentityOp
     v_layernorm: ModuleSpec | type = IdentityOp
 
 
 def capped(scores: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """The softmax cap of Rybakov et al.: `cap * tanh(scores / cap)` (None: no cap)."""
     return scores if cap is None else cap * torch.tanh(scores / cap)
 
 
@@ -74,163 +86,115 @@ def causal_logits(q: torch.Tensor, k: torch.Tensor, cap: float | None = None) ->
     return masked_logits(scaled_scores(q, k), cap, future_keys(0, seq, seq, q.device))
 
 
+# --------------------------------------------------------------------------------------------
+# Kernels (the `core_attention` slot)
+
+
+class CausalAttentionKernel(torch.nn.Module):
+    """q, k, v `[batch, heads, seq, head_dim]` -> the causal context, same shape. Subclasses
+    declare what they support; construction refuses a configuration they cannot run."""
+
+    name: ClassVar[str]
+    supports_cap: ClassVar[bool]
+    supports_dropout: ClassVar[bool] = False
+    fused_on: ClassVar[frozenset[str]]  # device types where it never materialises probabilities
+
+    def __init__(
+        self, config: TransformerConfig | None = None, layer_number: int | None = None,
+        softmax_cap: float | None = None, **_unused,
+    ) -> None:
+        super().__init__()
+        if softmax_cap is not None and not self.supports_cap:
+            able = ", ".join(k.name for k in KERNELS.values() if k.supports_cap)
+            raise ValueError(f"the {self.name} kernel cannot apply a softmax cap: use {able}")
+        dropout = getattr(config, "attention_dropout", 0.0) or 0.0
+        if dropout and not self.supports_dropout:
+            raise ValueError(
+                f"the {self.name} kernel does not apply attention dropout "
+                f"(attention_dropout={dropout})"
+            )
+        self.softmax_cap = softmax_cap
+
+    def extra_repr(self) -> str:
+        return f"softmax_cap={self.softmax_cap}"
+
+
+class SdpaAttention(CausalAttentionKernel):
+    name = "sdpa"
+    supports_cap = False
+    fused_on = frozenset({"cpu", "cuda"})
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
 _compiled_flex = None
 
 
-def _flex_attention(q, k, v, cap: float):
-    global _compiled_flex
-    from torch.nn.attention.flex_attention import flex_attention
+class FlexAttention(CausalAttentionKernel):
+    """FlexAttention with the cap as a `score_mod` (compiled on CUDA, eager on CPU); without a
+    cap, SDPA."""
 
-    def score_mod(score, batch, head, q_idx, kv_idx):
-        score = cap * torch.tanh(score / cap)
-        return torch.where(q_idx >= kv_idx, score, float("-inf"))
+    name = "flex"
+    supports_cap = True
+    fused_on = frozenset({"cuda"})
 
-    if q.is_cuda:
-        if _compiled_flex is None:
-            _compiled_flex = torch.compile(flex_attention, dynamic=False)
-        return _compiled_flex(q, k, v, score_mod=score_mod)
-    return flex_attention(q, k, v, score_mod=score_mod)
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        global _compiled_flex
+        cap = self.softmax_cap
+        if cap is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        from torch.nn.attention.flex_attention import flex_attention
+
+        def score_mod(score, batch, head, q_idx, kv_idx):
+            return torch.where(q_idx >= kv_idx, capped(score, cap), float("-inf"))
+
+        if q.is_cuda:
+            if _compiled_flex is None:
+                _compiled_flex = torch.compile(flex_attention, dynamic=False)
+            return _compiled_flex(q, k, v, score_mod=score_mod)
+        return flex_attention(q, k, v, score_mod=score_mod)
+
+
+class MathAttention(CausalAttentionKernel):
+    """The explicit softmax over `causal_logits`: exact, any device."""
+
+    name = "math"
+    supports_cap = True
+    fused_on = frozenset()
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(causal_logits(q, k, self.softmax_cap), dim=-1)
+        return torch.matmul(probs.to(v.dtype), v)
+
+
+KERNELS: dict[str, type[CausalAttentionKernel]] = {
+    kernel.name: kernel for kernel in (SdpaAttention, FlexAttention, MathAttention)
+}
 
 
 def causal_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kernel: str = "sdpa",
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str = "sdpa",
     cap: float | None = None,
 ) -> torch.Tensor:
-    """q, k, v: [batch, heads, seq, head_dim] -> [batch, heads, seq, head_dim]."""
-    if kernel == "sdpa":
-        if cap is not None:
-            raise ValueError("the sdpa kernel cannot apply a softmax cap: use flex or math")
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    if kernel == "flex":
-        if cap is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return _flex_attention(q, k, v, cap)
-    probs = torch.softmax(causal_logits(q, k, cap), dim=-1)
-    return torch.matmul(probs.to(v.dtype), v)
+    """One call of the named kernel: q, k, v `[b, h, s, d]` -> `[b, h, s, d]`."""
+    return KERNELS[kernel](softmax_cap=cap)(q, k, v)
 
 
-@dataclass
-class AttentionStatistics:
-    """Sums over the captured forwards of one layer, for this rank's heads
-    (global heads `first_head .. first_head + heads - 1`), in fp32:
-    - `entropy_sum[h]`: sum over batch rows and query positions of
-      `H = -sum_j p_j log p_j` over the visible keys j; `rows` terms;
-    - `normalized_entropy_sum[h]`: sum over batch rows and query positions 2.. of
-      `H / log(number of visible keys)` (the first query sees one key: H = 0 / log 1);
-      `normalized_rows` terms;
-    - `max_logit`: the largest visible `q k / sqrt(d)` before capping, `max_capped_logit` after.
-    """
+# --------------------------------------------------------------------------------------------
+# The module
 
+
+@dataclass(frozen=True)
+class AttentionCapture:
+    """What one forward shows a capture hook: q and k `[b, heads, s, d]` as the kernel took
+    them (after the head norms and RoPE), detached; the kernel's softmax cap; the global index
+    of this rank's first head. The mask is causal (query i sees keys 0 .. i)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    softmax_cap: float | None
     first_head: int
-    entropy_sum: torch.Tensor
-    normalized_entropy_sum: torch.Tensor
-    rows: int
-    normalized_rows: int
-    max_logit: torch.Tensor
-    max_capped_logit: torch.Tensor
-
-    def merge(self, other: AttentionStatistics) -> AttentionStatistics:
-        return AttentionStatistics(
-            first_head=self.first_head,
-            entropy_sum=self.entropy_sum + other.entropy_sum,
-            normalized_entropy_sum=self.normalized_entropy_sum + other.normalized_entropy_sum,
-            rows=self.rows + other.rows,
-            normalized_rows=self.normalized_rows + other.normalized_rows,
-            max_logit=torch.maximum(self.max_logit, other.max_logit),
-            max_capped_logit=torch.maximum(self.max_capped_logit, other.max_capped_logit),
-        )
-
-
-def _statistics(
-    scores: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor, future: torch.Tensor,
-    start: int, first_head: int,
-) -> AttentionStatistics:
-    """Statistics of the query rows `start ..` of one forward: `scores` before capping,
-    `logits` after capping and masking, `probs` their softmax ([b, h, rows, keys]); `future`
-    the [rows, keys] mask."""
-    batch, _, rows, _ = probs.shape
-    entropy = -torch.special.xlogy(probs, probs).sum(dim=-1)  # [b, h, rows]
-    # query i sees i + 1 keys; the first query sees one (H = 0 / log 1) and is left out
-    skip = 1 if start == 0 else 0
-    visible = torch.arange(start + 1 + skip, start + rows + 1, device=probs.device,
-                           dtype=torch.float32)
-    normalized = entropy[..., skip:] / visible.log()
-    return AttentionStatistics(
-        first_head=first_head,
-        entropy_sum=entropy.sum(dim=(0, 2)),
-        normalized_entropy_sum=normalized.sum(dim=(0, 2)),
-        rows=batch * rows,
-        normalized_rows=batch * (rows - skip),
-        max_logit=scores.masked_fill(future, float("-inf")).amax(),
-        max_capped_logit=logits.amax(),
-    )
-
-
-def causal_attention_with_statistics(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cap: float | None, first_head: int = 0
-) -> tuple[torch.Tensor, AttentionStatistics]:
-    """The math kernel's output (the same operations as `causal_attention(kernel="math")`) and
-    the statistics of its probabilities."""
-    scores = scaled_scores(q, k)
-    seq = q.size(-2)
-    future = future_keys(0, seq, seq, q.device)
-    logits = masked_logits(scores, cap, future)
-    probs = torch.softmax(logits, dim=-1)
-    context = torch.matmul(probs.to(v.dtype), v)
-    with torch.no_grad():
-        stats = _statistics(scores.detach(), logits.detach(), probs.detach(), future, 0,
-                            first_head)
-    return context, stats
-
-
-STATISTICS_BLOCK_ELEMENTS = 1 << 24  # logits per block of query rows (64 MiB in fp32)
-STATISTICS_MIN_BLOCKS = 8  # blocks of query rows at least: the causal triangle, not the square
-
-
-def statistics_block_rows(batch: int, heads: int, seq: int) -> int:
-    """Query rows per block of `attention_statistics`: at most `STATISTICS_BLOCK_ELEMENTS`
-    logits in a block, and at least `STATISTICS_MIN_BLOCKS` blocks. A block of rows
-    `start .. stop - 1` needs the keys `0 .. stop - 1` only, so n blocks compute about
-    (n + 1) / 2n of the full score matrix (56% at 8; on 2 CPU cores at seq 512, 8 blocks
-    took 0.54x the time of one)."""
-    budget = max(1, STATISTICS_BLOCK_ELEMENTS // (batch * heads * seq))
-    return max(1, min(budget, -(-seq // STATISTICS_MIN_BLOCKS)))
-
-
-@torch.no_grad()
-def attention_statistics(
-    q: torch.Tensor, k: torch.Tensor, cap: float | None, first_head: int = 0,
-    block_rows: int | None = None,
-) -> AttentionStatistics:
-    """The statistics of causal attention over q, k ([b, h, s, d]) without autograd, computed
-    a block of query rows at a time against the keys those rows can see (`block_rows`,
-    default `statistics_block_rows`): what the capture costs next to a fused kernel."""
-    batch, heads, seq, _ = q.shape
-    rows = block_rows or statistics_block_rows(batch, heads, seq)
-    q, k = q.detach(), k.detach()
-    total = None
-    for start in range(0, seq, rows):
-        stop = min(seq, start + rows)
-        scores = scaled_scores(q[:, :, start:stop], k[:, :, :stop])
-        future = future_keys(start, stop, stop, q.device)
-        logits = masked_logits(scores, cap, future)
-        block = _statistics(scores, logits, torch.softmax(logits, dim=-1), future, start,
-                            first_head)
-        total = block if total is None else total.merge(block)
-    return total
-
-
-def attention_kernel(requested: str, cap: float | None, on_cuda: bool) -> str:
-    """The kernel for `model.attention_backend`: `auto` takes the fused kernel that supports
-    the configuration (SDPA without a cap; FlexAttention with one on GPU, math on CPU)."""
-    if requested != "auto":
-        return requested
-    if cap is None:
-        return "sdpa"
-    return "flex" if on_cuda else "math"
 
 
 class SelfAttention(MegatronModule):
@@ -239,24 +203,17 @@ class SelfAttention(MegatronModule):
         config: TransformerConfig,
         submodules: SelfAttentionSubmodules,
         layer_number: int,
-        kernel: str = "sdpa",
-        softmax_cap: float | None = None,
         **unused,
     ) -> None:
         super().__init__(config=config)
         tp = config.tensor_model_parallel_size
-        if kernel == "sdpa" and softmax_cap is not None:
-            raise ValueError("model.softmax_cap needs the flex or math attention kernel")
         self.layer_number = layer_number
-        self.kernel = kernel
-        self.softmax_cap = softmax_cap
         self.head_dim = config.kv_channels
         self.heads_local = config.num_attention_heads // tp
         # heads are split over TP ranks in order: this rank holds first_head .. + heads_local - 1
         tp_rank = parallel_state.get_tensor_model_parallel_rank() if tp > 1 else 0
         self.first_head = tp_rank * self.heads_local
-        self._capture = False
-        self._statistics: AttentionStatistics | None = None
+        self.capture_hook: Callable[[AttentionCapture], None] | None = None
         width = config.num_attention_heads * self.head_dim
         self.linear_qkv = build_module(
             submodules.linear_qkv,
@@ -274,6 +231,9 @@ class SelfAttention(MegatronModule):
         self.q_layernorm = build_module(submodules.q_layernorm, **head_norm)
         self.k_layernorm = build_module(submodules.k_layernorm, **head_norm)
         self.v_layernorm = build_module(submodules.v_layernorm, **head_norm)
+        self.core_attention = build_module(
+            submodules.core_attention, config=config, layer_number=layer_number
+        )
         self.linear_proj = build_module(
             submodules.linear_proj,
             width,
@@ -286,17 +246,17 @@ class SelfAttention(MegatronModule):
             is_expert=False,
         )
 
-    def capture_statistics(self, enabled: bool = True) -> None:
-        """Switch the statistics capture on (forwards accumulate `AttentionStatistics`) or
-        off; either way the accumulated statistics are dropped."""
-        self._capture = enabled
-        self._statistics = None
+    @property
+    def kernel(self) -> str:
+        return self.core_attention.name
 
-    def pop_statistics(self) -> AttentionStatistics | None:
-        """The statistics accumulated since capture was switched on or last popped (None if no
-        forward ran); resets them."""
-        stats, self._statistics = self._statistics, None
-        return stats
+    @property
+    def softmax_cap(self) -> float | None:
+        return self.core_attention.softmax_cap
+
+    def set_capture_hook(self, hook: Callable[[AttentionCapture], None] | None) -> None:
+        """`hook` receives an `AttentionCapture` of every forward until set back to None."""
+        self.capture_hook = hook
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, rotary_pos_emb=None, **_):
         seq, batch, _ = hidden_states.shape
@@ -308,15 +268,10 @@ class SelfAttention(MegatronModule):
             k = apply_rotary_pos_emb(k, rotary_pos_emb, config=self.config)
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
-        if self._capture and self.kernel == "math":  # the probabilities are at hand
-            context, stats = causal_attention_with_statistics(
-                q, k, v, self.softmax_cap, self.first_head
+        context = self.core_attention(q, k, v)
+        if self.capture_hook is not None:
+            self.capture_hook(
+                AttentionCapture(q.detach(), k.detach(), self.softmax_cap, self.first_head)
             )
-        else:
-            context = causal_attention(q, k, v, self.kernel, self.softmax_cap)
-            stats = (attention_statistics(q, k, self.softmax_cap, self.first_head)
-                     if self._capture else None)
-        if stats is not None:
-            self._statistics = stats if self._statistics is None else self._statistics.merge(stats)
         context = context.permute(2, 0, 1, 3).reshape(seq, batch, self.heads_local * self.head_dim)
         return self.linear_proj(context)

@@ -58,15 +58,19 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.utils import get_pg_rank, get_pg_size, get_tensor_model_parallel_group_if_none
 from torch import nn
 
+from stable_megatron.config import MLRAConfig
+
 QKV_TARGETS = ("q", "k", "v")
 TARGETS = (*QKV_TARGETS, "o")
-FACTOR_INIT = "paper"  # project choice, see the module docstring
+# The defaults (rank, targets, factor_init) are the config's (model.mlra), written only there.
+DEFAULTS = MLRAConfig()
+FACTOR_INIT = DEFAULTS.factor_init  # project choice, see the module docstring
 FACTOR_INITS = ("paper", "balanced", "input_side")
 
 
 def resolve_rank(rank: int | None, d_head: int) -> int:
-    """`rank`, or the default d_head // 2; must be >= 1."""
-    r = d_head // 2 if rank is None else rank
+    """`rank`, or the config's default (`MLRAConfig.resolved_rank`); must be >= 1."""
+    r = MLRAConfig(rank=rank).resolved_rank(d_head)
     if r < 1:
         raise ValueError(f"MLRA rank={rank} (d_head={d_head}): must be >= 1")
     return r
@@ -168,7 +172,7 @@ class MLRAQKV(nn.Module):
         skip_bias_add: bool = False,
         is_expert: bool = False,
         rank: int | None = None,
-        targets: Sequence[str] = QKV_TARGETS,
+        targets: Sequence[str] = tuple(DEFAULTS.targets),
         factor_init: str = FACTOR_INIT,
         init_std: float | None = None,
         tp_group=None,

@@ -2,7 +2,8 @@
 
 `SigmaReparamColumnParallelLinear` / `SigmaReparamRowParallelLinear` take the constructor of
 `ColumnParallelLinear` / `RowParallelLinear` (plus `power_iters`, `init_iters`, `gamma_init`,
-`seed`), so they drop into any `ModuleSpec` slot that builds those. They compute
+whose defaults are `SigmaReparamConfig`'s, and `seed`), so they drop into any `ModuleSpec` slot
+that builds those. They compute
 
     y = s * (x W^T) + b,   s = gamma / sigma_hat,   sigma_hat = v^T W u  (with grad to W)
 
@@ -81,9 +82,13 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from torch import nn
 
 from stable_megatron import parallel
+from stable_megatron.config import SigmaReparamConfig
 
 EPS = 1e-12
 GAMMA_INITS = ("sigma0", "one")
+# power_iters, init_iters, gamma_init: the defaults of the config (model.sigma_reparam), the
+# one place they are written
+DEFAULTS = SigmaReparamConfig()
 
 
 class _SigmaReparam:
@@ -119,6 +124,8 @@ class _SigmaReparam:
         self.gamma.allreduce = True  # TP-replicated, data-parallel reduced like the bias
         self._sigma_est = torch.full((), math.nan, device=device)
         self.register_load_state_dict_post_hook(_mark_sigma_stale)
+        if device.type == "meta":  # a shape-only build (sizes, shard kinds): no values to use
+            return
         if config.perform_initialization:
             self.init_power_iteration()
             self.init_gamma()
@@ -283,9 +290,9 @@ class SigmaReparamColumnParallelLinear(_SigmaReparam, ColumnParallelLinear):
         tp_comm_buffer_name: str | None = None,
         disable_grad_reduce: bool = False,
         tp_group: torch.distributed.ProcessGroup | None = None,
-        power_iters: int = 1,
-        init_iters: int = 30,
-        gamma_init: str = "sigma0",
+        power_iters: int = DEFAULTS.power_iters,
+        init_iters: int = DEFAULTS.init_iters,
+        gamma_init: str = DEFAULTS.gamma_init,
         seed: int = 0,
     ) -> None:
         if skip_weight_param_allocation:
@@ -357,9 +364,9 @@ class SigmaReparamRowParallelLinear(_SigmaReparam, RowParallelLinear):
         is_expert: bool = False,
         tp_comm_buffer_name: str | None = None,
         tp_group: torch.distributed.ProcessGroup | None = None,
-        power_iters: int = 1,
-        init_iters: int = 30,
-        gamma_init: str = "sigma0",
+        power_iters: int = DEFAULTS.power_iters,
+        init_iters: int = DEFAULTS.init_iters,
+        gamma_init: str = DEFAULTS.gamma_init,
         seed: int = 0,
     ) -> None:
         super().__init__(

@@ -1,4 +1,8 @@
-"""Config -> megatron-core `TransformerConfig` and the `ModuleSpec` of one transformer layer."""
+"""Config -> megatron-core `TransformerConfig` and the `ModuleSpec` of one transformer layer.
+
+The one place methods are switched on: norms, sigma-reparam and MLRA linears, and the attention
+kernel in the `core_attention` slot (`core_attention_spec`; what each kernel supports is
+declared on its class in `model/attention.py`)."""
 
 from __future__ import annotations
 
@@ -15,9 +19,12 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from stable_megatron.config import Config
 from stable_megatron.model.attention import (
+    KERNELS,
+    FlexAttention,
+    MathAttention,
+    SdpaAttention,
     SelfAttention,
     SelfAttentionSubmodules,
-    attention_kernel,
 )
 from stable_megatron.model.layers import HeadLayerNorm, LinearWithOutputNorm
 from stable_megatron.model.mlra import mlra_linear_specs
@@ -81,6 +88,30 @@ def _sigma_reparam(cfg: Config, linear: type, layer_number: int, index: int) -> 
     )
 
 
+# `auto`: the first of these that supports the configuration and is fused on the device; else
+# the exact path.
+AUTO_KERNELS = (SdpaAttention, FlexAttention)
+
+
+def attention_kernel(requested: str, cap: float | None, on_cuda: bool) -> str:
+    """The kernel for `model.attention_backend`: `auto` takes the fused kernel that supports
+    the configuration (SDPA without a cap; FlexAttention with one on GPU, math on CPU)."""
+    if requested != "auto":
+        return requested
+    device = "cuda" if on_cuda else "cpu"
+    for kernel in AUTO_KERNELS:
+        if device in kernel.fused_on and (cap is None or kernel.supports_cap):
+            return kernel.name
+    return MathAttention.name
+
+
+def core_attention_spec(cfg: Config, device: torch.device) -> ModuleSpec:
+    """The `core_attention` slot: the configured kernel with the softmax cap."""
+    m = cfg.model
+    kernel = KERNELS[attention_kernel(m.attention_backend, m.softmax_cap, device.type == "cuda")]
+    return ModuleSpec(module=kernel, params={"softmax_cap": m.softmax_cap})
+
+
 def layer_spec(cfg: Config, device: torch.device, layer_number: int = 1) -> ModuleSpec:
     """One GPT layer: megatron-core's TransformerLayer, our attention, the configured norms.
 
@@ -105,22 +136,23 @@ def layer_spec(cfg: Config, device: torch.device, layer_number: int = 1) -> Modu
                 linears[name] = _sigma_reparam(cfg, linears[name], layer_number, index)
     qkv, proj, fc1, fc2 = linears.values()
     if m.attention == "mlra":  # validation keeps sigma-reparam off the slots MLRA replaces
-        mlra_qkv, mlra_proj = mlra_linear_specs(m.mlra.rank, m.mlra.targets, m.mlra.factor_init)
+        mlra_qkv, mlra_proj = mlra_linear_specs(
+            m.mlra.resolved_rank(m.head_dim), m.mlra.targets, m.mlra.factor_init
+        )
         qkv = qkv if mlra_qkv is ColumnParallelLinear else mlra_qkv
         proj = proj if mlra_proj is RowParallelLinear else mlra_proj
     if placement == "qk_fc_norm":
         proj, fc2 = _with_output_norm(proj), _with_output_norm(fc2)
-    kernel = attention_kernel(m.attention_backend, m.softmax_cap, device.type == "cuda")
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=IdentityOp if placement == "qkv_norm" else WrappedTorchNorm,
             self_attention=ModuleSpec(
                 module=SelfAttention,
-                params={"kernel": kernel, "softmax_cap": m.softmax_cap},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=qkv,
                     linear_proj=proj,
+                    core_attention=core_attention_spec(cfg, device),
                     q_layernorm=head_norm,
                     k_layernorm=head_norm,
                     v_layernorm=HeadLayerNorm if placement == "qkv_norm" else IdentityOp,

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 N_IN, N_HIDDEN, N_OUT = 24, 32, 20  # column: 24 -> 32, row: 32 -> 20
 SEQ, BATCH = 5, 3
 CONVERGE_ITERS = 200
-ROW_INIT_ITERS = 4  # the column layer keeps the default, 30
+COL_INIT_ITERS, ROW_INIT_ITERS = 30, 4  # test_sigma_reparam.py's; explicit, not the default
 
 
 class CollectiveLog:
@@ -95,7 +95,7 @@ def run_tp(tp: int, log: CollectiveLog) -> dict:
     with log("init_col"):
         col = SigmaReparamColumnParallelLinear(
             N_IN, N_HIDDEN, config=config, init_method=init, bias=True, gather_output=False,
-            skip_bias_add=False, power_iters=1, seed=5,
+            skip_bias_add=False, power_iters=1, init_iters=COL_INIT_ITERS, seed=5,
         )
     torch.manual_seed(12)
     with log("init_row"):

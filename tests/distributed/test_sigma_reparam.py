@@ -18,7 +18,7 @@ WORKER = Path(__file__).with_name("sigma_worker.py")
 WORLD = 4
 TP_SIZES = (1, 2, 4)
 COL_IN, ROW_OUT = 24, 20  # column-parallel 24 -> 32, row-parallel 32 -> 20
-COL_INIT_ITERS, ROW_INIT_ITERS = 30, 4  # the column layer keeps the default init_iters
+COL_INIT_ITERS, ROW_INIT_ITERS = 30, 4
 COL_POWER_ITERS, ROW_POWER_ITERS = 1, 2
 
 # Documented cost (stable_megatron/model/sigma_reparam.py): construction init_iters steps

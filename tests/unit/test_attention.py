@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from stable_megatron.model.attention import (
-    attention_kernel,
+    KERNELS,
     causal_attention,
     causal_logits,
 )
+from stable_megatron.model.spec import attention_kernel
 
 
 def qkv(seed: int = 0, scale: float = 1.0, shape=(2, 3, 24, 16)):
@@ -86,3 +87,117 @@ def test_rope_angles_match_megatron_core():
     freqs = rotary.get_freqs_non_repeated(12)
     expected = torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
     torch.testing.assert_close(rope_angles(12, 16, 10000.0, torch.device("cpu")), expected)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels as parts: what each supports, the spec's choice, the capture hook
+
+
+def test_kernels_refuse_what_they_do_not_support():
+    from types import SimpleNamespace
+
+    from stable_megatron.model.attention import FlexAttention, MathAttention, SdpaAttention
+
+    with pytest.raises(ValueError, match="sdpa kernel cannot apply a softmax cap: use flex, math"):
+        SdpaAttention(softmax_cap=50.0)
+    for kernel in KERNELS.values():
+        assert not kernel.supports_dropout
+        with pytest.raises(ValueError, match="attention dropout"):
+            kernel(SimpleNamespace(attention_dropout=0.1))
+        kernel(SimpleNamespace(attention_dropout=0.0))
+    assert FlexAttention(softmax_cap=5.0).softmax_cap == MathAttention(softmax_cap=5.0).softmax_cap
+    assert set(KERNELS) == {"sdpa", "flex", "math"}
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex", "math"])
+def test_config_validation_agrees_with_the_kernels_support(backend):
+    """The config refuses a cap for exactly the kernels that cannot apply one, and attention
+    dropout for all of them (no kernel applies it)."""
+    from stable_megatron.config import ConfigError, config_from_dict, validate
+
+    def check(**model):
+        validate(config_from_dict({"model": {"attention_backend": backend, **model}}), 1)
+
+    check()
+    if KERNELS[backend].supports_cap:
+        check(softmax_cap=50.0)
+    else:
+        with pytest.raises(ConfigError, match="softmax_cap"):
+            check(softmax_cap=50.0)
+    if not KERNELS[backend].supports_dropout:
+        with pytest.raises(ConfigError, match="model.attention_dropout"):
+            check(attention_dropout=0.1)
+
+
+@pytest.mark.parametrize(("model", "kernel"), [
+    ({}, "SdpaAttention"),
+    ({"softmax_cap": 2.0}, "MathAttention"),  # auto on CPU
+    ({"attention_backend": "flex", "softmax_cap": 2.0}, "FlexAttention"),
+    ({"attention_backend": "math"}, "MathAttention"),
+])
+def test_core_attention_slot_follows_the_config(model, kernel):
+    from stable_megatron.config import config_from_dict
+    from stable_megatron.model.spec import core_attention_spec, layer_spec
+
+    cfg = config_from_dict({"model": model})
+    spec = core_attention_spec(cfg, torch.device("cpu"))
+    assert spec.module.__name__ == kernel
+    assert spec.params == {"softmax_cap": model.get("softmax_cap")}
+    slot = layer_spec(cfg, torch.device("cpu")).submodules.self_attention.submodules
+    assert slot.core_attention.module is spec.module
+
+
+def _self_attention(model: dict):
+    from megatron.core.transformer.spec_utils import build_module
+
+    from stable_megatron.config import config_from_dict
+    from stable_megatron.model.spec import layer_spec, transformer_config
+
+    cfg = config_from_dict({"model": {"hidden_size": 32, "num_attention_heads": 4,
+                                      "init_std": 0.2, **model}})
+    spec = layer_spec(cfg, torch.device("cpu")).submodules.self_attention
+    torch.manual_seed(0)
+    return build_module(spec, config=transformer_config(cfg), layer_number=1)
+
+
+@pytest.mark.usefixtures("world_of_one")
+@pytest.mark.parametrize("model", [
+    {},
+    {"softmax_cap": 2.0, "norm_placement": "qk_norm"},
+    {"attention_backend": "flex", "norm_placement": "qkv_norm"},
+    {"attention_backend": "math", "attention": "mlra"},
+])
+def test_capture_hook_sees_q_k_and_cap_and_changes_nothing(model):
+    """With a hook set, the module's output and every gradient are bit-identical to the run
+    without one; the hook gets the detached q and k the kernel took, the cap, the first head."""
+    attn = _self_attention(model)
+    x = torch.randn(12, 2, 32, generator=torch.Generator().manual_seed(1))
+
+    def run():
+        attn.zero_grad()
+        out, bias = attn(x)
+        (out.square().sum() + bias.sum()).backward()
+        return out.detach(), {n: p.grad.clone() for n, p in attn.named_parameters()}
+
+    plain, plain_grads = run()
+    seen = []
+    attn.set_capture_hook(seen.append)
+    captured, captured_grads = run()
+    attn.set_capture_hook(None)
+    assert torch.equal(plain, captured)
+    assert plain_grads.keys() == captured_grads.keys()
+    assert all(torch.equal(plain_grads[n], captured_grads[n]) for n in plain_grads)
+    assert len(seen) == 1
+    capture = seen[0]
+    assert capture.softmax_cap == model.get("softmax_cap") and capture.first_head == 0
+    assert capture.q.shape == capture.k.shape == (2, 4, 12, 8)
+    assert not capture.q.requires_grad and not capture.k.requires_grad
+    with torch.no_grad():  # q and k as the kernel took them: its output from them and v
+        qkv, _ = attn.linear_qkv(x)
+        v = attn.v_layernorm(qkv.view(12, 2, 4, 3, 8)[..., 2, :]).permute(1, 2, 0, 3)
+        context = attn.core_attention(capture.q, capture.k, v)
+        out, _ = attn.linear_proj(context.permute(2, 0, 1, 3).reshape(12, 2, 32))
+    assert torch.equal(out, plain)
+    run()
+    assert len(seen) == 1  # the hook is gone
+    assert "core_attention" not in "".join(attn.state_dict())  # the kernel holds no state

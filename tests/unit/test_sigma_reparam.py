@@ -70,12 +70,17 @@ def full_forward(layer, x, weight, gamma, bias):
 def test_constructor_signatures_and_validation(mp):
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
+    from stable_megatron.config import SigmaReparamConfig
     from stable_megatron.model.sigma_reparam import (
         SigmaReparamColumnParallelLinear,
         SigmaReparamRowParallelLinear,
     )
 
-    extra = {"power_iters": 1, "init_iters": 30, "gamma_init": "sigma0", "seed": 0}
+    # the defaults are the config's (one source): 1 power step, 300 init steps, gamma = sigma0
+    sr = SigmaReparamConfig()
+    extra = {"power_iters": sr.power_iters, "init_iters": sr.init_iters,
+             "gamma_init": sr.gamma_init, "seed": 0}
+    assert (sr.power_iters, sr.init_iters, sr.gamma_init) == (1, 300, "sigma0")
     for child, parent in ((SigmaReparamColumnParallelLinear, ColumnParallelLinear),
                           (SigmaReparamRowParallelLinear, RowParallelLinear)):
         mine = inspect.signature(child.__init__).parameters
