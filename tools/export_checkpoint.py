@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     warnings.filterwarnings("ignore")  # import-time notices of megatron-core and torch
-    from stable_megatron import export
+    from stable_megatron.checkpoint import CheckpointError, export
 
     try:
         with contextlib.redirect_stdout(sys.stderr):
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                 out = export.export_safetensors(ckpt, args.out)
             else:
                 out = export.export_hf_gpt2(ckpt, args.out, trim_vocab=args.trim_vocab)
-    except export.ExportError as err:
+    except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_ERROR
     print(f"wrote {out} ({args.format}) from {ckpt.tag_dir} (step {ckpt.step})")

@@ -4,10 +4,11 @@ model, parameter count, size on disk and (with --tensors) every merged tensor.
 
 usage: python tools/inspect_checkpoint.py PATH [--tensors] [--json] [--config FILE]
 
-PATH is a checkpoint directory (the tag its `latest` names is read), one checkpoint's
-directory (e.g. runs/tiny/checkpoints/step00000300) or a run directory. The config comes from
-the checkpoint's stable_megatron.json, else --config, else the run's config.yaml. Read-only:
-files are loaded with torch.load(weights_only=True) and never unpickled as arbitrary objects.
+PATH is a checkpoint directory (its newest complete checkpoint, the one a resume loads), one
+checkpoint's directory (e.g. runs/tiny/checkpoints/step00000300) or a run directory. The config
+comes from the checkpoint's stable_megatron.json, else --config, else the run's config.yaml.
+Read-only: files are loaded with torch.load(weights_only=True) and never unpickled as arbitrary
+objects.
 Exit code 2 with one line on stderr for a checkpoint that cannot be read.
 """
 
@@ -44,13 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     warnings.filterwarnings("ignore")  # import-time notices of megatron-core and torch
-    from stable_megatron.export import ExportError, format_summary, summary
+    from stable_megatron.checkpoint import CheckpointError
+    from stable_megatron.checkpoint.export import format_summary, summary
 
     try:
         # library log lines (DeepSpeed's, megatron-core's) go to stderr: stdout is the report
         with contextlib.redirect_stdout(sys.stderr):
             info = summary(args.path, args.config)
-    except ExportError as err:
+    except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_ERROR
     print(json.dumps(info, indent=1) if args.json else format_summary(info, args.tensors))

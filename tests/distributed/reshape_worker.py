@@ -19,8 +19,8 @@ from pathlib import Path
 
 
 def main() -> None:
-    from stable_megatron import parallel, reshape
-    from stable_megatron.checkpoint import CheckpointError
+    from stable_megatron import parallel
+    from stable_megatron.checkpoint import CheckpointError, reshape
     from stable_megatron.config import ConfigError, load_config, validate
     from stable_megatron.train import Trainer
 

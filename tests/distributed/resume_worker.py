@@ -26,7 +26,11 @@ KILL_STEP = 6
 
 
 def install_kill(point: str) -> None:
+    import importlib
+
     from stable_megatron import checkpoint
+
+    saving = importlib.import_module("stable_megatron.checkpoint.save")  # the module
 
     def die() -> None:
         if int(os.environ.get("RANK", "0")) == 0:
@@ -34,7 +38,7 @@ def install_kill(point: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
     if point == "shards":
-        original_save = checkpoint.rng_state
+        original_save = saving.rng_state
 
         def rng_then_die():
             state = original_save()
@@ -42,25 +46,25 @@ def install_kill(point: str) -> None:
                 die()
             return state
 
-        checkpoint.rng_state = rng_then_die
+        saving.rng_state = rng_then_die
     elif point == "manifest":
-        original_check = checkpoint._check_written
+        original_check = saving._check_written
 
         def check_then_die(work, layout):
             original_check(work, layout)
             if _saving_step[0] == KILL_STEP:
                 die()
 
-        checkpoint._check_written = check_then_die
+        saving._check_written = check_then_die
     elif point == "latest":
-        original_fsync = checkpoint._fsync_dir
+        original_fsync = saving._fsync_dir
 
         def fsync_then_die(path):
             original_fsync(path)
             if _saving_step[0] == KILL_STEP:
                 die()
 
-        checkpoint._fsync_dir = fsync_then_die
+        saving._fsync_dir = fsync_then_die
     else:
         raise SystemExit(f"unknown kill point {point}")
     original = checkpoint.save

@@ -25,7 +25,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from stable_megatron import export
+from stable_megatron.checkpoint import export, shards
+from stable_megatron.checkpoint import format as fmt
 from tests.distributed.launch import cpu_env, torchrun
 
 pytestmark = [pytest.mark.distributed,
@@ -93,7 +94,7 @@ def state():
 def tp1_model(ckpt, state, merged):
     from stable_megatron.model.gpt import build_model
 
-    cfg = export.reference_config(ckpt.config, ckpt.tp)
+    cfg = shards.reference_config(ckpt.config, ckpt.tp)
     model = build_model(cfg, state.topology, torch.device("cpu"))
     export.load_into_model(model, merged)
     return model.eval()
@@ -116,7 +117,7 @@ def test_merged_weights_reproduce_the_runs_validation_loss(runs, state, case):
 
     ckpt = export.open_checkpoint(runs / case / "checkpoints")
     assert (ckpt.tp, ckpt.layout["pp"], ckpt.layout["dp"]) == LAYOUTS[case]
-    assert ckpt.step == STEPS and ckpt.config_source.endswith(export.META_FILE)
+    assert ckpt.step == STEPS and ckpt.config_source.endswith(fmt.META_FILE)
     model = tp1_model(ckpt, state, export.merged_state_dict(ckpt))
     assert ckpt.notes == []  # TP-replicated tensors are equal on both ranks
     rows = validation_rows(ckpt.config)
@@ -161,7 +162,7 @@ def test_safetensors_export_equals_the_shards(runs, tmp_path):
     for t in info["tensors"]:
         block, key = t["name"].split(".", 1)
         for rank in range(ckpt.tp):
-            path = ckpt.tag_dir / export.layer_file_name(int(block), rank)
+            path = ckpt.tag_dir / fmt.layer_file(int(block), rank)
             if path not in shards:
                 shards[path] = torch.load(path, map_location="cpu", weights_only=True)
             shard = shards[path][key]
@@ -198,23 +199,24 @@ class _Payload:
 def test_broken_and_unsafe_checkpoints_are_refused(runs, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(runs / "tp2dp2", run)
-    tag = export.locate(run / "checkpoints")
-    meta_path = tag / export.META_FILE
+    tag = fmt.resolve(run / "checkpoints")
+    meta_path = tag / fmt.META_FILE
     original = meta_path.read_text()
 
-    victim = tag / export.layer_file_name(1, 1)
+    victim = tag / fmt.layer_file(1, 1)
     saved = victim.read_bytes()
     victim.unlink()
-    with pytest.raises(export.ExportError, match="missing shard layer_01-model_01"):
+    with pytest.raises(fmt.CheckpointError, match="missing shard layer_01-model_01"):
         export.open_checkpoint(tag)
 
     victim.write_bytes(saved[: len(saved) // 2])
-    with pytest.raises(export.ExportError, match=f"{victim}: truncated or altered"):
+    with pytest.raises(fmt.CheckpointError,
+                       match=f"{tag}: shard {victim.name} is truncated or altered"):
         export.open_checkpoint(tag)
     meta_path.unlink()  # no manifest (and the config from the run's config.yaml)
     ckpt = export.open_checkpoint(tag)
     assert ckpt.config_source == str(run / "config.yaml") and ckpt.step == STEPS
-    with pytest.raises(export.ExportError, match=f"{victim}: truncated or corrupt"):
+    with pytest.raises(fmt.CheckpointError, match=f"{victim}: truncated or corrupt"):
         export.read_tensors(ckpt)
 
     marker = tmp_path / "marker"
@@ -222,11 +224,11 @@ def test_broken_and_unsafe_checkpoints_are_refused(runs, tmp_path):
     meta = json.loads(original)  # with a manifest that matches the crafted file
     meta["files"][victim.name] = victim.stat().st_size
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(export.UnsafeFileError, match=f"{victim}: refused"):
+    with pytest.raises(fmt.CheckpointError, match=f"{victim}: refused"):
         export.merged_state_dict(export.open_checkpoint(tag))
     proc = run_tool("inspect_checkpoint", str(tag))
     assert proc.returncode == 2 and "refused" in proc.stderr and "weights_only" in proc.stderr
     assert not marker.exists()
 
-    with pytest.raises(export.ExportError, match="not a checkpoint: expected a `latest` file"):
+    with pytest.raises(fmt.CheckpointError, match="not a checkpoint: expected stable_megatron"):
         export.open_checkpoint(tmp_path)

@@ -11,6 +11,9 @@ finetuning at another layout, and a second reshape (TP2 x PP2 -> TP2 -> TP1: ste
 TP2 run's own step-4 checkpoint) are `slow`. Process launches: 4, 2 and 1 processes (several
 trainings per launch).
 
+Every conversion is written under the loading run's own checkpoint directory: the source run's
+directory (reached through `checkpoint.load`) is left byte-for-byte unchanged.
+
 Also: a checkpoint without DeepSpeed's universal_checkpoint_info and a layout the model cannot
 take are refused with one clear line; the offline command (tools/reshape_checkpoint.py); and,
 in one process, every parameter of every stability method is classified exactly once (the
@@ -20,6 +23,7 @@ resharding rules for parameters, buffers and the padded vocabulary.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -70,15 +74,23 @@ def source_tag(out: Path, method: str) -> Path:
     return out / f"{method}-A" / "checkpoints" / f"step{RESUME_STEP:08d}"
 
 
+def tree_digest(root: Path) -> dict[str, str]:
+    """Every file (its SHA-256) and directory under `root`."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            if p.is_file() else "<dir>" for p in sorted(root.rglob("*"))}
+
+
 def run_all(out: Path, cache: Path, methods: list[str], targets: dict[int, list[str]],
-            extra: bool) -> dict[int, str]:
-    """Launch 4 processes (the sources), then 2, then 1 (the reshaped resumes)."""
+            extra: bool) -> dict:
+    """Launch 4 processes (the sources), then 2, then 1 (the reshaped resumes). Returns the
+    logs by world size, and the source runs' digests before and after the resumes."""
     first = {f"{m}-A": case(m, out / f"{m}-A", cache, *SOURCE) for m in methods}
     if extra:  # weights only, at the saved layout: the reference of the reshaped finetune
         first["base-ft-A"] = case("base", out / "base-ft-A", cache, *SOURCE, "train.steps=1",
                                   f"checkpoint.load={source_tag(out, 'base')}",
                                   "checkpoint.finetune=true")
     logs = {4: launch(out, first, 4, "world4")}
+    before = {m: tree_digest(out / f"{m}-A") for m in methods}
     for world in (2, 1):
         cases = {}
         for m in methods:
@@ -102,7 +114,8 @@ def run_all(out: Path, cache: Path, methods: list[str], targets: dict[int, list[
             cases["base-tp2-tp1"] = case("base", out / "base-tp2-tp1", cache,
                                          f"checkpoint.load={out / 'base-tp2' / 'checkpoints'}")
         logs[world] = launch(out, cases, world, f"world{world}")
-    return logs
+    after = {m: tree_digest(out / f"{m}-A") for m in methods}
+    return {**logs, "sources": (before, after)}
 
 
 @pytest.fixture(scope="module")
@@ -140,12 +153,22 @@ def test_baseline_reshape_matches_original_layout(fast, target):
     world = 1 if target == "tp1" else 2
     assert f"reshaped {tag} from tp 2 x pp 2 x dp 1 to " in logs[world]
     assert "RNG states are not restored at another layout" in logs[world]
-    universal = tag / "universal"
-    assert (universal / "stable_megatron_universal.json").is_file()
-    assert not (tag / ".tmp-universal").exists()
-    # converted once (by the first resume, at DP2), reused by the second
-    assert f"converted {tag} to DeepSpeed's universal format" in logs[2]
-    assert f"reusing the universal conversion {universal}" in logs[1]
+    # converted by the loading run, under its own checkpoint directory
+    assert f"converted {tag} to DeepSpeed's universal format" in logs[world]
+    cache = out / f"base-{target}" / "checkpoints" / ".reshape"
+    (converted,) = cache.glob("step00000002-*")
+    assert (converted / "universal" / "stable_megatron_universal.json").is_file()
+    assert not (converted / ".tmp-universal").exists()
+    assert sorted(p.name for p in (converted / "source").iterdir()) == sorted(
+        p.name for p in tag.iterdir() if p.name.endswith("model_states.pt")
+    ) + ["stable_megatron.json"]  # the verified copies it was converted from (no optimizer)
+
+
+def test_reshape_leaves_the_source_run_unchanged(fast):
+    out, logs = fast
+    before, after = logs["sources"]
+    assert before["base"] and "checkpoints/step00000002/universal" not in after["base"]
+    assert after["base"] == before["base"]
 
 
 def test_checkpoint_without_universal_info_is_refused_clearly(fast):
@@ -209,16 +232,20 @@ def run_tool(*args: str):
 def test_offline_conversion_command(fast):
     out, _ = fast
     tag = out / "base-A" / "checkpoints" / "step00000004"  # not converted by the resumes
-    assert not (tag / "universal").exists()
-    proc = run_tool(str(tag))
+    into = out / "offline" / "checkpoints"  # the checkpoint directory of the run to load it
+    source = tree_digest(tag.parent)
+    proc = run_tool(str(tag), "--into", str(into))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == (f"{tag / 'universal'}: step 4, saved at tp 2 x pp 2 x dp 1; "
-                                   f"load it at any layout with checkpoint.load={tag}")
-    assert (tag / "universal" / "stable_megatron_universal.json").is_file()
-    assert (tag / "universal" / "zero" / "3.norm.weight" / "fp32.pt").is_file()
-    again = run_tool(str(tag))
-    assert again.stdout.strip() == (f"{tag / 'universal'}: already converted "
-                                    f"(--force converts again)")
+    (cache,) = (into / ".reshape").glob("step00000004-*")
+    universal = cache / "universal"
+    assert proc.stdout.strip() == (f"{universal}: step 4, saved at tp 2 x pp 2 x dp 1; a run "
+                                   f"with checkpoint.dir={into} loads it at any layout from "
+                                   f"checkpoint.load={tag}")
+    assert (universal / "stable_megatron_universal.json").is_file()
+    assert (universal / "zero" / "3.norm.weight" / "fp32.pt").is_file()
+    again = run_tool(str(tag), "--into", str(into))
+    assert again.stdout.strip() == f"{universal}: already converted (--force converts again)"
+    assert tree_digest(tag.parent) == source
     refused = run_tool(str(out / "noinfo" / "checkpoints"))  # its latest checkpoint
     assert refused.returncode == 2 and refused.stdout == ""
     last = refused.stderr.strip().splitlines()[-1]
@@ -296,13 +323,13 @@ def test_every_parameter_is_classified_exactly_once(one_process, variant):
     import torch
     from deepspeed.checkpoint import constants as c
 
-    from stable_megatron import reshape
+    from stable_megatron.checkpoint import reshape, shards
     from stable_megatron.model.gpt import build_model
 
     cfg = small_config(*VARIANTS[variant])
     patterns = reshape.parameter_patterns(cfg)
     model = build_model(cfg, one_process.topology, torch.device("cpu"))
-    real = reshape.classify(model)
+    real = shards.classify(model)
     assert set(real) == {name for name, _ in model.named_parameters()}
     used = set()
     for name, kind in real.items():
@@ -335,7 +362,7 @@ def test_reshard_rules():
     import torch
 
     from stable_megatron.checkpoint import CheckpointError
-    from stable_megatron.reshape import reshard
+    from stable_megatron.checkpoint.shards import reshard
 
     full = torch.arange(48.0).reshape(8, 6)
     col, row = list(full.chunk(2, dim=0)), list(full.chunk(2, dim=1))

@@ -60,7 +60,7 @@ def test_checkpoint_has_everything_for_a_resume(saved):
     for key in ("step", "consumed_samples", "rollbacks", "lr_scale", "spike_detector"):
         assert key in client, key
     assert (saved / "latest").read_text().strip() == "step00000002"
-    assert ckpt.latest_checkpoint(saved) == tag
+    assert ckpt.newest_complete(saved) == tag
     assert not any(p.name.startswith(".tmp") for p in saved.iterdir())
 
 
@@ -142,9 +142,9 @@ def test_keep_prunes_oldest_and_skips_incomplete(tmp_path):
              "saved_at": step}))
     (d / ".tmp-step00000005" / "step00000005").mkdir(parents=True)  # an interrupted save
     (d / "step00000009").mkdir()  # no manifest: incomplete, never chosen
-    assert ckpt.latest_checkpoint(d) == d / "step00000004"
+    assert ckpt.newest_complete(d) == d / "step00000004"
     assert ckpt.prune(d, keep=2) == ["step00000001", "step00000002"]
-    assert ckpt.latest_checkpoint(d) == d / "step00000004"
+    assert ckpt.newest_complete(d) == d / "step00000004"
     assert sorted(p.name for p in d.iterdir()) == [
         ".tmp-step00000005", "step00000003", "step00000004", "step00000009"]
     assert ckpt.prune(d, keep=0) == []
@@ -168,9 +168,10 @@ def test_finetune_loads_weights_only_then_resumes_its_own(saved, tmp_path, data_
     finally:
         parallel.shutdown()
     try:  # the same command again continues from its own checkpoint, not from `load`
-        again = Trainer(load_config(TINY, [*overrides[:-3], "train.steps=2",
-                                           f"checkpoint.load={saved}",
-                                           "checkpoint.finetune=true"]))
+        cfg = load_config(TINY, [*overrides[:-3], "train.steps=2", f"checkpoint.load={saved}",
+                                 "checkpoint.finetune=true"])
+        validate(cfg, 1)
+        again = Trainer(cfg)
         assert again.step == 1 and again.started_from.parent == tmp_path / "ft" / "checkpoints"
     finally:
         parallel.shutdown()

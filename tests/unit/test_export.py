@@ -21,7 +21,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from stable_megatron import export
+from stable_megatron.checkpoint import export, shards
+from stable_megatron.checkpoint import format as fmt
 from stable_megatron.config import config_from_dict, dump_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*tp_group is None:DeprecationWarning")
@@ -66,7 +67,7 @@ def build(cfg, state):
     from stable_megatron.model.gpt import build_model
 
     torch.manual_seed(0)
-    model = build_model(export.reference_config(cfg, TP), state.topology, torch.device("cpu"))
+    model = build_model(shards.reference_config(cfg, TP), state.topology, torch.device("cpu"))
     return model.eval()
 
 
@@ -111,14 +112,14 @@ def write_checkpoint(run_dir, cfg, model, meta: bool = True):
             for shard, part in zip(shards, parts, strict=True):
                 shard[key] = part.clone()
         for rank, shard in enumerate(shards):
-            torch.save(shard, tag / export.layer_file_name(index, rank))
+            torch.save(shard, tag / fmt.layer_file(index, rank))
     torch.save({"module": None, "step": STEP, "consumed_samples": CONSUMED,
                 "dp_world_size": 1, "checkpoint_parallel_dimensions": {"tp_degree": TP,
                                                                        "pp_degree": 1}},
-               tag / export.ENGINE_FILE)
+               tag / fmt.ENGINE_FILE)
     if meta:
         files = {p.name: p.stat().st_size for p in tag.iterdir()}
-        (tag / export.META_FILE).write_text(json.dumps({
+        (tag / fmt.META_FILE).write_text(json.dumps({
             "format": 1, "tag": tag.name, "step": STEP, "consumed_samples": CONSUMED,
             "layout": {"tp": TP, "pp": 1, "dp": 1, "world": TP}, "config": cfg.to_dict(),
             "code_version": "test", "files": files,
@@ -150,7 +151,7 @@ def copy_run(tag, tmp_path):
 
 def without_meta(tag, cfg):
     """Remove stable_megatron.json (a checkpoint of an older version): config.yaml of the run."""
-    (tag / export.META_FILE).unlink()
+    (tag / fmt.META_FILE).unlink()
     dump_config(cfg, tag.parent.parent / "config.yaml")
 
 
@@ -160,7 +161,7 @@ def without_meta(tag, cfg):
 @pytest.mark.parametrize("case", list(CASES))
 def test_merge_gives_the_full_tensors_back(checkpoints, case):
     cfg, model, tag, full, dims = checkpoints[case]
-    ckpt = export.open_checkpoint(tag.parent)  # the checkpoint directory: its `latest`
+    ckpt = export.open_checkpoint(tag.parent)  # the checkpoint directory: its newest
     assert ckpt.tag_dir == tag
     infos, merged = export.read_tensors(ckpt)
     assert list(merged) == list(full)
@@ -178,12 +179,12 @@ def test_merge_gives_the_full_tensors_back(checkpoints, case):
 
 
 def test_split_dim_rules():
-    assert export._split_dim((8, 4), (8, 4), 2) is None
-    assert export._split_dim((4, 4), (8, 4), 2) == 0
-    assert export._split_dim((8, 2), (8, 4), 2) == 1
-    assert export._split_dim((4, 2), (8, 4), 2) == "invalid"
-    assert export._split_dim((3, 4), (8, 4), 2) == "invalid"
-    assert export._split_dim((8,), (8, 4), 2) == "invalid"
+    assert shards.split_dim((8, 4), (8, 4), 2) is None
+    assert shards.split_dim((4, 4), (8, 4), 2) == 0
+    assert shards.split_dim((8, 2), (8, 4), 2) == 1
+    assert shards.split_dim((4, 2), (8, 4), 2) == "invalid"
+    assert shards.split_dim((3, 4), (8, 4), 2) == "invalid"
+    assert shards.split_dim((8,), (8, 4), 2) == "invalid"
 
 
 def test_summary(checkpoints):
@@ -193,7 +194,7 @@ def test_summary(checkpoints):
     info = export.summary(tag)
     assert (info["step"], info["consumed_samples"]) == (STEP, CONSUMED)
     assert info["layout"] == {"tp": TP, "pp": 1, "dp": 1, "world": TP}
-    assert info["config_source"].endswith(export.META_FILE)
+    assert info["config_source"].endswith(fmt.META_FILE)
     assert info["total_params"] == size.total_params(cfg, TP) == sum(t.numel() for t in
                                                                     full.values())
     assert info["model"]["padded_vocab_size"] == 300
@@ -212,14 +213,16 @@ def test_summary_without_meta_reads_engine_file_and_run_config(checkpoints, tmp_
     cfg, _, tag, _, _ = checkpoints["tied"]
     tag = copy_run(tag, tmp_path)
     without_meta(tag, cfg)
-    info = export.summary(tag.parent.parent)  # the run directory
+    with pytest.raises(fmt.CheckpointError, match="read by naming its directory"):
+        export.summary(tag.parent.parent)  # no complete checkpoint in the run directory
+    info = export.summary(tag)
     assert (info["step"], info["consumed_samples"]) == (STEP, CONSUMED)
     assert info["layout"]["tp"] == TP
     assert info["config_source"] == str(tag.parent.parent / "config.yaml")
     # no config.yaml either: the error says what to pass; an explicit --config works
     moved = tmp_path / "elsewhere.yaml"
     (tag.parent.parent / "config.yaml").rename(moved)
-    with pytest.raises(export.ExportError, match="pass the run's config with --config"):
+    with pytest.raises(fmt.CheckpointError, match="pass the run's config with --config"):
         export.open_checkpoint(tag)
     assert export.open_checkpoint(tag, config=moved).config.model.vocab_size == 200
 
@@ -315,16 +318,16 @@ def test_a_pickle_that_runs_code_is_refused(checkpoints, tmp_path):
     pickle.loads(pickle.dumps(_Payload(proof))).close()
     assert proof.exists()
     marker = tmp_path / "marker"
-    victim = tag / export.layer_file_name(1, 1)
+    victim = tag / fmt.layer_file(1, 1)
     for writer in ("torch.save", "pickle"):
         if writer == "torch.save":
             torch.save({"layer.input_layernorm.weight": _Payload(marker)}, victim)
         else:
             victim.write_bytes(pickle.dumps({"w": _Payload(marker)}, protocol=2))
-        meta = json.loads((tag / export.META_FILE).read_text())  # a consistent manifest
+        meta = json.loads((tag / fmt.META_FILE).read_text())  # a consistent manifest
         meta["files"][victim.name] = victim.stat().st_size
-        (tag / export.META_FILE).write_text(json.dumps(meta))
-        with pytest.raises(export.UnsafeFileError) as err:
+        (tag / fmt.META_FILE).write_text(json.dumps(meta))
+        with pytest.raises(fmt.CheckpointError) as err:
             export.merged_state_dict(export.open_checkpoint(tag))
         message = str(err.value)
         assert str(victim) in message and "open" in message and "weights_only" in message
@@ -335,33 +338,34 @@ def test_a_pickle_that_runs_code_is_refused(checkpoints, tmp_path):
 def test_missing_shard_is_named(checkpoints, tmp_path):
     cfg, _, tag, _, _ = checkpoints["tied"]
     tag = copy_run(tag, tmp_path)
-    (tag / export.layer_file_name(2, 1)).unlink()
-    with pytest.raises(export.ExportError, match=r"missing shard layer_02-model_01"):
+    (tag / fmt.layer_file(2, 1)).unlink()
+    with pytest.raises(fmt.CheckpointError, match=r"missing shard layer_02-model_01"):
         export.open_checkpoint(tag)
     without_meta(tag, cfg)  # no manifest: found from the files of the other rank
-    with pytest.raises(export.ExportError,
+    with pytest.raises(fmt.CheckpointError,
                        match=r"missing shard layer_02-model_01-model_states.pt \(block 2, "
                              r"tensor-parallel rank 1\)"):
         export.open_checkpoint(tag)
     for rank in range(TP):  # the last block gone on every rank: found from the model
-        (tag / export.layer_file_name(3, rank)).unlink(missing_ok=True)
-    (tag / export.layer_file_name(2, 1)).write_bytes(
-        (tag / export.layer_file_name(2, 0)).read_bytes())
+        (tag / fmt.layer_file(3, rank)).unlink(missing_ok=True)
+    (tag / fmt.layer_file(2, 1)).write_bytes(
+        (tag / fmt.layer_file(2, 0)).read_bytes())
     ckpt = export.open_checkpoint(tag)
-    with pytest.raises(export.ExportError, match=r"missing shard layer_03-model_00"):
+    with pytest.raises(fmt.CheckpointError, match=r"missing shard layer_03-model_00"):
         export.read_tensors(ckpt)
 
 
 def test_truncated_file_is_named(checkpoints, tmp_path):
     cfg, _, tag, _, _ = checkpoints["tied"]
     tag = copy_run(tag, tmp_path)
-    victim = tag / export.layer_file_name(1, 0)
+    victim = tag / fmt.layer_file(1, 0)
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
-    with pytest.raises(export.ExportError, match=rf"{victim}: truncated or altered"):
+    with pytest.raises(fmt.CheckpointError,
+                       match=rf"{tag}: shard {victim.name} is truncated or altered"):
         export.open_checkpoint(tag)
     without_meta(tag, cfg)  # no manifest: torch's reader finds it
     ckpt = export.open_checkpoint(tag)
-    with pytest.raises(export.ExportError, match=rf"{victim}: truncated or corrupt"):
+    with pytest.raises(fmt.CheckpointError, match=rf"{victim}: truncated or corrupt"):
         export.read_tensors(ckpt)
 
 
@@ -369,34 +373,40 @@ def test_wrong_shapes_are_named(checkpoints, tmp_path):
     cfg, _, tag, _, _ = checkpoints["tied"]
     tag = copy_run(tag, tmp_path)
     without_meta(tag, cfg)
-    victim = tag / export.layer_file_name(1, 0)
+    victim = tag / fmt.layer_file(1, 0)
     state = torch.load(victim, weights_only=True)
     state["layer.mlp.linear_fc1.weight"] = state["layer.mlp.linear_fc1.weight"][:-1]
     torch.save(state, victim)
-    with pytest.raises(export.ExportError,
+    with pytest.raises(fmt.CheckpointError,
                        match=r"linear_fc1.weight has shape \[63, 32\], neither the full shape "
                              r"\[128, 32\] nor a 1/2 split"):
         export.read_tensors(export.open_checkpoint(tag))
     del state["layer.mlp.linear_fc1.weight"]
     torch.save(state, victim)
-    with pytest.raises(export.ExportError, match=r"no tensor layer.mlp.linear_fc1.weight"):
+    with pytest.raises(fmt.CheckpointError, match=r"no tensor layer.mlp.linear_fc1.weight"):
         export.read_tensors(export.open_checkpoint(tag))
 
 
 def test_wrong_directory_is_named(checkpoints, tmp_path):
-    with pytest.raises(export.ExportError, match="not a checkpoint: expected a `latest` file"):
+    with pytest.raises(fmt.CheckpointError, match="not a checkpoint: expected stable_megatron"):
         export.open_checkpoint(tmp_path)
-    with pytest.raises(export.ExportError, match="no such file or directory"):
+    with pytest.raises(fmt.CheckpointError, match="no such file or directory"):
         export.open_checkpoint(tmp_path / "nope")
     (tmp_path / "file").write_text("x")
-    with pytest.raises(export.ExportError, match="is a file"):
+    with pytest.raises(fmt.CheckpointError, match="is a file"):
         export.open_checkpoint(tmp_path / "file")
-    (tmp_path / "latest").write_text("step00000009")
-    with pytest.raises(export.ExportError, match="names 'step00000009', which is not a dir"):
+    (tmp_path / "latest").write_text("step00000009")  # `latest` alone is not trusted
+    with pytest.raises(fmt.CheckpointError, match="not a checkpoint"):
         export.open_checkpoint(tmp_path)
     (tmp_path / "step00000009").mkdir()
     (tmp_path / "step00000009" / "mp_rank_00_model_states.pt").write_bytes(b"")
-    with pytest.raises(export.ExportError, match="no layer_XX-model_YY-model_states.pt files"):
+    with pytest.raises(fmt.CheckpointError, match="not a checkpoint"):
+        export.open_checkpoint(tmp_path)
+    with pytest.raises(fmt.CheckpointError, match="has DeepSpeed files but no stable_megatron"):
+        export.open_checkpoint(tmp_path / "step00000009")
+    (tmp_path / "step00000009" / fmt.META_FILE).write_text(json.dumps(
+        {"step": 9, "consumed_samples": 0, "layout": {}, "config": {}, "files": {}}))
+    with pytest.raises(fmt.CheckpointError, match="no layer_XX-model_YY-model_states.pt files"):
         export.open_checkpoint(tmp_path)
 
 

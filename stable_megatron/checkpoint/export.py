@@ -10,18 +10,19 @@ our client state: step, consumed samples) and ZeRO optimizer shards. Data-parall
 write nothing of their own and pipeline stages only decide which process wrote which
 `layer_XX` file, so the layer files of any TP x PP x DP layout are merged the same way.
 
-Safety: every file is read with `torch.load(map_location="cpu", weights_only=True)`, which
-reads tensors and plain containers and refuses any other pickled object (no code runs); a file
-that needs more is refused with `UnsafeFileError`. The tools never load the optimizer shards
-(DeepSpeed pickles a Python object into them).
+Which checkpoint: `format.resolve`, as for a resume: a tag directory itself, else the newest
+complete checkpoint of a checkpoint directory or of a run directory's `checkpoints/` (not what
+`latest` says; a note says so when they differ).
 
-Full shapes come from the model itself: the same config is built at TP=1, PP=1 on the meta
-device (no memory, no initialisation; the vocabulary padded as at the checkpoint's TP size), and
-each saved tensor is compared with its full counterpart: equal shapes mean replicated over TP
-(rank 0's copy is taken), a shape that is 1/tp of the full one along exactly one dimension
-means split along that dimension (the shards are concatenated in rank order, which is how
-megatron-core splits: every split in this model has stride 1), anything else is an error.
-Buffers are merged like parameters, e.g. sigma-reparam's power-iteration vectors `u`/`v`.
+Safety: every file is read with `format.safe_load` (`weights_only=True`): tensors and plain
+containers, never any other pickled object (no code runs). The tools never load the optimizer
+shards.
+
+Full shapes come from the model itself (`shards.reference_tensors`: the same config built at
+TP=1, PP=1 on the meta device, the vocabulary padded as at the checkpoint's TP size); each saved
+tensor is compared with its full counterpart (`shards.split_dim`) and merged (`shards.merge`);
+anything else is an error. Buffers are merged like parameters, e.g. sigma-reparam's
+power-iteration vectors `u`/`v`.
 
 Names in the merged state dict are `<global block index>.<key in the block>`, e.g.
 `1.layer.self_attention.linear_qkv.weight`: the same at every layout (and the names of
@@ -34,126 +35,38 @@ config file (`config=`), else from `config.yaml` of the run directory (two level
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import json
-import math
 import os
-import pickle
-import re
-import socket
-import warnings
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-META_FILE = "stable_megatron.json"
-LATEST = "latest"
-RUN_CONFIG = "config.yaml"
-LAYER_FILE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
-ENGINE_FILE = "mp_rank_00_model_states.pt"
-EXTRA_STATE = "_extra_state"
+from stable_megatron.checkpoint import shards as sh
+from stable_megatron.checkpoint.format import (
+    ENGINE_FILE,
+    EXTRA_STATE,
+    LAYER_FILE_RE,
+    META_FILE,
+    RUN_CONFIG,
+    CheckpointError,
+    latest_pointer,
+    layer_file,
+    layer_files,
+    read_meta,
+    resolve,
+    safe_load,
+    verify,
+)
 
 
-class ExportError(ValueError):
-    """A checkpoint the tools cannot read or export; the message (one line) names the file,
-    shard or config field."""
-
-
-class UnsafeFileError(ExportError):
-    """A checkpoint file that would unpickle a Python object other than tensors and plain data."""
-
-
-class NotExpressibleError(ExportError):
+class NotExpressibleError(CheckpointError):
     """The model cannot be written in the requested format; the message names the config fields."""
 
 
-def layer_file_name(index: int, tp_rank: int) -> str:
-    return f"layer_{index:02d}-model_{tp_rank:02d}-model_states.pt"
-
-
 # --------------------------------------------------------------------------------------------
-# Reading files
-
-
-def _detail(err: BaseException) -> str:
-    """The informative line of an exception message (torch's are paragraphs)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    for line in lines:
-        if line.startswith(("Trying to", "Unsupported", "PytorchStreamReader")):
-            return line.split(". This is an internal")[0]
-    return lines[-1] if lines else type(err).__name__
-
-
-def load_file(path: str | os.PathLike) -> Any:
-    """One checkpoint file, read with `weights_only=True` on the CPU; any failure is an
-    `ExportError` naming the file (`UnsafeFileError` for a pickled object)."""
-    path = Path(path)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch's notices about pickle protocols
-            # mmap (zip-format files only): tensors are read when used, not at load
-            return torch.load(path, map_location="cpu", weights_only=True,
-                              mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        if found:
-            raise UnsafeFileError(
-                f"{path}: refused: it pickles a Python object ({found.group(1)}), not tensors; "
-                f"checkpoint files are read with weights_only=True and never unpickled as "
-                f"arbitrary objects"
-            ) from None
-        raise ExportError(
-            f"{path}: corrupt, or not a file torch can load without unpickling objects "
-            f"({_detail(err)})"
-        ) from None
-    except FileNotFoundError:
-        raise ExportError(f"{path}: missing") from None
-    except (RuntimeError, OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as err:
-        raise ExportError(f"{path}: truncated or corrupt ({_detail(err)})") from None
-
-
-# --------------------------------------------------------------------------------------------
-# Finding a checkpoint
-
-
-def _layer_files(directory: Path) -> dict[tuple[int, int], Path]:
-    found = {}
-    for child in directory.iterdir():
-        match = LAYER_FILE.match(child.name)
-        if match:
-            found[int(match.group(1)), int(match.group(2))] = child
-    return found
-
-
-def locate(path: str | os.PathLike) -> Path:
-    """The tag directory for `path`: a tag directory itself, a checkpoint directory (the tag its
-    `latest` names), or a run directory (its `checkpoints/latest`)."""
-    path = Path(path)
-    if not path.exists():
-        raise ExportError(f"{path}: no such file or directory")
-    if not path.is_dir():
-        raise ExportError(
-            f"{path}: is a file; expected a checkpoint directory (with `latest`) or one "
-            f"checkpoint's directory (e.g. step00000020/)"
-        )
-    if _layer_files(path) or (path / META_FILE).is_file():
-        return path
-    for directory in (path, path / "checkpoints"):
-        pointer = directory / LATEST
-        if pointer.is_file():
-            tag = pointer.read_text().strip()
-            if not tag or not (directory / tag).is_dir():
-                raise ExportError(f"{pointer} names {tag!r}, which is not a directory in "
-                                  f"{directory}")
-            return directory / tag
-    raise ExportError(
-        f"{path}: not a checkpoint: expected a `latest` file (a checkpoint directory) or "
-        f"layer_XX-model_YY-model_states.pt files (one checkpoint's directory)"
-    )
+# Opening a checkpoint
 
 
 @dataclass
@@ -175,19 +88,6 @@ class Checkpoint:
         return self.layout["tp"]
 
 
-def _read_meta(tag_dir: Path) -> dict:
-    path = tag_dir / META_FILE
-    if not path.is_file():
-        return {}
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ExportError(f"{path}: corrupt ({err})") from None
-    if not isinstance(meta, dict):
-        raise ExportError(f"{path}: corrupt (expected a JSON object)")
-    return meta
-
-
 def _read_config(tag_dir: Path, meta: dict, config: str | os.PathLike | None):
     """(Config, where it came from): the tag's JSON, else `config`, else the run's config.yaml."""
     from stable_megatron.config import ConfigError, config_from_dict, load_config
@@ -200,79 +100,67 @@ def _read_config(tag_dir: Path, meta: dict, config: str | os.PathLike | None):
         elif config is not None:
             source = str(config)
             if not Path(config).is_file():
-                raise ExportError(f"--config {config}: no such file")
+                raise CheckpointError(f"--config {config}: no such file")
             cfg = load_config(config)
         elif run_config.is_file():
             source = str(run_config)
             cfg = load_config(run_config)
         else:
-            raise ExportError(
+            raise CheckpointError(
                 f"{tag_dir}: no {META_FILE} and no {RUN_CONFIG} in the run directory "
                 f"({run_config.parent}): pass the run's config with --config"
             )
     except ConfigError as err:
-        raise ExportError(f"{source}: not a config this version can read: {err}") from None
+        raise CheckpointError(f"{source}: not a config this version can read: {err}") from None
     if cfg.model.vocab_size is None:
-        from stable_megatron.data import DataError
-        from stable_megatron.plan import resolve_vocab
+        from stable_megatron.config import resolve_vocab
 
         try:
             resolve_vocab(cfg)
-        except DataError as err:
-            raise ExportError(f"{source}: model.vocab_size is not set and the tokenizer "
-                              f"cannot be read: {err}") from None
+        except ConfigError as err:
+            raise CheckpointError(f"{source}: model.vocab_size is not set and the tokenizer "
+                                  f"cannot be read: {err}") from None
     return cfg, source
 
 
-def _check_manifest(tag_dir: Path, meta: dict, names: list[str]) -> None:
-    """Sizes of the files we read against the manifest of stable_megatron.json, if any."""
-    sizes = meta.get("files")
-    if not isinstance(sizes, dict):
-        return
-    for name in names:
-        path = tag_dir / name
-        if name in sizes and path.is_file() and path.stat().st_size != sizes[name]:
-            raise ExportError(
-                f"{path}: truncated or altered ({path.stat().st_size} bytes, saved "
-                f"{sizes[name]})"
-            )
-    for name in sizes:
-        if (LAYER_FILE.match(name) or name.startswith("mp_rank_")) \
-                and not (tag_dir / name).is_file():
-            raise ExportError(f"{tag_dir}: missing shard {name} (listed in {META_FILE})")
-
-
-def _missing_shards(tag_dir: Path, missing: list[tuple[int, int]]) -> ExportError:
+def _missing_shards(tag_dir: Path, missing: list[tuple[int, int]]) -> CheckpointError:
     first = ", ".join(
-        f"{layer_file_name(i, r)} (block {i}, tensor-parallel rank {r})" for i, r in missing[:3]
+        f"{layer_file(i, r)} (block {i}, tensor-parallel rank {r})" for i, r in missing[:3]
     )
     more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-    return ExportError(f"{tag_dir}: missing shard {first}{more}")
+    return CheckpointError(f"{tag_dir}: missing shard {first}{more}")
 
 
 def open_checkpoint(path: str | os.PathLike, config: str | os.PathLike | None = None
                     ) -> Checkpoint:
-    """Locate the checkpoint at `path` and read its config, step and layout; checks that every
-    block has a file for every tensor-parallel rank. Tensors are read later (`read_tensors`)."""
-    tag_dir = locate(path)
-    files = _layer_files(tag_dir)
+    """Find the checkpoint at `path` (`format.resolve`, as a resume) and read its config, step
+    and layout; checks the files against the manifest and that every block has a file for every
+    tensor-parallel rank. Tensors are read later (`read_tensors`)."""
+    tag_dir = resolve(path, legacy=True)
+    files = layer_files(tag_dir)
     if not files:
-        raise ExportError(
+        raise CheckpointError(
             f"{tag_dir}: no layer_XX-model_YY-model_states.pt files: not a DeepSpeed pipeline "
             f"checkpoint (or its model files were removed)"
         )
-    meta = _read_meta(tag_dir)
+    meta = read_meta(tag_dir, missing_ok=True)
     cfg, source = _read_config(tag_dir, meta, config)
-    _check_manifest(tag_dir, meta, sorted(p.name for p in files.values()) + [ENGINE_FILE])
+    if meta:
+        verify(tag_dir, meta)
     notes: list[str] = []
+    pointer = latest_pointer(tag_dir.parent)
+    if tag_dir != Path(path) and pointer not in (None, tag_dir.name):
+        notes.append(f"`latest` names {pointer}, not the newest complete checkpoint "
+                     f"{tag_dir.name} (a save killed before updating it); a resume loads "
+                     f"{tag_dir.name} too")
     engine: dict = {}
     if not {"step", "consumed_samples", "layout"} <= meta.keys():
         if not (tag_dir / ENGINE_FILE).is_file():
-            raise ExportError(f"{tag_dir}: missing {ENGINE_FILE} (DeepSpeed's engine state: "
+            raise CheckpointError(f"{tag_dir}: missing {ENGINE_FILE} (DeepSpeed's engine state: "
                               f"step and layout) and no {META_FILE}")
-        engine = load_file(tag_dir / ENGINE_FILE)
+        engine = safe_load(tag_dir / ENGINE_FILE)
         if not isinstance(engine, dict):
-            raise ExportError(f"{tag_dir / ENGINE_FILE}: corrupt (expected a dict)")
+            raise CheckpointError(f"{tag_dir / ENGINE_FILE}: corrupt (expected a dict)")
     if "layout" in meta:
         layout = {k: int(meta["layout"][k]) for k in ("tp", "pp", "dp", "world")}
     else:
@@ -293,7 +181,7 @@ def open_checkpoint(path: str | os.PathLike, config: str | os.PathLike | None = 
     by_block: dict[int, dict[int, Path]] = {}
     for (index, rank), file in sorted(files.items()):
         if rank >= tp:
-            raise ExportError(f"{file}: a shard of tensor-parallel rank {rank}, but the "
+            raise CheckpointError(f"{file}: a shard of tensor-parallel rank {rank}, but the "
                               f"checkpoint was written at tp={tp}")
         by_block.setdefault(index, {})[rank] = file
     missing = [(i, r) for i in range(max(by_block) + 1) for r in range(tp)
@@ -303,100 +191,6 @@ def open_checkpoint(path: str | os.PathLike, config: str | os.PathLike | None = 
     return Checkpoint(tag_dir=tag_dir, config=cfg, config_source=source, meta=meta, step=step,
                       consumed_samples=consumed, layout=layout, layer_files=by_block,
                       notes=notes)
-
-
-# --------------------------------------------------------------------------------------------
-# The model's full shapes (TP=1, meta device)
-
-
-def reference_config(cfg, tp: int):
-    """`cfg` at TP=1, PP=1 with the vocabulary padded as at TP size `tp`: the model whose
-    tensors are the merged ones of a checkpoint written at `tp`."""
-    ref = copy.deepcopy(cfg)
-    ref.model.vocab_pad_multiple = math.lcm(cfg.model.vocab_pad_multiple, tp)
-    ref.parallel.tp, ref.parallel.pp = 1, 1
-    return ref
-
-
-@contextlib.contextmanager
-def single_process_tp_group():
-    """A tensor-parallel group of size 1 for building megatron-core layers in this process: the
-    existing groups if they have TP size 1, else a one-process gloo world started here and torn
-    down after."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as mpu
-
-    started = not dist.is_initialized()
-    if started:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
-                                world_size=1)
-    owns = not mpu.model_parallel_is_initialized()
-    try:
-        if owns:
-            if dist.get_world_size() != 1:
-                raise RuntimeError("the checkpoint tools build the model in one process; "
-                                   "call them outside a multi-process job")
-            mpu.initialize_model_parallel(tensor_model_parallel_size=1)
-        elif mpu.get_tensor_model_parallel_world_size() != 1:
-            raise RuntimeError("the checkpoint tools need tensor-parallel groups of size 1")
-        yield
-    finally:
-        if owns and mpu.model_parallel_is_initialized():
-            mpu.destroy_model_parallel()
-        if started:
-            dist.destroy_process_group()
-
-
-def _layer_specs(cfg) -> list:
-    """The DeepSpeed layer specs `build_model` passes to `PipelineModule`, in order (the
-    module's global block indices), captured without building the module."""
-    from stable_megatron.model import gpt
-
-    real = gpt.PipelineModule
-    gpt.PipelineModule = lambda layers, **_: list(layers)
-    try:
-        return gpt.build_model(cfg, None, torch.device("cpu"))
-    finally:
-        gpt.PipelineModule = real
-
-
-@dataclass(frozen=True)
-class RefTensor:
-    shape: tuple[int, ...]
-    kind: str  # "param" or "buffer"
-
-
-def reference_tensors(cfg, tp: int = 1) -> dict[int, dict[str, RefTensor]]:
-    """Per saved block index, the full shape and kind of every tensor of its `state_dict`, from
-    the model of `cfg` built at TP=1 on the meta device with the vocabulary padded as at `tp`.
-    Blocks DeepSpeed does not save (the tied output layer, a view of block 0) are left out."""
-    from deepspeed.pipe import TiedLayerSpec
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    from stable_megatron import compat
-
-    ref = reference_config(cfg, tp)
-    compat.apply_cpu_patches()
-    out: dict[int, dict[str, RefTensor]] = {}
-    with single_process_tp_group():
-        for index, spec in enumerate(_layer_specs(ref)):
-            if isinstance(spec, TiedLayerSpec) and spec.forward_fn is not None:
-                continue  # DeepSpeed saves only modules it calls directly
-            for arg in (*spec.module_args, *spec.module_kwargs.values()):
-                if isinstance(arg, TransformerConfig):
-                    arg.perform_initialization = False  # meta tensors hold no values
-            with torch.device("meta"):
-                module = spec.build()
-            params = {name for name, _ in module.named_parameters()}
-            out[index] = {
-                key: RefTensor(tuple(value.shape), "param" if key in params else "buffer")
-                for key, value in module.state_dict().items()
-                if torch.is_tensor(value) and not key.endswith(EXTRA_STATE)
-            }
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,30 +215,20 @@ class TensorInfo:
         return n
 
 
-def _split_dim(shard: tuple[int, ...], full: tuple[int, ...], tp: int) -> int | None | str:
-    if shard == full:
-        return None
-    if len(shard) == len(full):
-        differ = [d for d, (s, f) in enumerate(zip(shard, full, strict=True)) if s != f]
-        if len(differ) == 1 and shard[differ[0]] * tp == full[differ[0]]:
-            return differ[0]
-    return "invalid"
-
-
 def read_tensors(ckpt: Checkpoint, merge: bool = True):
     """(infos, tensors): a `TensorInfo` per tensor of the model in block order and, with
     `merge`, the full tensors by name (rank 0's copy of replicated tensors, the shards
     concatenated along `split_dim` otherwise). Every file is checked against the model of the
-    checkpoint's config; the first problem raises `ExportError` naming the file and tensor."""
+    checkpoint's config; the first problem raises `CheckpointError` naming the file and tensor."""
     tp = ckpt.tp
-    reference = reference_tensors(ckpt.config, tp)
+    reference = sh.reference_tensors(ckpt.config, tp)
     present, expected = set(ckpt.layer_files), set(reference)
     if expected - present:
         raise _missing_shards(ckpt.tag_dir, [(i, r) for i in sorted(expected - present)
                                              for r in range(tp)])
     if present - expected:
         index = min(present - expected)
-        raise ExportError(
+        raise CheckpointError(
             f"{ckpt.layer_files[index][0]}: unexpected block {index}: the model of this config "
             f"saves blocks {min(expected)}..{max(expected)} (config from {ckpt.config_source})"
         )
@@ -454,31 +238,31 @@ def read_tensors(ckpt: Checkpoint, merge: bool = True):
         files = ckpt.layer_files[index]
         shards = []
         for rank in range(tp):
-            state = load_file(files[rank])
+            state = safe_load(files[rank], mmap=True)
             if not isinstance(state, dict):
-                raise ExportError(f"{files[rank]}: corrupt (expected a state dict, got "
+                raise CheckpointError(f"{files[rank]}: corrupt (expected a state dict, got "
                                   f"{type(state).__name__})")
             shards.append({k: v for k, v in state.items() if not k.endswith(EXTRA_STATE)})
         for rank, state in enumerate(shards):
             extra = sorted(set(state) - set(reference[index]))
             absent = sorted(set(reference[index]) - set(state))
             if absent:
-                raise ExportError(f"{files[rank]}: no tensor {absent[0]}, which the model of "
+                raise CheckpointError(f"{files[rank]}: no tensor {absent[0]}, which the model of "
                                   f"this config has (config from {ckpt.config_source})")
             if extra:
-                raise ExportError(f"{files[rank]}: unexpected entry {extra[0]}: not in the "
+                raise CheckpointError(f"{files[rank]}: unexpected entry {extra[0]}: not in the "
                                   f"model of this config (config from {ckpt.config_source})")
         for key, ref in reference[index].items():
             values = [state[key] for state in shards]
             for rank, value in enumerate(values):
                 if not torch.is_tensor(value):
-                    raise ExportError(f"{files[rank]}: {key} is a {type(value).__name__}, "
+                    raise CheckpointError(f"{files[rank]}: {key} is a {type(value).__name__}, "
                                       f"not a tensor")
             shard = tuple(values[0].shape)
-            dim = _split_dim(shard, ref.shape, tp)
+            dim = sh.split_dim(shard, ref.shape, tp)
             for rank, value in enumerate(values):
-                if dim == "invalid" or tuple(value.shape) != shard:
-                    raise ExportError(
+                if dim == sh.INVALID or tuple(value.shape) != shard:
+                    raise CheckpointError(
                         f"{files[rank]}: {key} has shape {list(value.shape)}, neither the "
                         f"full shape {list(ref.shape)} nor a 1/{tp} split of it along one "
                         f"dimension (config from {ckpt.config_source})"
@@ -488,13 +272,10 @@ def read_tensors(ckpt: Checkpoint, merge: bool = True):
                                     str(values[0].dtype).removeprefix("torch."), ref.kind, dim))
             if not merge:
                 continue
-            if dim is None:
-                if any(not torch.equal(values[0], v) for v in values[1:]):
-                    ckpt.notes.append(f"{name}: replicated over TP but the ranks' copies "
-                                      f"differ; rank 0's is used")
-                tensors[name] = values[0].clone()
-            else:
-                tensors[name] = torch.cat(values, dim=dim)
+            if dim is None and any(not torch.equal(values[0], v) for v in values[1:]):
+                ckpt.notes.append(f"{name}: replicated over TP but the ranks' copies differ; "
+                                  f"rank 0's is used")
+            tensors[name] = sh.merge(values, dim).clone()
     return infos, tensors
 
 
@@ -516,10 +297,10 @@ def load_into_model(model, state: dict[str, torch.Tensor]) -> None:
         result = fn.load_state_dict(by_block.pop(index, {}), strict=False)
         missing = [k for k in result.missing_keys if not k.endswith(EXTRA_STATE)]
         if missing or result.unexpected_keys:
-            raise ExportError(f"block {index}: missing {missing}, unexpected "
+            raise CheckpointError(f"block {index}: missing {missing}, unexpected "
                               f"{result.unexpected_keys}")
     if by_block:
-        raise ExportError(f"blocks {sorted(by_block)} are not in the model")
+        raise CheckpointError(f"blocks {sorted(by_block)} are not in the model")
 
 
 # --------------------------------------------------------------------------------------------
@@ -535,7 +316,7 @@ def _disk_usage(tag_dir: Path) -> dict[str, int]:
         size = path.stat().st_size
         usage["files"] += 1
         usage["total_bytes"] += size
-        if LAYER_FILE.match(path.name):
+        if LAYER_FILE_RE.match(path.name):
             usage["model_bytes"] += size
         elif path.name.endswith("optim_states.pt"):
             usage["optimizer_bytes"] += size
@@ -799,7 +580,7 @@ def export_hf_gpt2(ckpt: Checkpoint, out_dir: str | os.PathLike, trim_vocab: boo
                                          trim_vocab)
     config["stable_megatron"] = _provenance(ckpt)
     if out.exists() and not out.is_dir():
-        raise ExportError(f"{out}: exists and is not a directory")
+        raise CheckpointError(f"{out}: exists and is not a directory")
     _save_safetensors(tensors, out / "model.safetensors", {"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out

@@ -1,0 +1,245 @@
+"""Saving and loading at the same layout: atomic saves, RNG states, keep-K pruning.
+
+A save writes everything into `.tmp-<tag>/<tag>`, checks that every rank's files are there,
+writes the manifest, renames the tag directory into place, and only then rewrites `latest`
+(atomically, via a temporary file). A process killed at any point leaves the previous
+checkpoint intact and loadable, and `format.newest_complete` finds the newest one whatever
+`latest` says.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from stable_megatron.checkpoint.format import (
+    FORMAT_VERSION,
+    LATEST,
+    META_FILE,
+    RNG_DIR,
+    TMP_PREFIX,
+    CheckpointError,
+    code_version,
+    complete_checkpoints,
+    rng_file,
+    safe_load,
+    tag_for,
+)
+
+
+def install_safe_loading(engine) -> None:
+    """Route DeepSpeed's own checkpoint reads through `safe_load`."""
+    from stable_megatron import ds_adapter
+
+    ds_adapter.route_checkpoint_reads(engine, safe_load)
+
+
+# --------------------------------------------------------------------------------------------
+# RNG states
+
+
+def rng_state() -> dict:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": _numpy_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    tracker = mcore_random.get_cuda_rng_tracker()
+    state["tracker"] = tracker.get_states()
+    return state
+
+
+def _numpy_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "gauss": float(gauss)}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
+    random.setstate(_as_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    mcore_random.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _as_tuple(value):
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+# --------------------------------------------------------------------------------------------
+# Save
+
+
+@dataclass
+class SaveResult:
+    tag_dir: Path
+    seconds: float
+    removed: list[str]
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save(engine, cfg, layout, ckpt_dir: Path, step: int, client_state: dict,
+         tag: str | None = None) -> SaveResult:
+    """Save atomically (see the module docstring); every rank calls this."""
+    started = time.time()
+    tag = tag or tag_for(step)
+    ckpt_dir = Path(ckpt_dir)
+    staging = ckpt_dir / f"{TMP_PREFIX}{tag}"
+    if layout.rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ckpt_dir.glob(f"{TMP_PREFIX}*"):  # interrupted earlier saves
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+        staging.mkdir()
+    _barrier()
+    engine.save_checkpoint(str(staging), tag=tag, client_state=client_state, save_latest=False)
+    work = staging / tag
+    (work / RNG_DIR).mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(), work / rng_file(layout.rank))
+    _barrier()
+    removed: list[str] = []
+    error = None
+    if layout.rank == 0:
+        try:
+            removed = _publish(work, staging, ckpt_dir, cfg, layout, step, tag, client_state)
+        except (CheckpointError, OSError) as err:
+            error = str(err)
+    from stable_megatron import parallel
+
+    error = parallel.broadcast_object(error)  # every rank raises, none waits forever
+    if error is not None:
+        raise CheckpointError(error)
+    return SaveResult(ckpt_dir / tag, time.time() - started, removed)
+
+
+def _publish(work: Path, staging: Path, ckpt_dir: Path, cfg, layout, step: int, tag: str,
+             client_state: dict) -> list[str]:
+    """Rank 0: check, write the manifest, move into place, update `latest`, prune."""
+    _check_written(work, layout)
+    files = {
+        str(p.relative_to(work)): p.stat().st_size for p in sorted(work.rglob("*")) if p.is_file()
+    }
+    meta = {
+        "format": FORMAT_VERSION,
+        "tag": tag,
+        "step": step,
+        "consumed_samples": client_state["consumed_samples"],
+        "layout": {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "world": layout.world},
+        "config": cfg.to_dict(),
+        "code_version": code_version(),
+        "saved_at": time.time(),
+        "files": files,
+    }
+    write_atomic(work / META_FILE, json.dumps(meta, indent=1))
+    target = ckpt_dir / tag
+    if target.exists():  # re-saving a step (e.g. after loading an older checkpoint here)
+        old = ckpt_dir / f"{TMP_PREFIX}old-{tag}"
+        target.rename(old)
+        work.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        work.rename(target)
+    _fsync_dir(ckpt_dir)
+    shutil.rmtree(staging, ignore_errors=True)
+    write_latest(ckpt_dir, tag)
+    return prune(ckpt_dir, cfg.checkpoint.keep, protect=target)
+
+
+def write_latest(ckpt_dir: Path, tag: str) -> None:
+    """`latest` (a convenience: readers use `format.newest_complete`)."""
+    write_atomic(ckpt_dir / LATEST, tag)
+
+
+def _check_written(work: Path, layout) -> None:
+    """DeepSpeed wrote one ZeRO optimizer shard per rank and each rank its RNG file."""
+    shards = list(work.glob("*optim_states.pt"))
+    rngs = list((work / RNG_DIR).glob("rank*.pt"))
+    if len(shards) != layout.world or len(rngs) != layout.world:
+        raise CheckpointError(
+            f"{work}: save incomplete ({len(shards)} optimizer shards and {len(rngs)} RNG files "
+            f"for {layout.world} ranks); the previous checkpoint is untouched"
+        )
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def prune(ckpt_dir: Path, keep: int, protect: Path | None = None) -> list[str]:
+    """Delete all but the newest `keep` complete checkpoints (0: keep all)."""
+    if keep <= 0:
+        return []
+    complete = complete_checkpoints(ckpt_dir)
+    removed = []
+    for old in complete[:-keep]:
+        if protect is not None and old.resolve() == protect.resolve():
+            continue
+        shutil.rmtree(old, ignore_errors=True)
+        removed.append(old.name)
+    return removed
+
+
+# --------------------------------------------------------------------------------------------
+# Load
+
+
+def load(engine, cfg, layout, tag_dir: Path, meta: dict, weights_only: bool = False) -> dict:
+    """Load a verified checkpoint at the same layout it was saved at; returns its client state
+    ({} with `weights_only`). Every rank calls this."""
+    if weights_only:
+        path, _ = engine.load_checkpoint(
+            str(tag_dir.parent), tag=tag_dir.name, load_module_only=True,
+            load_optimizer_states=False, load_lr_scheduler_states=False,
+        )
+    else:
+        path, client = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    if path is None:
+        raise CheckpointError(f"{tag_dir}: DeepSpeed found nothing to load there")
+    if weights_only:
+        return {}
+    set_rng_state(safe_load(tag_dir / rng_file(layout.rank)))
+    return client
