@@ -27,11 +27,15 @@ class ConfigError(ValueError):
 class MLRAConfig:
     """Multi-head low-rank attention [A]; the factorisation is a project choice (methods.md)."""
 
-    rank: int | None = None  # default: head_dim // 2
+    rank: int | None = None  # default: head_dim // 2 (resolved_rank); 1 .. head_dim
     targets: list[str] = field(default_factory=lambda: ["q", "k", "v"])  # any of q, k, v, o
     # factor init stds: "paper" both at init_std (smaller initial outputs, the paper's
     # variance argument); "balanced"/"input_side" keep the full-rank output scale
     factor_init: Literal["paper", "balanced", "input_side"] = "paper"
+
+    def resolved_rank(self, head_dim: int) -> int:
+        """`rank`, or the default head_dim // 2 (the one place the default is written)."""
+        return self.rank if self.rank is not None else head_dim // 2
 
 
 @dataclass
@@ -52,7 +56,7 @@ class ModelConfig:
     num_attention_heads: int = 4
     ffn_hidden_size: int | None = None  # default 4 * hidden_size
     seq_length: int = 128
-    vocab_size: int | None = None  # default: the tokenizer's vocabulary
+    vocab_size: int | None = None  # embedding rows before padding; default data.vocab_size
     vocab_pad_multiple: int = 128  # padded vocab is a multiple of this (and of parallel.tp)
     position_embedding: Literal["learned", "rope"] = "learned"
     rope_base: float = 10000.0
@@ -125,7 +129,9 @@ class TrainConfig:
 class DataConfig:
     source: Literal["builtin", "indexed"] = "builtin"
     cache_dir: str = ".cache/stable_megatron"
-    vocab_size: int = 8192  # tokenizer vocabulary built for the built-in corpus
+    # the tokenizer's vocabulary: the size the built-in corpus's tokenizer is trained to;
+    # for source=indexed, read from tokenizer_model by validation
+    vocab_size: int = 8192
     train_prefix: str | None = None  # indexed dataset prefix (.bin/.idx) for source=indexed
     val_prefix: str | None = None
     tokenizer_model: str | None = None  # sentencepiece model for source=indexed
@@ -224,6 +230,12 @@ class Config:
     @property
     def checkpoint_dir(self) -> Path:
         return Path(self.checkpoint.dir or Path(self.train.run_dir) / "checkpoints")
+
+    @property
+    def tokenizer_vocab_size(self) -> int:
+        """The ids a token can take (`data.vocab_size`, resolved by `validate`); the model's
+        embedding may have more rows (`model.vocab_size`, then padding)."""
+        return self.data.vocab_size
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -480,6 +492,35 @@ def validate(cfg: Config, world_size: int) -> None:
     if m.vocab_size is not None:
         positive("model.vocab_size", m.vocab_size)
     positive("model.vocab_pad_multiple", m.vocab_pad_multiple)
+    resolve_vocab(cfg)
+
+
+def resolve_vocab(cfg: Config) -> None:
+    """Fill the derived vocabulary fields, so that a validated config is final:
+    `data.vocab_size` is the tokenizer's vocabulary (the built-in corpus's tokenizer is trained
+    to exactly that size; an indexed dataset's is read from `data.tokenizer_model`), and
+    `model.vocab_size` (the embedding rows before padding) defaults to it and may not be
+    smaller. Idempotent."""
+    d, m = cfg.data, cfg.model
+    if d.source == "indexed":
+        import sentencepiece as spm
+
+        try:
+            processor = spm.SentencePieceProcessor(model_file=str(d.tokenizer_model))
+        except (OSError, RuntimeError) as exc:
+            raise ConfigError(
+                f"data.tokenizer_model={d.tokenizer_model}: not a sentencepiece model ({exc})"
+            ) from None
+        d.vocab_size = int(processor.get_piece_size())
+    if d.vocab_size <= 0:
+        raise ConfigError(f"data.vocab_size={d.vocab_size}: must be > 0")
+    if m.vocab_size is None:
+        m.vocab_size = d.vocab_size
+    elif m.vocab_size < d.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's vocabulary "
+            f"({d.vocab_size}, data.vocab_size)"
+        )
 
 
 def _validate_stability(cfg: Config) -> None:
@@ -548,9 +589,12 @@ def _validate_methods(m: ModelConfig, tp: int) -> None:
     if m.attention == "mlra":
         if not m.mlra.targets:
             raise ConfigError("model.mlra.targets is empty: name at least one of q, k, v, o")
-        rank = m.mlra.rank if m.mlra.rank is not None else m.head_dim // 2
-        if not 0 < rank <= m.hidden_size:
-            raise ConfigError(f"model.mlra.rank={rank}: must be between 1 and hidden_size")
+        rank = m.mlra.resolved_rank(m.head_dim)
+        if not 0 < rank <= m.head_dim:
+            raise ConfigError(
+                f"model.mlra.rank={rank}: must be between 1 and the head dim "
+                f"(hidden_size / num_attention_heads = {m.head_dim}) to be low rank"
+            )
     sr = m.sigma_reparam
     check_targets("model.sigma_reparam.targets", sr.targets, SIGMA_TARGETS)
     if sr.power_iters < 1 or sr.init_iters < 1:
@@ -566,6 +610,11 @@ def _validate_methods(m: ModelConfig, tp: int) -> None:
                 f"model.sigma_reparam.targets has {', '.join(clash)}, which model.attention=mlra "
                 f"replaces with low-rank factors; remove it from the targets"
             )
+    if m.attention_dropout != 0:
+        raise ConfigError(
+            f"model.attention_dropout={m.attention_dropout}: must be 0 (no attention kernel "
+            f"applies dropout; see model/attention.py)"
+        )
     if m.softmax_cap is not None and m.softmax_cap <= 0:
         raise ConfigError(f"model.softmax_cap={m.softmax_cap}: must be > 0 (or null for off)")
     if m.softmax_cap is not None and m.attention_backend == "sdpa":

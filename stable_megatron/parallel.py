@@ -107,15 +107,14 @@ def initialize(tp: int, pp: int, device: str = "auto", timeout_minutes: int = 30
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
     from megatron.core import parallel_state as mpu
 
-    from stable_megatron import compat
+    from stable_megatron import compat, ds_adapter
 
     alone = _ensure_single_process_env()
     dev = select_device(device)
     if dev.type == "cpu":
         _share_cpu_threads()
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        # DeepSpeed's shared-memory all-reduce op is compiled on first use: keep gloo's own.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        ds_adapter.disable_shm_comm()
         compat.apply_cpu_patches()
     if not dist.is_initialized():
         timeout = datetime.timedelta(minutes=timeout_minutes)

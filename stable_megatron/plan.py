@@ -40,9 +40,9 @@ from pathlib import Path
 
 from stable_megatron.config import Config, ConfigError, load_config, read_recipe, validate
 from stable_megatron.model import size
+from stable_megatron.model.size import PEAK_TFLOPS, flops_per_token
 from stable_megatron.parallel import Layout
 
-PEAK_TFLOPS = {"h100": 989.0, "a100": 312.0}  # dense bf16 per GPU
 LAYOUT_KEYS = {
     "tp": "parallel.tp", "pp": "parallel.pp", "micro_batch_size": "train.micro_batch_size"
 }
@@ -82,19 +82,6 @@ def layout_overrides(recipe: str | Path, world: int) -> list[str]:
     """The recipe's layout for `world` as `key=value` overrides ([] if it lists none)."""
     entry = recipe_layouts(recipe).get(world, {})
     return [f"{LAYOUT_KEYS[k]}={v}" for k, v in entry.items()]
-
-
-def resolve_vocab(cfg: Config) -> int:
-    """model.vocab_size, or the tokenizer's as training would resolve it (without building
-    the built-in corpus: its tokenizer has exactly data.vocab_size tokens)."""
-    if cfg.model.vocab_size is None:
-        if cfg.data.source == "builtin":
-            cfg.model.vocab_size = cfg.data.vocab_size
-        else:
-            from stable_megatron.data.tokenizer import Tokenizer
-
-            cfg.model.vocab_size = Tokenizer(cfg.data.tokenizer_model).vocab_size
-    return cfg.model.vocab_size
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,29 +187,6 @@ def stage_memory(cfg: Config, stage: size.StageParams, layout: Layout,
     )
 
 
-def flops_per_token(cfg: Config) -> float:
-    m = cfg.model
-    return 6 * size.flop_params(cfg) + 12 * m.num_layers * m.seq_length * m.hidden_size
-
-
-def peak_tflops(device_name: str) -> float | None:
-    """Dense bf16 peak of a GPU from its name (`torch.cuda.get_device_name()`); None if unknown."""
-    name = device_name.lower()
-    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
-
-
-def throughput(cfg: Config, tokens_per_sec: float, world: int,
-               device_name: str = "") -> dict[str, float]:
-    """What a training log line reports: model TFLOP/s per device (FLOPs per token above, i.e.
-    without recompute) and, for a known GPU, MFU against its dense bf16 peak."""
-    tflops = tokens_per_sec * flops_per_token(cfg) / world / 1e12
-    out = {"tflops_per_device": tflops}
-    peak = peak_tflops(device_name)
-    if peak is not None:
-        out["mfu"] = tflops / peak
-    return out
-
-
 def make_plan(cfg: Config, nodes: int, gpus_per_node: int, gpu: str = "h100",
               mfu: float = 0.4) -> Plan:
     """Validate `cfg` at nodes x gpus_per_node and compute the plan (raises ConfigError)."""
@@ -233,8 +197,7 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, gpu: str = "h100",
     if not 0 < mfu <= 1:
         raise ConfigError(f"--mfu={mfu}: must be in (0, 1]")
     world = nodes * gpus_per_node
-    validate(cfg, world)
-    resolve_vocab(cfg)
+    validate(cfg, world)  # also resolves the vocabulary
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     layout = Layout.of(world, tp, pp, 0)
     accumulation = cfg.train.global_batch_size // (cfg.train.micro_batch_size * layout.dp)

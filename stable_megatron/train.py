@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ class DataSources:
 
 
 def resolve_data(cfg: Config) -> DataSources:
-    """Prepare (built-in corpus, cached) or check (user data) the data; fills model.vocab_size."""
+    """Prepare (built-in corpus, cached) or check (user data) the data of a validated config."""
     from stable_megatron.data.dataset import prepare_builtin_data
     from stable_megatron.data.tokenizer import Tokenizer
 
@@ -45,12 +44,10 @@ def resolve_data(cfg: Config) -> DataSources:
     else:
         vocab = Tokenizer(d.tokenizer_model).vocab_size
         sources = DataSources(d.train_prefix, d.val_prefix, d.tokenizer_model, vocab)
-    if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = sources.vocab_size
-    elif cfg.model.vocab_size < sources.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-            f"vocabulary ({sources.vocab_size})"
+    if sources.vocab_size != cfg.tokenizer_vocab_size:
+        raise DataError(
+            f"{sources.tokenizer_model}: {sources.vocab_size} tokens, but the validated config "
+            f"says data.vocab_size={cfg.tokenizer_vocab_size}"
         )
     return sources
 
@@ -143,13 +140,12 @@ def micro_batches(
 
 
 def train_step(engine, batches) -> torch.Tensor:
-    """One optimizer step over this rank's micro-batches; returns the DP-averaged loss.
-    sigma-reparam's power iteration runs once per step (on every rank, before the forwards),
-    so its result does not depend on the number of micro-batches."""
-    from stable_megatron.model.sigma_reparam import refresh_spectral_norms
+    """One optimizer step over this rank's micro-batches with the model's own hook only
+    (sigma-reparam's power step; no metrics, no spike guard); returns the DP-averaged loss.
+    For tests and tools that drive an engine directly; the Trainer runs all its hooks."""
+    from stable_megatron.hooks import PowerIteration, StepRunner
 
-    refresh_spectral_norms(engine.module)
-    return engine.train_batch(batches)
+    return StepRunner(engine, [PowerIteration(engine.module)]).step(0, batches)
 
 
 def evaluate(engine, dataset, cfg: Config, layout, device) -> float:
@@ -172,8 +168,10 @@ class Trainer:
 
     def __init__(self, cfg: Config) -> None:
         from stable_megatron import checkpoint as ckpt
-        from stable_megatron import parallel, reshape
+        from stable_megatron import parallel
+        from stable_megatron.checkpoint import reshape
         from stable_megatron.data.dataset import TokenWindowDataset
+        from stable_megatron.hooks import PowerIteration, StepRunner, Throughput
         from stable_megatron.metrics.divergence import DivergenceRule
         from stable_megatron.metrics.warning import EarlyWarning
         from stable_megatron.spike_guard import SpikeGuard
@@ -205,6 +203,13 @@ class Trainer:
             from stable_megatron.metrics import StabilityMetrics
 
             self.metrics = StabilityMetrics(cfg, self.state, self.engine)
+        # before_step in this order, after_step in reverse: the timer times every hook, the
+        # warning and divergence rules read the metrics, the guard's verdict and the loss
+        self.hooks = StepRunner(self.engine, [
+            Throughput(cfg, self.layout.world, self.device), self.warning, self.divergence,
+            PowerIteration(self.engine.module), self.guard,
+            *([self.metrics] if self.metrics is not None else []),
+        ])
         self.started_from = None
         if start is not None:
             self._restore(start[0], start[1], weights_only=start[2])
@@ -223,9 +228,9 @@ class Trainer:
         c = self.cfg.checkpoint
         tag_dir, weights_only = None, False
         if c.resume:
-            tag_dir = ckpt.latest_checkpoint(self.cfg.checkpoint_dir)
+            tag_dir = ckpt.newest_complete(self.cfg.checkpoint_dir)
         if tag_dir is None and c.load:
-            tag_dir, weights_only = ckpt.resolve(c.load), c.finetune
+            tag_dir, weights_only = ckpt.resolve(c.load, label="checkpoint.load"), c.finetune
         if tag_dir is None:
             return None
         meta = ckpt.read_meta(tag_dir)
@@ -239,13 +244,13 @@ class Trainer:
         saved = ckpt.layout_of(meta)
         here = (self.layout.tp, self.layout.pp, self.layout.dp)
         if saved != here:  # loaded through DeepSpeed's universal checkpoint (reshape.py)
-            from stable_megatron import reshape
+            from stable_megatron.checkpoint import reshape
 
             reshape.check_reshape(tag_dir, meta, self.cfg, self.layout, weights_only)
 
     def _restore(self, tag_dir, meta, weights_only: bool = False) -> None:
         from stable_megatron import checkpoint as ckpt
-        from stable_megatron import reshape
+        from stable_megatron.checkpoint import reshape
 
         load = reshape.load if reshape.is_reshape(meta, self.layout) else ckpt.load
         client = load(self.engine, self.cfg, self.layout, tag_dir, meta, weights_only)
@@ -254,12 +259,7 @@ class Trainer:
         self.step, self.consumed = client["step"], client["consumed_samples"]
         self.rollbacks = client.get("rollbacks", 0)
         self.lr_scale = client.get("lr_scale", 1.0)
-        if "spike_detector" in client:
-            self.guard.detector.load_state_dict(client["spike_detector"])
-        if "early_warning" in client:
-            self.warning.load_state_dict(client["early_warning"])
-        if "divergence" in client:
-            self.divergence.load_state_dict(client["divergence"])
+        self.hooks.load_state_dict(client)
 
     def client_state(self) -> dict:
         return {
@@ -267,9 +267,7 @@ class Trainer:
             "consumed_samples": self.consumed,
             "rollbacks": self.rollbacks,
             "lr_scale": self.lr_scale,
-            "spike_detector": self.guard.detector.state_dict(),
-            "early_warning": self.warning.state_dict(),
-            "divergence": self.divergence.state_dict(),
+            **self.hooks.state_dict(),
         }
 
     def save(self) -> None:
@@ -294,10 +292,10 @@ class Trainer:
             raise TrainingAborted(
                 f"step {spike_step}: loss/grad-norm spike after {s.max_rollbacks} rollbacks "
                 f"(stability.max_rollbacks); giving up. The last checkpoint is "
-                f"{ckpt.latest_checkpoint(self.cfg.checkpoint_dir)}; consider a lower train.lr, "
+                f"{ckpt.newest_complete(self.cfg.checkpoint_dir)}; consider a lower train.lr, "
                 f"stability.rollback_lr_factor < 1, or a stability method (recipes/methods/)"
             )
-        target = ckpt.latest_checkpoint(self.cfg.checkpoint_dir)
+        target = ckpt.newest_complete(self.cfg.checkpoint_dir)
         if target is None:
             raise TrainingAborted(
                 f"step {spike_step}: spike, but no checkpoint to roll back to yet in "
@@ -334,41 +332,27 @@ class Trainer:
 
     def train_one_step(self) -> dict:
         """One optimizer step (or a dropped one); returns its log record."""
-        from stable_megatron.plan import throughput
-
-        cfg, engine, layout = self.cfg, self.engine, self.layout
+        cfg, engine = self.cfg, self.engine
+        step = self.step + 1
         lr = engine.get_lr()[0]
-        measure = self.metrics is not None and self.metrics.due(self.step + 1)
-        self.last_measured = measure
+        self.last_measured = self.metrics is not None and self.metrics.due(step)
         skipped_before = engine.skipped_steps
-        started = time.time()
-        if measure:
-            self.metrics.start_step()
-        batches = micro_batches(self.train_ds, self.consumed, cfg, layout, self.device,
+        batches = micro_batches(self.train_ds, self.consumed, cfg, self.layout, self.device,
                                 self.accum)
-        loss = train_step(engine, batches)
-        stats = self.metrics.finish_step() if measure else {}
-        verdict = self.last_verdict = self.guard.finish()
-        elapsed = time.time() - started
-        self.step += 1
+        loss = self.hooks.step(step, batches)
+        self.step = step
         self.consumed += cfg.train.global_batch_size
-        tokens = cfg.train.global_batch_size * cfg.model.seq_length
-        device_name = (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
-                       else "cpu")
         record = {
-            "step": self.step,
+            "step": step,
             "loss": loss.item(),
             "lr": lr,
             "grad_norm": float(engine.get_global_grad_norm()),
-            "tokens_per_sec": tokens / elapsed,
-            **throughput(cfg, tokens / elapsed, layout.world, device_name),
             "consumed_tokens": self.consumed * cfg.model.seq_length,
-            "step_time": elapsed,
-            **verdict.record(),
-            **stats,
         }
         if engine.skipped_steps > skipped_before:
             record["update_skipped"] = 1
+        self.hooks.after_step(step, record)
+        self.last_verdict = self.guard.verdict
         return record
 
     def _on_spike(self, record: dict) -> bool:
@@ -386,9 +370,9 @@ class Trainer:
         self.log.log(self.rollback())
         return True
 
-    def _early_warning(self, record: dict) -> None:
-        """Feed the step's record to the trend rules; a firing rule is printed and logged."""
-        for event in self.warning.update_events(record["step"], record):
+    def _early_warning(self) -> None:
+        """Print and log the trend rules that fired at the last step."""
+        for event in self.warning.events:
             self.log.info(f"early warning: {event.message}")
             self.log.log({"step": event.step, "event": "warning", "rule": event.rule,
                           "signal": event.signal, "message": event.message})
@@ -432,12 +416,11 @@ class Trainer:
             if evaluate_now:
                 val_loss = evaluate(self.engine, self.val_ds, cfg, layout, self.device)
                 record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
-            reason = self.divergence.update(step, record["loss"])
-            reason = reason if cfg.stability.stop_on_divergence else None
+            reason = self.divergence.reason if cfg.stability.stop_on_divergence else None
             if evaluate_now or self.last_measured or step % cfg.train.log_interval == 0 or \
                     step in (1, cfg.train.steps) or self.last_verdict.is_spike or reason:
                 log.log(record)
-            self._early_warning(record)
+            self._early_warning()
             last = record
             if reason:
                 self._stop_diverged(reason)

@@ -1,10 +1,11 @@
 """Cost of the stability metrics: step time with the metrics on vs off, in one run.
 
 The model, DeepSpeed engine and steps are the training loop's (`stable_megatron.train`:
-`build_engine`, `micro_batches`, `train_step`; `StabilityMetrics.start_step` / `finish_step`
-around a metric step, as `train.train` calls them), on synthetic tokens (the data do not change
-the step time). One engine serves both arms: the metrics add nothing to the steps between
-metric steps (no hooks, no wrappers), so "off" is the same engine with no metric step.
+`build_engine`, `micro_batches`, and the `StabilityMetrics` step hook with sigma-reparam's
+power step on a `hooks.StepRunner`, as the Trainer runs them), on synthetic tokens (the data
+do not change the step time). One engine serves both arms: the metrics add nothing to the
+steps between metric steps (no forward hooks, no capture), so "off" is the same engine with
+no metric step.
 
 Timing: after `--warmup` untimed rounds, every round runs one block of `interval` steps with
 the metrics on (its last step is the metric step, as in training at `metrics.interval`) and
@@ -14,7 +15,8 @@ to round, so load drift on a shared machine hits both alike. Reported, per shape
   of the metrics at that interval (target: <= 3% at the default interval, 10);
 - the metric step against a plain step (medians), the overhead that implies at the interval
   (a second, less noisy estimate of the same cost), and where the metric step's extra time
-  goes: `start_step`, the weight/gradient metrics inside the optimizer step, `finish_step`
+  goes: `before_step`, the weight/gradient metrics inside the optimizer step
+  (`before_update`), `after_step`
   (attention statistics and the reductions), and the rest (the attention statistics pass and
   the output-norm hooks in the forwards).
 
@@ -55,7 +57,7 @@ SHAPES: dict[str, list[str]] = {
         "model.seq_length=512", "train.micro_batch_size=2", "train.global_batch_size=4",
     ],
 }
-PHASES = ("start_step", "before_update", "finish_step")
+PHASES = ("before_step", "before_update", "after_step")
 
 
 class SyntheticTokens:
@@ -76,11 +78,9 @@ def shape_config(recipe: str | Path, shape: str, overrides: list[str], world: in
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape}; valid: {', '.join(SHAPES)}")
     cfg = load_config(recipe, [*SHAPES[shape], *overrides])
-    if cfg.model.vocab_size is None:  # no tokenizer here: the recipe's data vocabulary
-        cfg.model.vocab_size = cfg.data.vocab_size
     if not cfg.metrics.interval:
         raise ValueError("metrics.interval=0: nothing to measure")
-    validate(cfg, world)
+    validate(cfg, world)  # resolves model.vocab_size from the recipe's data vocabulary
     return cfg
 
 
@@ -88,6 +88,7 @@ class Runner:
     """One shape's engine, data and metrics; `step()` is one training-loop step."""
 
     def __init__(self, cfg, state) -> None:
+        from stable_megatron.hooks import PowerIteration, StepRunner
         from stable_megatron.metrics import StabilityMetrics
         from stable_megatron.train import build_engine
 
@@ -95,17 +96,19 @@ class Runner:
         with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints its setup
             self.engine = build_engine(cfg, state)
         self.metrics = StabilityMetrics(cfg, state, self.engine)
+        self._wrap_phases()  # before the runner takes the hook's methods
+        power = PowerIteration(self.engine.module)
+        self.measured = StepRunner(self.engine, [power, self.metrics])
+        self.plain = StepRunner(self.engine, [power])
         self.data = SyntheticTokens(cfg.model.vocab_size, cfg.model.seq_length)
         self.accum = self.engine.gradient_accumulation_steps()
         self.consumed = 0
         self.phases: dict[str, float] = {}
-        self._wrap_phases()
 
     def _wrap_phases(self) -> None:
-        """Time the metric step's pieces: instance attributes over the methods (the metrics
-        object calls `self._before_update` from inside the engine's optimizer step)."""
-        for name, attr in zip(PHASES, ("start_step", "_before_update", "finish_step"),
-                              strict=True):
+        """Time the metric step's pieces: instance attributes over the hook's methods
+        (`before_update` is called from inside the engine's optimizer step)."""
+        for name, attr in zip(PHASES, PHASES, strict=True):
             method = getattr(self.metrics, attr)
 
             def timed(*args, _method=method, _name=name, **kwargs):
@@ -128,18 +131,18 @@ class Runner:
     def step(self, measure: bool) -> float:
         """One optimizer step (a metric step when `measure`), as `train.train` runs it,
         including the loss and grad-norm reads of its log record; returns the wall time."""
-        from stable_megatron.train import micro_batches, train_step
+        from stable_megatron.train import micro_batches
 
         cfg, layout = self.cfg, self.state.layout
         self.phases = {}
         self._sync()
         start = time.perf_counter()
-        if measure:
-            self.metrics.start_step()
         batches = micro_batches(self.data, self.consumed, cfg, layout, self.state.device,
                                 self.accum)
-        loss = train_step(self.engine, batches)
-        stats = self.metrics.finish_step() if measure else {}
+        runner, number = (self.measured, cfg.metrics.interval) if measure else (self.plain, 0)
+        loss = runner.step(number, batches)
+        stats: dict = {}
+        runner.after_step(number, stats)
         loss.item()
         float(self.engine.get_global_grad_norm())
         self._sync()
@@ -308,15 +311,15 @@ def format_report(result: dict[str, Any]) -> str:
         ])
     out += _table(header, rows)
     out += ["", "extra time of the metric step over a plain step (medians, ms):"]
-    header = ["shape", "extra", "start_step", "grad/param/TEV", "finish_step",
+    header = ["shape", "extra", "before_step", "grad/param/TEV", "after_step",
               "attention pass + hooks"]
     rows = []
     for name, r in shapes.items():
         extra = r["metric_step_s"] - r["plain_step_s"]
         ph = r["phases_s"]
         rest = extra - sum(ph.values())
-        rows.append([name, _ms(extra), _ms(ph["start_step"]), _ms(ph["before_update"]),
-                     _ms(ph["finish_step"]), _ms(rest)])
+        rows.append([name, _ms(extra), _ms(ph["before_step"]), _ms(ph["before_update"]),
+                     _ms(ph["after_step"]), _ms(rest)])
     out += _table(header, rows)
     out += [
         "",
@@ -327,7 +330,7 @@ def format_report(result: dict[str, Any]) -> str:
         "- implied: (metric step - plain step) / (interval x plain step), from the step "
         "medians: the same overhead estimated from single steps",
         "- grad/param/TEV: the weight and gradient metrics inside the optimizer step; "
-        "finish_step: attention statistics, output norms and every reduction; the rest is "
+        "after_step: attention statistics, output norms and every reduction; the rest is "
         "the attention statistics pass and the output-norm hooks in the forwards",
     ]
     verdicts = [f"{name} {_pct(r['overhead'])} {'PASS' if r['pass'] else 'FAIL'}"

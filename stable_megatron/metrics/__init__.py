@@ -1,15 +1,17 @@
 """Stability metrics, computed every `metrics.interval` steps and reduced over all parallel
 ranks so that rank 0 logs the whole model's values (README, "Stability metrics").
 
-`StabilityMetrics.start_step()` before a logging step's `train_batch` switches on the attention
-statistics capture and the output-norm hooks and wraps the engine's optimizer step (to read the
-gradients and the weights the step's forward used, before the update); `finish_step()` after
-it undoes all three and returns the reduced metrics (on rank 0; `{}` elsewhere). Steps in
-between run the plain model: nothing is registered or wrapped.
+`StabilityMetrics` is a step hook (stable_megatron/hooks.py). On a measured step,
+`before_step` switches on the attention statistics capture and the output-norm hooks;
+`before_update` reads the gradients and the weights the step's forward used, inside the
+optimizer step before the update; `after_step` undoes the capture and the hooks and adds the
+reduced metrics to the step's record (on rank 0; nothing elsewhere). Steps in between run the
+plain model: nothing is registered.
 """
 
 from __future__ import annotations
 
+from stable_megatron.hooks import StepHook
 from stable_megatron.metrics import attention, norms, tev
 from stable_megatron.metrics.parts import model_parts
 from stable_megatron.metrics.reduce import Contributions, reduce_metrics
@@ -20,7 +22,7 @@ def due(interval: int, step: int) -> bool:
     return bool(interval) and step % interval == 0
 
 
-class StabilityMetrics:
+class StabilityMetrics(StepHook):
     def __init__(self, cfg, state, engine) -> None:
         self.cfg, self.state, self.engine = cfg, state, engine
         self.parts = model_parts(engine.module, state.layout.pp_rank)
@@ -30,25 +32,31 @@ class StabilityMetrics:
     def due(self, step: int) -> bool:
         return due(self.cfg.metrics.interval, step)
 
-    def start_step(self) -> None:
+    def before_step(self, step: int) -> None:
+        if not self.due(step):
+            return
         m = self.cfg.metrics
         self._contrib = Contributions()
         if m.attention:
             attention.start_capture(self.parts)
         if m.output_norms:
             self._hooks = norms.OutputNormHooks(self.parts, self.cfg.model.num_layers)
-        engine, step = self.engine, self.engine._take_model_step
 
-        def measure_then_step(*args, **kwargs):
+    def before_update(self, step: int, grad_norm: float) -> bool:
+        if self._contrib is not None:
             self._before_update()
-            return step(*args, **kwargs)
+        return False
 
-        engine._take_model_step = measure_then_step  # an instance attribute, deleted after
+    def after_step(self, step: int, record: dict) -> None:
+        if self._contrib is not None:
+            record.update(self._finish())
 
     def _before_update(self) -> None:
         """Weights and gradients as the step's forward and backward saw them."""
         cfg, layout, contrib = self.cfg, self.state.layout, self._contrib
-        num_layers, vocab = cfg.model.num_layers, cfg.model.vocab_size
+        # TEV over the rows a token can select: the tokenizer's ids, not the padding or the
+        # rows of a model.vocab_size set above the tokenizer's vocabulary
+        num_layers, vocab = cfg.model.num_layers, cfg.tokenizer_vocab_size
         groups = self.parts.groups(num_layers)
         owner = layout.dp_rank == 0
         if self.parts.embedding is not None:
@@ -66,8 +74,7 @@ class StabilityMetrics:
             norms.add_norms(contrib, groups, lambda p: shares.get(id(p)), "grad_norm",
                             "grad_norm/total")
 
-    def finish_step(self) -> dict[str, float]:
-        self.engine.__dict__.pop("_take_model_step", None)
+    def _finish(self) -> dict[str, float]:
         contrib, self._contrib = self._contrib, None
         cfg = self.cfg
         if cfg.metrics.attention:

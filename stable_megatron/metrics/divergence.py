@@ -11,8 +11,15 @@ from __future__ import annotations
 
 import math
 
+from stable_megatron.hooks import StepHook
 
-class DivergenceRule:
+
+class DivergenceRule(StepHook):
+    """As a step hook, `after_step` feeds it each step's loss and sets `reason` once the run
+    has diverged."""
+
+    state_key = "divergence"
+
     def __init__(self, patience: int) -> None:
         if patience < 1:
             raise ValueError(f"patience must be >= 1, got {patience}")
@@ -20,6 +27,10 @@ class DivergenceRule:
         self.initial_loss: float | None = None
         self.above_since: int | None = None  # first step of the current run above initial
         self.count = 0
+        self.reason: str | None = None  # set by `after_step`
+
+    def after_step(self, step: int, record: dict) -> None:
+        self.reason = self.update(step, record["loss"])
 
     def update(self, step: int, loss: float) -> str | None:
         """Feed the loss of optimizer step `step`; the reason, once the run has diverged."""

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from stable_megatron import parallel
+from stable_megatron import ds_adapter, parallel
 from stable_megatron.metrics.parts import SLOTS, ModelParts, is_tp_sharded, layer_name, output_slots
 from stable_megatron.metrics.reduce import Contributions
 from stable_megatron.model.sigma_reparam import sigma_reparam_layers
@@ -138,33 +138,12 @@ def grad_shares(module: nn.Module, layout) -> dict[int, torch.Tensor | None]:
 
 
 def _grad_share(param: nn.Parameter, layout) -> torch.Tensor | None:
-    # the order of deepspeed.utils.safe_get_full_grad's cases
-    if getattr(param, "_hp_grad", None) is not None:
-        return _fragment_share(param, layout)
-    if param.grad is not None:
-        return sum_of_squares(param.grad) if owns(param, layout) else None
-    if hasattr(param, "ds_id"):  # ZeRO stage 3 (not a supported config): the full gradient
-        from deepspeed.utils import safe_get_full_grad
-
-        grad = safe_get_full_grad(param)  # a collective: every rank calls it
-        return sum_of_squares(grad) if grad is not None and owns(param, layout) else None
-    if hasattr(param, "_hp_mapping"):
-        return _fragment_share(param, layout)
-    return None
-
-
-def _fragment_share(param: nn.Parameter, layout) -> torch.Tensor | None:
-    """This data-parallel rank's fragment of the averaged gradient (what DeepSpeed's
-    `get_full_hp_grad` puts into its all-reduce buffer), as a sum of squares."""
-    mapping = param._hp_mapping
-    if mapping is None or not (is_tp_sharded(param) or layout.tp_rank == 0):
+    kind, grad = ds_adapter.grad_fragment(param)
+    if grad is None:
         return None
-    fragment = mapping.get_lp_grad_fragment(param._index_in_param_group).reshape(-1)
-    address = mapping.lp_fragment_address
-    if fragment.numel() == param.numel():
-        # the bf16 optimizer keeps the whole gradient: its own fragment is a slice of it
-        fragment = fragment.narrow(0, address.start, address.numel)
-    return sum_of_squares(fragment)
+    if kind == "fragment":  # every TP rank holds its own shard's fragment; replicas: TP rank 0
+        return sum_of_squares(grad) if is_tp_sharded(param) or layout.tp_rank == 0 else None
+    return sum_of_squares(grad) if owns(param, layout) else None
 
 
 def add_sigma_reparam(

@@ -35,6 +35,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from stable_megatron.hooks import StepHook
+
 RULES = ("logit_growth", "entropy_collapse", "tev_growth")
 
 _LOGIT = re.compile(r"^attn_logit_max/(layer_\d+)$")
@@ -62,12 +64,16 @@ def _fmt(value: float) -> str:
     return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
 
 
-class EarlyWarning:
+class EarlyWarning(StepHook):
     """Trend rules over the logged stability metrics; `update` returns the messages of the
-    rules that fire at this record (usually none)."""
+    rules that fire at this record (usually none). As a step hook, `after_step` feeds it each
+    step's record and keeps the firings in `events`."""
+
+    state_key = "early_warning"
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
+        self.events: list[WarningEvent] = []  # the firings at the last `after_step`
         # signal key -> [[step, value], ...] over the trailing window (finite values only)
         self.history: dict[str, list[list[float]]] = {}
         # rule -> {"active": bool, "last_true": step the condition last held or None}
@@ -78,6 +84,9 @@ class EarlyWarning:
 
     # ----------------------------------------------------------------------------------------
     # Public interface
+
+    def after_step(self, step: int, record: dict[str, Any]) -> None:
+        self.events = self.update_events(step, record)
 
     def update(self, step: int, record: dict[str, Any]) -> list[str]:
         """Messages of the rules that fire at `step` (one line each, starting with the step)."""

@@ -139,8 +139,10 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return losses.mean()
 
 
-def build_model(cfg: Config, topology, device: torch.device) -> PipelineModule:
-    """The GPT PipelineModule for `cfg` (with model.vocab_size resolved) on `topology`."""
+def layer_specs(cfg: Config, device: torch.device) -> list[LayerSpec]:
+    """The DeepSpeed layer specs of the model, in order (the `PipelineModule`'s global block
+    indices); nothing is built. `build_model` lays these out; the checkpoint code builds single
+    blocks from them on the meta device."""
     tcfg = transformer_config(cfg)
     m, seed = cfg.model, cfg.train.seed
     padded_vocab = m.padded_vocab_size(cfg.parallel.tp)
@@ -162,9 +164,13 @@ def build_model(cfg: Config, topology, device: torch.device) -> PipelineModule:
         LayerSpec(TransformerLayerPipe, cfg, tcfg, i, seed + i, device)
         for i in range(1, m.num_layers + 1)
     ]
-    specs = [first, *layers, LayerSpec(FinalNormPipe, cfg), last]
+    return [first, *layers, LayerSpec(FinalNormPipe, cfg), last]
+
+
+def build_model(cfg: Config, topology, device: torch.device) -> PipelineModule:
+    """The GPT PipelineModule for `cfg` (with model.vocab_size resolved) on `topology`."""
     return PipelineModule(
-        layers=specs,
+        layers=layer_specs(cfg, device),
         loss_fn=lm_loss,
         topology=topology,
         partition_method=cfg.parallel.partition_method,

@@ -32,7 +32,7 @@ from stable_megatron.config import Config, ModelConfig
 
 
 def _mlra_rank(m: ModelConfig) -> int:
-    return m.mlra.rank if m.mlra.rank is not None else m.head_dim // 2
+    return m.mlra.resolved_rank(m.head_dim)
 
 
 def layer_params(m: ModelConfig, tp: int = 1) -> int:
@@ -133,6 +133,36 @@ def flop_params(cfg: Config) -> int:
     m = cfg.model
     return (m.num_layers * layer_params(m) + final_norm_params(m)
             + m.padded_vocab_size(1) * m.hidden_size)
+
+
+# --------------------------------------------------------------------------------------------
+# FLOPs and throughput (the training log and `plan` alike)
+
+PEAK_TFLOPS = {"h100": 989.0, "a100": 312.0}  # dense bf16 per GPU
+
+
+def flops_per_token(cfg: Config) -> float:
+    m = cfg.model
+    return 6 * flop_params(cfg) + 12 * m.num_layers * m.seq_length * m.hidden_size
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """Dense bf16 peak of a GPU from its name (`torch.cuda.get_device_name()`); None if unknown."""
+    name = device_name.lower()
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
+
+
+def throughput(cfg: Config, tokens_per_sec: float, world: int,
+               device_name: str = "") -> dict[str, float]:
+    """What a training log line reports: model TFLOP/s per device (FLOPs per token above, i.e.
+    without recompute) and, for a known GPU, MFU against its dense bf16 peak."""
+    tflops = tokens_per_sec * flops_per_token(cfg) / world / 1e12
+    out = {"tflops_per_device": tflops}
+    peak = peak_tflops(device_name)
+    if peak is not None:
+        out["mfu"] = tflops / peak
+    return out
+
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,9 +25,10 @@ def run_case(overrides: dict, out: Path) -> None:
 
     from stable_megatron import parallel
     from stable_megatron.config import config_from_dict, validate
+    from stable_megatron.hooks import PowerIteration, StepRunner
     from stable_megatron.metrics import StabilityMetrics
     from stable_megatron.spike_guard import SpikeGuard
-    from stable_megatron.train import build_engine, micro_batches, train_step
+    from stable_megatron.train import build_engine, micro_batches
 
     steps = overrides.pop("steps", 2)
     cfg = config_from_dict(overrides)
@@ -38,19 +39,17 @@ def run_case(overrides: dict, out: Path) -> None:
     engine = build_engine(cfg, state)
     metrics = StabilityMetrics(cfg, state, engine)
     guard = SpikeGuard(cfg, state, engine)
+    runner = StepRunner(engine, [PowerIteration(engine.module), guard, metrics])
     data = RandomTokens(cfg.model.vocab_size, cfg.model.seq_length)
     accum = engine.gradient_accumulation_steps()
     records = []
     for step in range(1, steps + 1):
         first = (step - 1) * cfg.train.global_batch_size
         batches = micro_batches(data, first, cfg, state.layout, state.device, accum)
-        measure = metrics.due(step)
-        if measure:
-            metrics.start_step()
-        loss = train_step(engine, batches).item()
-        record = metrics.finish_step() if measure else {}
-        verdict = guard.finish()
-        record.update(verdict.record())
+        loss = runner.step(step, batches).item()
+        record: dict = {}
+        runner.after_step(step, record)  # the metrics (on measured steps), the spike verdict
+        verdict = guard.verdict
         record.update(step=step, loss=loss, engine_grad_norm=float(engine.get_global_grad_norm()),
                       guard_loss=verdict.loss, guard_grad_norm=verdict.grad_norm)
         records.append(record)

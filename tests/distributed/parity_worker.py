@@ -39,7 +39,8 @@ def run_case(overrides: dict, out: Path) -> None:
 
     from stable_megatron import parallel
     from stable_megatron.config import config_from_dict, validate
-    from stable_megatron.train import build_engine, micro_batches, train_step
+    from stable_megatron.hooks import PowerIteration, StepHook, StepRunner
+    from stable_megatron.train import build_engine, micro_batches
 
     steps = overrides.pop("steps", 3)
     cfg = config_from_dict(overrides)
@@ -50,22 +51,24 @@ def run_case(overrides: dict, out: Path) -> None:
     named = list(engine.module.named_parameters())
     first_grads: dict = {}
     initial = {name: shard_record(p, p) for name, p in named}
-    original_step = engine._take_model_step
 
-    def capture_then_step(*args, **kwargs):
-        if not first_grads:
-            for name, param in named:
-                first_grads[name] = shard_record(param, safe_get_full_grad(param))
-        return original_step(*args, **kwargs)
+    class FirstGrads(StepHook):
+        """The gradients of the first step, as the optimizer step receives them."""
 
-    engine._take_model_step = capture_then_step
+        def before_update(self, step, grad_norm):
+            if not first_grads:
+                for name, param in named:
+                    first_grads[name] = shard_record(param, safe_get_full_grad(param))
+            return False
+
+    runner = StepRunner(engine, [PowerIteration(engine.module), FirstGrads()])
     data = RandomTokens(cfg.model.vocab_size, cfg.model.seq_length)
     accum = engine.gradient_accumulation_steps()
     losses, grad_norms = [], []
     for step in range(steps):
         first = step * cfg.train.global_batch_size
         batches = micro_batches(data, first, cfg, layout, state.device, accum)
-        losses.append(train_step(engine, batches).item())
+        losses.append(runner.step(step + 1, batches).item())
         grad_norms.append(float(engine.get_global_grad_norm()))
     params = {name: shard_record(p, p) for name, p in named}
     out.mkdir(parents=True, exist_ok=True)

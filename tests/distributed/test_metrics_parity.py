@@ -18,8 +18,9 @@ pytestmark = pytest.mark.distributed
 
 WORKER = Path(__file__).with_name("metrics_worker.py")
 BASE = {
+    "data": {"vocab_size": 200},
     "model": {
-        "vocab_size": 200, "num_layers": 4, "hidden_size": 64, "num_attention_heads": 4,
+        "num_layers": 4, "hidden_size": 64, "num_attention_heads": 4,
         "seq_length": 32,
     },
     "train": {"micro_batch_size": 2, "global_batch_size": 8, "lr": 3e-3, "warmup_steps": 0},

@@ -16,7 +16,7 @@ import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "tools" / "bench_metrics.py"
 TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
-        "model.seq_length=32", "model.vocab_size=256", "train.micro_batch_size=2",
+        "model.seq_length=32", "data.vocab_size=256", "train.micro_batch_size=2",
         "train.global_batch_size=4", "metrics.interval=2"]
 ROUNDS = 2
 
@@ -70,7 +70,7 @@ def test_saved_result(run):
     for key in ("on_s", "off_s", "metric_step_s", "plain_step_s", "ratio", "paired_ratio",
                 "metric_step_ratio"):
         assert r[key] > 0 and math.isfinite(r[key]), key
-    assert set(r["phases_s"]) == {"start_step", "before_update", "finish_step"}
+    assert set(r["phases_s"]) == {"before_step", "before_update", "after_step"}
     assert all(v > 0 for v in r["phases_s"].values())  # every phase of the metric step ran
     assert isinstance(r["pass"], bool)
 

@@ -632,29 +632,90 @@ def test_indexed_tokenizer_model_missing(tmp_path):
     assert "data.tokenizer_model" in message and str(missing) in message
 
 
-def test_indexed_with_all_files_is_valid(tmp_path):
+def indexed_files(tmp_path, tokenizer: bytes | None = None) -> dict:
+    """Empty .bin/.idx files and a real sentencepiece model (or the given bytes)."""
     for name in ("train", "val"):
         for suffix in (".bin", ".idx"):
             (tmp_path / f"{name}{suffix}").write_bytes(b"")
     tok = tmp_path / "tok.model"
-    tok.write_bytes(b"x")
-    cfg = make(data={"source": "indexed", "train_prefix": str(tmp_path / "train"),
-                     "val_prefix": str(tmp_path / "val"), "tokenizer_model": str(tok)})
+    if tokenizer is None:
+        from stable_megatron.data.tokenizer import train_tokenizer
+
+        text = tmp_path / "text.txt"
+        text.write_text("\n".join(f"line {i} of plain words" for i in range(200)))
+        train_tokenizer([text], tmp_path / "tok", vocab_size=300)
+    else:
+        tok.write_bytes(tokenizer)
+    return {"source": "indexed", "train_prefix": str(tmp_path / "train"),
+            "val_prefix": str(tmp_path / "val"), "tokenizer_model": str(tok)}
+
+
+def test_indexed_with_all_files_is_valid_and_takes_the_tokenizers_vocabulary(tmp_path):
+    cfg = make(data=indexed_files(tmp_path))
     validate(cfg, 1)
+    assert cfg.data.vocab_size == cfg.tokenizer_vocab_size == 300  # not the default 8192
+    assert cfg.model.vocab_size == 300
 
 
-def test_eval_iters_zero_with_eval_interval_is_rejected_or_harmless():
-    cfg = make(train={"eval_interval": 10, "eval_iters": 0})
-    try:
-        validate(cfg, 1)
-    except ConfigError:
-        return  # rejected up front: fine
+def test_validation_leaves_a_final_config(tmp_path):
+    """model.vocab_size is resolved by validation, not later by training; a model smaller
+    than the tokenizer is refused there."""
+    cfg = make()
+    assert cfg.model.vocab_size is None
+    validate(cfg, 1)
+    assert cfg.model.vocab_size == cfg.data.vocab_size == 8192
+    bigger = make(model={"vocab_size": 9000})
+    validate(bigger, 1)
+    assert (bigger.model.vocab_size, bigger.tokenizer_vocab_size) == (9000, 8192)
+    message = validate_error(make(data=indexed_files(tmp_path), model={"vocab_size": 100}))
+    assert "model.vocab_size=100" in message and "(300, data.vocab_size)" in message
 
-    class Engine:
-        def gradient_accumulation_steps(self):
-            return 1
 
-    train_mod.evaluate(Engine(), dataset=None, cfg=cfg, layout=None, device=None)
+def test_indexed_tokenizer_that_is_not_a_model_is_rejected(tmp_path):
+    message = validate_error(make(data=indexed_files(tmp_path, tokenizer=b"x")))
+    assert "data.tokenizer_model=" in message and "not a sentencepiece model" in message
+
+
+def test_eval_iters_zero_with_eval_interval_is_rejected():
+    message = validate_error(make(train={"eval_interval": 10, "eval_iters": 0}))
+    assert "train.eval_iters=0" in message and "train.eval_interval" in message
+    validate(make(train={"eval_interval": 0, "eval_iters": 0}), 1)  # evaluation off: accepted
+
+
+# --------------------------------------------------------------------------------------------
+# Methods: attention dropout, MLRA rank, defaults from the method dataclasses
+
+
+@pytest.mark.parametrize("p", [0.1, 1e-6])
+def test_attention_dropout_is_rejected(p):
+    """No attention kernel applies dropout, so a non-zero probability (which HF exports would
+    record as attn_pdrop) is refused rather than silently ignored."""
+    message = validate_error(make(model={"attention_dropout": p}))
+    assert message.startswith(f"model.attention_dropout={p}: must be 0"), message
+    validate(make(model={"attention_dropout": 0.0}), 1)
+
+
+@pytest.mark.parametrize("rank", [0, 33, 64])
+def test_mlra_rank_outside_one_to_head_dim_is_rejected(rank):
+    model = {"hidden_size": 128, "num_attention_heads": 4, "attention": "mlra",
+             "mlra": {"rank": rank}}  # head dim 32
+    message = validate_error(make(model=model))
+    assert f"model.mlra.rank={rank}" in message and "between 1 and the head dim" in message
+    assert "= 32" in message, message
+
+
+@pytest.mark.parametrize("rank", [1, 16, 32])
+def test_mlra_rank_up_to_head_dim_is_accepted(rank):
+    validate(make(model={"hidden_size": 128, "num_attention_heads": 4, "attention": "mlra",
+                         "mlra": {"rank": rank}}), 1)
+
+
+def test_mlra_rank_default_is_half_the_head_dim():
+    from stable_megatron.config import MLRAConfig
+    from stable_megatron.model.mlra import resolve_rank
+
+    assert MLRAConfig().resolved_rank(64) == 32 and MLRAConfig(rank=5).resolved_rank(64) == 5
+    assert resolve_rank(None, 64) == 32 and resolve_rank(5, 64) == 5  # the layers' default
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,7 +21,9 @@ from tests.distributed.parity_worker import RandomTokens
 VOCAB, LAYERS, HEADS, HIDDEN, SEQ = 200, 2, 4, 32, 16
 MODELS = {
     "baseline": {},
-    "methods": {"tie_embeddings": False, "softmax_cap": 2.0,
+    # model.vocab_size above the tokenizer's VOCAB ids (as the 830M recipes set it): rows no
+    # token selects, which TEV must not count
+    "methods": {"tie_embeddings": False, "softmax_cap": 2.0, "vocab_size": VOCAB + 60,
                 "sigma_reparam": {"enabled": True, "init_iters": 300}},
 }
 SIGMA_EXACT_ITERS = {"baseline": 0, "methods": 50}  # metrics.sigma_exact_iters per model
@@ -29,7 +31,8 @@ SIGMA_EXACT_ITERS = {"baseline": 0, "methods": 50}  # metrics.sigma_exact_iters 
 
 def make_config(model: dict, **sections):
     data = {
-        "model": {"vocab_size": VOCAB, "num_layers": LAYERS, "hidden_size": HIDDEN,
+        "data": {"vocab_size": VOCAB},  # the tokenizer's ids; model.vocab_size follows
+        "model": {"num_layers": LAYERS, "hidden_size": HIDDEN,
                   "num_attention_heads": HEADS, "seq_length": SEQ, "init_std": 0.2, **model},
         "train": {"micro_batch_size": 2, "global_batch_size": 4, "warmup_steps": 0},
         "metrics": {"interval": 1},
@@ -101,9 +104,10 @@ def batches(cfg, state, engine, step: int = 0):
 def run(request, state):
     """One measured step of a fresh engine; what the test-side hooks saw; the weights before
     the update; and an independent autograd backward of a second build of the same model."""
+    from stable_megatron.hooks import PowerIteration, StepRunner
     from stable_megatron.metrics import StabilityMetrics
     from stable_megatron.model.gpt import build_model, lm_loss
-    from stable_megatron.train import build_engine, train_step
+    from stable_megatron.train import build_engine
 
     cfg = make_config(MODELS[request.param], metrics={
         "interval": 1, "sigma_exact_iters": SIGMA_EXACT_ITERS[request.param]})
@@ -116,9 +120,11 @@ def run(request, state):
     metrics = StabilityMetrics(cfg, state, engine)
     capture = Capture(engine)
     data = batches(cfg, state, engine)
-    metrics.start_step()
-    train_step(engine, iter(data))
-    logged = metrics.finish_step()
+    runner = StepRunner(engine, [PowerIteration(engine.module), metrics])
+    logged: dict = {}
+    runner.step(1, iter(data))
+    runner.after_step(1, logged)
+    runner.remove()
     capture.remove()
 
     plain = build_model(cfg, state.topology, state.device)
@@ -127,7 +133,7 @@ def run(request, state):
             param.copy_(before[name].float())
     from stable_megatron.model.sigma_reparam import refresh_spectral_norms
 
-    refresh_spectral_norms(plain)  # as train_step does before the forwards
+    refresh_spectral_norms(plain)  # as the PowerIteration hook does before the forwards
     for tokens, labels in data:
         (lm_loss(plain(tokens), labels) / len(data)).backward()
     grads = {n: p.grad.double() for n, p in plain.named_parameters()}
@@ -142,7 +148,7 @@ def close(a: float, b: float, rel: float = 1e-5):
 
 def test_tev_from_the_embedding_matrix(run):
     def tev(matrix):
-        rows = matrix[:VOCAB].std(dim=1, unbiased=False)  # padded rows excluded
+        rows = matrix[:VOCAB].std(dim=1, unbiased=False)  # the tokenizer's ids only
         return rows.mean().item(), rows.std(unbiased=False).item()
 
     logged, before = run["logged"], run["before"]
@@ -294,19 +300,19 @@ def test_sigma_exact_and_lag(run):
 
 
 def test_off_interval_steps_run_the_plain_model(run, state):
-    """After a measured step nothing stays registered: no hooks, no wrapped optimizer step,
-    no capture (the next, unmeasured step collects no statistics)."""
+    """After a measured step nothing stays registered: no forward hooks, no wrapped optimizer
+    methods, no capture (the next, unmeasured step collects no statistics)."""
     from stable_megatron.metrics.attention import attention_modules
     from stable_megatron.metrics.parts import output_slots
     from stable_megatron.train import train_step
 
     engine, metrics = run["engine"], run["metrics"]
-    assert "_take_model_step" not in engine.__dict__
+    assert not {"check_overflow", "scaled_global_norm"} & set(engine.optimizer.__dict__)
     for layer in metrics.parts.layers.values():
         for module in output_slots(layer).values():
             assert not module._forward_hooks
     train_step(engine, iter(batches(run["cfg"], state, engine, step=1)))
-    assert all(m.pop_statistics() is None for m in attention_modules(metrics.parts).values())
+    assert all(m.capture_hook is None for m in attention_modules(metrics.parts).values())
 
 
 def test_due_on_multiples_of_the_interval():
@@ -317,77 +323,25 @@ def test_due_on_multiples_of_the_interval():
     assert not any(due(0, s) for s in range(1, 31))
 
 
-def test_capture_keeps_the_attention_output():
-    """The math kernel's capture path returns the math kernel's output (and SDPA's up to fp32
-    rounding)."""
-    from stable_megatron.model.attention import (
-        causal_attention,
-        causal_attention_with_statistics,
-    )
-
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 8, 4) for _ in range(3))
-    for cap in (None, 1.5):
-        out, stats = causal_attention_with_statistics(q, k, v, cap)
-        torch.testing.assert_close(out, causal_attention(q, k, v, "math", cap), rtol=0, atol=0)
-        assert stats.rows == 16 and stats.normalized_rows == 14
-    torch.testing.assert_close(out, causal_attention(q, k, v, "math", 1.5))
-    plain, _ = causal_attention_with_statistics(q, k, v, None)
-    torch.testing.assert_close(plain, causal_attention(q, k, v, "sdpa"), rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("rows_per_block", [1, 3, 8, 100])
-@pytest.mark.parametrize("cap", [None, 1.5])
-def test_blocked_statistics_equal_the_materialised_ones(rows_per_block, cap):
-    """The pass beside a fused kernel (blocks of query rows, no autograd) gives the statistics
-    of the full probability matrix, whatever the block size (1 row, blocks that do not divide
-    the sequence, one block)."""
-    from stable_megatron.model.attention import (
-        attention_statistics,
-        causal_attention_with_statistics,
-    )
-
-    torch.manual_seed(1)
-    batch, heads, seq = 2, 3, 8
-    q, k, v = (3 * torch.randn(batch, heads, seq, 4, requires_grad=True) for _ in range(3))
-    _, want = causal_attention_with_statistics(q, k, v, cap, first_head=3)
-    got = attention_statistics(q, k, cap, first_head=3, block_rows=rows_per_block)
-    assert got.first_head == 3 and not got.entropy_sum.requires_grad
-    assert (got.rows, got.normalized_rows) == (want.rows, want.normalized_rows) == (16, 14)
-    for field in ("entropy_sum", "normalized_entropy_sum", "max_logit", "max_capped_logit"):
-        torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=1e-6,
-                                   atol=1e-6, msg=field)
-    if cap is not None:
-        assert got.max_capped_logit <= cap < got.max_logit
-
-
-def test_statistics_blocks_follow_the_triangle_and_the_memory_budget():
-    from stable_megatron.model.attention import STATISTICS_BLOCK_ELEMENTS, statistics_block_rows
-
-    assert statistics_block_rows(2, 6, 512) == 64  # 8 blocks: the budget allows the whole
-    assert statistics_block_rows(1, 16, 4096) == 256  # the budget: 256 x 4096 x 16 = 2^24
-    assert statistics_block_rows(1, 16, 4096) * 16 * 4096 <= STATISTICS_BLOCK_ELEMENTS
-    assert statistics_block_rows(64, 64, 1 << 16) == 1  # never less than a row
-    assert statistics_block_rows(1, 1, 5) == 1
-
-
 def test_capture_beside_a_fused_kernel_keeps_its_output(run):
-    """With a fused kernel (the baseline's SDPA) the capture adds statistics and leaves the
-    module's output exactly as it is without capture; the math kernel (the capped model on
-    CPU) reads them from its own probabilities."""
+    """With a fused kernel (the baseline's SDPA) or the math kernel (the capped model on CPU)
+    the capture hook collects statistics and leaves the module's output exactly as it is
+    without capture."""
+    from stable_megatron.metrics.attention import StatisticsCollector
     from stable_megatron.model.attention import SelfAttention
 
     attn = next(m for m in run["engine"].module.modules() if isinstance(m, SelfAttention))
     assert attn.kernel == ("sdpa" if run["model"] == "baseline" else "math")
     hidden = run["inputs"][(attn.layer_number, "attn")][0].float()
+    collector = StatisticsCollector()
     with torch.no_grad():
-        attn.capture_statistics(True)
+        attn.set_capture_hook(collector)
         captured, _ = attn(hidden)
-        stats = attn.pop_statistics()
-        attn.capture_statistics(False)
+        attn.set_capture_hook(None)
         plain, _ = attn(hidden)
+    stats = collector.statistics
     assert stats is not None and stats.rows == hidden.size(1) * hidden.size(0)
-    assert attn.pop_statistics() is None
+    assert attn.capture_hook is None
     assert torch.equal(captured, plain)
 
 
@@ -411,7 +365,6 @@ def test_train_logs_metrics_every_interval(state, tmp_path):
         metrics={"interval": 2}, logging={"tensorboard": False, "progress": False},
         checkpoint={"dir": str(tmp_path / "ckpt")},
     )
-    cfg.model.vocab_size = None
     train(cfg)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert [r["step"] for r in records] == [1, 2, 3]

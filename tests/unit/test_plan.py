@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from stable_megatron.config import ConfigError, load_config
+from stable_megatron.config import ConfigError, load_config, validate
 from stable_megatron.plan import (
     LaunchSpec,
     groups,
@@ -27,7 +27,7 @@ TINY = ROOT / "recipes" / "tiny.yaml"
 # untied, learned positions, bf16; 2 nodes x 4 GPUs = tp 2 x pp 2 x dp 2, accumulation 4.
 SMALL = [
     "model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4",
-    "model.seq_length=32", "model.vocab_size=1000", "model.tie_embeddings=false",
+    "model.seq_length=32", "data.vocab_size=1000", "model.tie_embeddings=false",
     "train.precision=bf16", "parallel.tp=2", "parallel.pp=2", "train.micro_batch_size=2",
     "train.global_batch_size=16", "train.steps=100",
 ]
@@ -166,9 +166,10 @@ def test_cli_print_overrides(capsys):
 
 
 def test_throughput_accounting():
-    from stable_megatron.plan import peak_tflops, throughput
+    from stable_megatron.model.size import peak_tflops, throughput
 
     cfg = load_config(TINY, SMALL)
+    validate(cfg, 8)  # resolves model.vocab_size (1000, the tokenizer's)
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
     assert peak_tflops("NVIDIA A100-SXM4-40GB") == 312.0
     assert peak_tflops("cpu") is None

@@ -10,7 +10,7 @@ import pytest
 
 from stable_megatron.config import load_config, validate
 from stable_megatron.model import size
-from stable_megatron.plan import layout_overrides, recipe_layouts, resolve_vocab
+from stable_megatron.plan import layout_overrides, recipe_layouts
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*tp_group is None:DeprecationWarning")
 
@@ -25,7 +25,7 @@ CLUSTER = sorted((RECIPE_DIR / "rybakov_830m").glob("*.yaml")) + sorted(
 
 def _config(recipe: Path):
     cfg = load_config(recipe, ["parallel.tp=1", "parallel.pp=1"])
-    resolve_vocab(cfg)
+    validate(cfg, 1)  # resolves model.vocab_size
     return cfg
 
 

@@ -283,13 +283,13 @@ def test_replay_of_the_healthy_run_is_silent():
     ],
 )
 def test_invalid_warning_settings_name_the_field(warning, message):
-    cfg = config_from_dict({"model": {"vocab_size": 256}, "stability": {"warning": warning}})
+    cfg = config_from_dict({"data": {"vocab_size": 256}, "stability": {"warning": warning}})
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         validate(cfg, 1)
 
 
 def test_default_and_yaml_warning_settings_validate():
-    cfg = config_from_dict({"model": {"vocab_size": 256}, "metrics": {"interval": 100},
+    cfg = config_from_dict({"data": {"vocab_size": 256}, "metrics": {"interval": 100},
                             "stability": {"warning": {"logit_floor": 30, "window": 200}}})
     validate(cfg, 1)
     assert cfg.stability.warning.logit_floor == 30.0

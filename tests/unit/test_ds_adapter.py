@@ -1,0 +1,156 @@
+"""The DeepSpeed behaviours `stable_megatron.ds_adapter`'s step section relies on, checked on a
+real engine (one process, ZeRO 1, fp32): each test fails if DeepSpeed changes what the adapter
+assumes. The checkpoint section has its own tests (test_ds_adapter_checkpoint.py)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from stable_megatron.config import config_from_dict, validate
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*tp_group is None:DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def state():
+    from stable_megatron import parallel
+
+    env, threads = dict(os.environ), torch.get_num_threads()
+    started = not dist.is_initialized()
+    try:
+        yield parallel.initialize(1, 1, "cpu")
+    finally:
+        if started:
+            parallel.shutdown()
+        os.environ.clear()
+        os.environ.update(env)
+        torch.set_num_threads(threads)
+
+
+def make_engine(state, accum: int = 2):
+    from stable_megatron.train import build_engine
+
+    cfg = config_from_dict({
+        "data": {"vocab_size": 128},
+        "model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
+                  "seq_length": 16},
+        "train": {"micro_batch_size": 2, "global_batch_size": 2 * accum, "warmup_steps": 0,
+                  "lr": 1e-2},
+    })
+    validate(cfg, 1)
+    return cfg, build_engine(cfg, state)
+
+
+def batches(cfg, engine, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(engine.gradient_accumulation_steps()):
+        rows = torch.randint(0, cfg.model.vocab_size, (2, cfg.model.seq_length + 1),
+                             generator=generator)
+        out.append((rows[:, :-1].contiguous(), rows[:, 1:].contiguous()))
+    return iter(out)
+
+
+def weights(engine):
+    return {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+
+
+def test_gate_decides_once_per_step_with_the_engines_grad_norm(state):
+    """DeepSpeed's ZeRO-1 `step()` calls `scaled_global_norm()` once, before the update, and the
+    norm it returns is the one the engine reports afterwards."""
+    from stable_megatron.ds_adapter import UpdateGate
+
+    cfg, engine = make_engine(state)
+    seen = []
+    before = {}
+
+    def decide(grad_norm):
+        seen.append(grad_norm)
+        before.update(weights(engine))  # the weights are not updated yet
+        return False
+
+    gate = UpdateGate(engine, decide)
+    start = weights(engine)
+    for step in range(2):
+        gate.arm()
+        engine.train_batch(batches(cfg, engine, seed=step))
+        assert gate.fired and len(seen) == step + 1
+        assert seen[-1] == pytest.approx(float(engine.get_global_grad_norm()), rel=1e-6)
+        if step == 0:
+            assert all(torch.equal(before[n], start[n]) for n in start)
+    assert engine.skipped_steps == 0
+    gate.remove()
+    assert not {"check_overflow", "scaled_global_norm"} & set(engine.optimizer.__dict__)
+
+
+def test_dropping_an_update_skips_it_like_an_overflow(state):
+    """Setting the ZeRO optimizer's `overflow` at the norm makes DeepSpeed skip the update and
+    the LR-scheduler step and count `skipped_steps`."""
+    from stable_megatron.ds_adapter import UpdateGate
+
+    cfg, engine = make_engine(state)
+    gate = UpdateGate(engine, lambda grad_norm: True)
+    start, lr_step = weights(engine), engine.lr_scheduler.last_epoch
+    gate.arm()
+    engine.train_batch(batches(cfg, engine))
+    assert engine.skipped_steps == 1 and engine.lr_scheduler.last_epoch == lr_step
+    assert all(torch.equal(p, start[n]) for n, p in weights(engine).items())
+    gate.remove()
+    engine.train_batch(batches(cfg, engine, seed=1))  # no gate: the update is applied
+    assert engine.skipped_steps == 1
+    assert any(not torch.equal(p, start[n]) for n, p in weights(engine).items())
+
+
+def test_step_loss_sum_is_the_micro_batch_losses_before_the_update(state):
+    """`total_loss` holds the sum of the step's micro-batch losses when the optimizer runs;
+    `train_batch` returns their mean."""
+    from stable_megatron.ds_adapter import UpdateGate, step_loss_sum
+
+    cfg, engine = make_engine(state, accum=3)
+    sums = []
+    gate = UpdateGate(engine, lambda grad_norm: sums.append(step_loss_sum(engine)) or False)
+    gate.arm()
+    loss = engine.train_batch(batches(cfg, engine))
+    gate.remove()
+    assert sums[0] == pytest.approx(3 * loss.item(), rel=1e-6)
+
+
+def test_grad_fragments_make_up_the_full_gradient(state):
+    """Under ZeRO 1 each parameter's gradient is reachable as this rank's fragment (one rank:
+    the whole gradient), equal to `safe_get_full_grad`'s."""
+    from deepspeed.utils import safe_get_full_grad
+
+    from stable_megatron.ds_adapter import UpdateGate, grad_fragment
+
+    cfg, engine = make_engine(state)
+    got = {}
+
+    def decide(grad_norm):
+        for name, param in engine.module.named_parameters():
+            kind, grad = grad_fragment(param)
+            full = safe_get_full_grad(param)
+            got[name] = (kind, grad.double().square().sum().item(),
+                         full.double().square().sum().item())
+        return False
+
+    gate = UpdateGate(engine, decide)
+    gate.arm()
+    engine.train_batch(batches(cfg, engine))
+    gate.remove()
+    assert got and all(kind == "fragment" for kind, _, _ in got.values())
+    for name, (_, mine, full) in got.items():
+        assert mine == pytest.approx(full, rel=1e-9), name
+
+
+def test_shared_memory_all_reduce_switch_exists():
+    import deepspeed
+
+    from stable_megatron.ds_adapter import disable_shm_comm
+
+    assert "deepspeed_shm_comm" in deepspeed.ops.__compatible_ops__
+    disable_shm_comm()
+    assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
