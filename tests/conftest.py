@@ -31,6 +31,29 @@ def world_of_one():
         dist.destroy_process_group()
 
 
+@pytest.fixture(scope="module")
+def one_process():
+    """torch.distributed, megatron-core's TP=1 groups and DeepSpeed's comm for one process, as
+    in a one-process training run (`parallel.initialize(1, 1, "cpu")`); torn down after the
+    module unless they existed before, with the environment and thread count restored."""
+    import os
+
+    import torch
+
+    from stable_megatron import parallel
+
+    env, threads = dict(os.environ), torch.get_num_threads()
+    started = not dist.is_initialized()
+    try:
+        yield parallel.initialize(1, 1, "cpu")
+    finally:
+        if started:
+            parallel.shutdown()
+        os.environ.clear()
+        os.environ.update(env)
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory) -> Path:
     """The built-in corpus at a 1024 vocabulary, prepared once for the session."""

@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 from stable_megatron.checkpoint import export, shards
 from stable_megatron.checkpoint import format as fmt
@@ -75,20 +74,8 @@ def runs(tmp_path_factory, data_cache) -> Path:
 
 
 @pytest.fixture(scope="module")
-def state():
-    """One process with DeepSpeed's comm and TP=1 groups, as a one-process training run."""
-    from stable_megatron import parallel
-
-    env, threads = dict(os.environ), torch.get_num_threads()
-    started = not dist.is_initialized()
-    try:
-        yield parallel.initialize(1, 1, "cpu")
-    finally:
-        if started:
-            parallel.shutdown()
-        os.environ.clear()
-        os.environ.update(env)
-        torch.set_num_threads(threads)
+def state(one_process):
+    return one_process
 
 
 def tp1_model(ckpt, state, merged):

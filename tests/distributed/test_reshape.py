@@ -291,26 +291,6 @@ def small_config(recipe: str, overrides: list[str]):
     return cfg
 
 
-@pytest.fixture(scope="module")
-def one_process():
-    """torch.distributed, megatron-core and DeepSpeed initialised for one process (TP1, PP1)."""
-    import os
-
-    import torch
-    import torch.distributed as dist
-
-    from stable_megatron import parallel
-
-    env, threads = dict(os.environ), torch.get_num_threads()
-    started = not dist.is_initialized()
-    try:
-        yield parallel.initialize(1, 1, "cpu")
-    finally:
-        if started:
-            parallel.shutdown()
-        os.environ.clear()
-        os.environ.update(env)
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

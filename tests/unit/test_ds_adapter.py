@@ -4,11 +4,8 @@ assumes. The checkpoint section has its own tests (test_ds_adapter_checkpoint.py
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
 
 from stable_megatron.config import config_from_dict, validate
 
@@ -16,19 +13,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*tp_group is None:DeprecationWa
 
 
 @pytest.fixture(scope="module")
-def state():
-    from stable_megatron import parallel
-
-    env, threads = dict(os.environ), torch.get_num_threads()
-    started = not dist.is_initialized()
-    try:
-        yield parallel.initialize(1, 1, "cpu")
-    finally:
-        if started:
-            parallel.shutdown()
-        os.environ.clear()
-        os.environ.update(env)
-        torch.set_num_threads(threads)
+def state(one_process):
+    return one_process
 
 
 def make_engine(state, accum: int = 2):

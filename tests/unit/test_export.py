@@ -12,14 +12,12 @@ from __future__ import annotations
 import builtins
 import importlib.util
 import json
-import os
 import pickle
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from stable_megatron.checkpoint import export, shards
 from stable_megatron.checkpoint import format as fmt
@@ -46,20 +44,8 @@ def make_config(model: dict):
 
 
 @pytest.fixture(scope="module")
-def state():
-    """One process with DeepSpeed's comm and TP=1 groups, as a one-process training run."""
-    from stable_megatron import parallel
-
-    env, threads = dict(os.environ), torch.get_num_threads()
-    started = not dist.is_initialized()
-    try:
-        yield parallel.initialize(1, 1, "cpu")
-    finally:
-        if started:
-            parallel.shutdown()
-        os.environ.clear()
-        os.environ.update(env)
-        torch.set_num_threads(threads)
+def state(one_process):
+    return one_process
 
 
 def build(cfg, state):

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from stable_megatron.config import config_from_dict, validate
@@ -44,19 +42,8 @@ def make_config(model: dict, **sections):
 
 
 @pytest.fixture(scope="module")
-def state():
-    from stable_megatron import parallel
-
-    env, threads = dict(os.environ), torch.get_num_threads()
-    started = not dist.is_initialized()
-    try:
-        yield parallel.initialize(1, 1, "cpu")
-    finally:
-        if started:
-            parallel.shutdown()
-        os.environ.clear()
-        os.environ.update(env)
-        torch.set_num_threads(threads)
+def state(one_process):
+    return one_process
 
 
 class Capture:
