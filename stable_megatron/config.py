@@ -123,6 +123,9 @@ class TrainConfig:
     eval_interval: int = 50  # 0 disables validation
     eval_iters: int = 10
     exit_interval: int = 0  # stop (with a checkpoint) after this many steps of this run; 0: off
+    # activation recompute (model/recompute.py): none; selective (the attention kernel, where
+    # it materialises the probabilities); full (every transformer layer, only its input kept)
+    recompute: Literal["none", "selective", "full"] = "none"
 
 
 @dataclass
@@ -466,6 +469,10 @@ def validate(cfg: Config, world_size: int) -> None:
         raise ConfigError(f"train.min_lr={t.min_lr} must be between 0 and train.lr={t.lr}")
     if t.warmup_steps < 0:
         raise ConfigError(f"train.warmup_steps={t.warmup_steps}: must be >= 0")
+    if t.recompute not in RECOMPUTE_MODES:
+        raise ConfigError(
+            f"train.recompute={t.recompute!r}: valid values: {', '.join(RECOMPUTE_MODES)}"
+        )
     if t.eval_interval < 0:
         raise ConfigError(f"train.eval_interval={t.eval_interval}: must be >= 0 (0 disables)")
     if t.eval_interval and t.eval_iters <= 0:
@@ -573,6 +580,7 @@ def _validate_warning(cfg: Config) -> None:
         raise ConfigError(f"{name}.entropy_drop={w.entropy_drop}: must be in (0, 1]")
 
 
+RECOMPUTE_MODES = ("none", "selective", "full")
 MLRA_TARGETS = ("q", "k", "v", "o")
 SIGMA_TARGETS = ("qkv", "proj", "fc1", "fc2")
 

@@ -18,9 +18,14 @@ a = heads, t = TP, L_s = layers on the stage, V = padded vocabulary, dp = data-p
 - activations per micro-batch and layer without recompute (Korthikanti et al. 2022, no
   sequence parallelism; bf16, doubled in fp32): s b h (10 + 24 / t) bytes, plus 5 a s^2 b / t
   when the attention scores are materialised (attention_backend=math; SDPA / FlexAttention on
-  GPU do not keep them). With full recompute only each layer's input is kept, 2 s b h, plus
-  one layer's activations while it is recomputed. A pipeline stage k holds min(pp - k,
-  accumulation steps) micro-batches in flight (1F1B); the first stage the most.
+  GPU do not keep them). `train.recompute` (model/recompute.py) changes this term:
+  - selective (the attention kernel recomputed): s b h (10 + 24 / t) per layer, plus one
+    layer's 5 a s^2 b / t while it is recomputed; the same as none when the kernel is fused;
+  - full (every layer recomputed): each layer's input, 2 s b h, plus one layer's activations
+    while it is recomputed.
+  The plan prints the configured mode's figure and, beside it, full recompute's. A pipeline
+  stage k holds min(pp - k, accumulation steps) micro-batches in flight (1F1B); the first
+  stage the most.
 - logits on the last stage: s b V / t x 10 bytes (bf16 logits, their fp32 copy, the fp32
   softmax kept by the vocab-parallel cross entropy; 8 bytes in fp32).
 - FLOPs per token (PaLM, Chowdhery et al. 2022, appendix B): 6 N + 12 L s h, N = parameters in
@@ -113,11 +118,19 @@ class StageMemory:
     grads: float
     optimizer: float
     activations: float  # without recompute
-    activations_recompute: float
+    activations_recompute: float  # with full recompute
+    activations_selective: float  # with selective recompute
+    recompute: str = "none"  # the configured train.recompute
+
+    @property
+    def activations_configured(self) -> float:
+        return {"none": self.activations, "selective": self.activations_selective,
+                "full": self.activations_recompute}[self.recompute]
 
     @property
     def total(self) -> float:
-        return self.weights + self.grads + self.optimizer + self.activations
+        """With the configured `train.recompute`."""
+        return self.weights + self.grads + self.optimizer + self.activations_configured
 
     @property
     def total_recompute(self) -> float:
@@ -151,14 +164,21 @@ class Plan:
         return self.cfg.train.global_batch_size * self.cfg.model.seq_length
 
 
+def attention_score_bytes(cfg: Config, tp: int) -> float:
+    """One layer's materialised attention scores and probabilities (what selective recompute
+    drops), one micro-batch, one TP rank; 0 when the kernel does not keep them."""
+    m, b = cfg.model, cfg.train.micro_batch_size
+    if m.attention_backend != "math":
+        return 0.0
+    n = 5 * m.num_attention_heads * m.seq_length**2 * b / tp
+    return n * (2 if cfg.train.precision == "fp32" else 1)
+
+
 def layer_activation_bytes(cfg: Config, tp: int) -> float:
     """One layer, one micro-batch, one TP rank, no recompute."""
     m, b = cfg.model, cfg.train.micro_batch_size
-    s, h, a = m.seq_length, m.hidden_size, m.num_attention_heads
-    n = s * b * h * (10 + 24 / tp)
-    if m.attention_backend == "math":
-        n += 5 * a * s * s * b / tp
-    return n * (2 if cfg.train.precision == "fp32" else 1)
+    n = m.seq_length * b * m.hidden_size * (10 + 24 / tp)
+    return n * (2 if cfg.train.precision == "fp32" else 1) + attention_score_bytes(cfg, tp)
 
 
 def stage_memory(cfg: Config, stage: size.StageParams, layout: Layout,
@@ -171,6 +191,7 @@ def stage_memory(cfg: Config, stage: size.StageParams, layout: Layout,
     in_flight = min(pp - stage.stage, accumulation)
     act_bytes = 2 if bf16 else 4
     per_layer = layer_activation_bytes(cfg, tp)
+    scores = attention_score_bytes(cfg, tp)
     layer_input = act_bytes * m.seq_length * t.micro_batch_size * m.hidden_size
     logits = 0.0
     if stage.stage == pp - 1:
@@ -184,6 +205,8 @@ def stage_memory(cfg: Config, stage: size.StageParams, layout: Layout,
         optimizer=12 * p / layout.dp,
         activations=layers * in_flight * per_layer + logits,
         activations_recompute=layers * in_flight * layer_input + per_layer + logits,
+        activations_selective=layers * in_flight * (per_layer - scores) + scores + logits,
+        recompute=t.recompute,
     )
 
 
@@ -315,12 +338,16 @@ def format_plan(plan: Plan) -> str:
                    f" final norm + head {_count(s.head)})")
     out.append(f"memory per GPU (GiB, estimate; {t.precision}, ZeRO-1 over dp {lay.dp}):")
     for mem in plan.memory:
-        out.append(
+        line = (
             f"  stage {mem.stage}: weights {mem.weights / GIB:.2f} + grads {mem.grads / GIB:.2f}"
-            f" + optimizer {mem.optimizer / GIB:.2f} + activations {mem.activations / GIB:.2f}"
-            f" = {mem.total / GIB:.2f}; with full recompute: activations "
-            f"{mem.activations_recompute / GIB:.2f}, total {mem.total_recompute / GIB:.2f}"
+            f" + optimizer {mem.optimizer / GIB:.2f} + activations "
+            f"{mem.activations_configured / GIB:.2f} (recompute {mem.recompute})"
+            f" = {mem.total / GIB:.2f}"
         )
+        if mem.recompute != "full":
+            line += (f"; with full recompute: activations {mem.activations_recompute / GIB:.2f}"
+                     f", total {mem.total_recompute / GIB:.2f}")
+        out.append(line)
     tps = plan.tokens_per_sec
     step_s = plan.tokens_per_step / tps
     out += [

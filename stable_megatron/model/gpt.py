@@ -20,6 +20,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import nn
 
 from stable_megatron.config import Config
+from stable_megatron.model import recompute
 from stable_megatron.model.spec import layer_spec, transformer_config
 
 
@@ -93,11 +94,18 @@ class TransformerLayerPipe(nn.Module):
         self.layer = build_module(spec, config=tcfg, layer_number=layer_number)
         self.rope_base = cfg.model.rope_base if cfg.model.position_embedding == "rope" else None
         self.head_dim = cfg.model.head_dim
+        self.full_recompute = cfg.train.recompute == "full"
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         rope = None
         if self.rope_base is not None:
             rope = rope_angles(hidden.size(0), self.head_dim, self.rope_base, hidden.device)
+        if self.full_recompute and recompute.active(self):
+            # train.recompute=full: only `hidden` (and `rope`) kept; see model/recompute.py
+            return recompute.checkpointed(self._layer, hidden, rope, observed=self.layer)
+        return self._layer(hidden, rope)
+
+    def _layer(self, hidden: torch.Tensor, rope: torch.Tensor | None) -> torch.Tensor:
         out, _ = self.layer(hidden, attention_mask=None, rotary_pos_emb=rope)
         return out
 

@@ -28,6 +28,7 @@ from stable_megatron.model.attention import (
 )
 from stable_megatron.model.layers import HeadLayerNorm, LinearWithOutputNorm
 from stable_megatron.model.mlra import mlra_linear_specs
+from stable_megatron.model.recompute import materialises_probabilities, recomputed_kernel
 from stable_megatron.model.sigma_reparam import (
     SigmaReparamColumnParallelLinear,
     SigmaReparamRowParallelLinear,
@@ -106,9 +107,13 @@ def attention_kernel(requested: str, cap: float | None, on_cuda: bool) -> str:
 
 
 def core_attention_spec(cfg: Config, device: torch.device) -> ModuleSpec:
-    """The `core_attention` slot: the configured kernel with the softmax cap."""
+    """The `core_attention` slot: the configured kernel with the softmax cap; with
+    `train.recompute=selective`, recomputed in the backward if it materialises the
+    probabilities on `device` (model/recompute.py)."""
     m = cfg.model
     kernel = KERNELS[attention_kernel(m.attention_backend, m.softmax_cap, device.type == "cuda")]
+    if cfg.train.recompute == "selective" and materialises_probabilities(kernel, device):
+        kernel = recomputed_kernel(kernel)
     return ModuleSpec(module=kernel, params={"softmax_cap": m.softmax_cap})
 
 

@@ -135,10 +135,16 @@ def test_layout_matches_single_process(name, reference, tmp_path):
 
 def test_methods_match_single_process_at_tp2_pp2(reference, tmp_path):
     """The norm placements, softmax capping, MLRA, sigma-reparam, RoPE and an untied head at
-    TP2 x PP2."""
-    results = run_cases(tmp_path, 4, {n: case({"tp": 2, "pp": 2}, m) for n, m in METHODS.items()})
+    TP2 x PP2; and QK-norm + cap with full activation recompute (the recompute re-runs the
+    layers' TP all-reduces inside the pipeline engine's backward) against the reference
+    without it."""
+    cases = {n: case({"tp": 2, "pp": 2}, m) for n, m in METHODS.items()}
+    cases["qk_norm_cap_recompute"] = case({"tp": 2, "pp": 2}, METHODS["qk_norm_cap"])
+    cases["qk_norm_cap_recompute"]["train"]["recompute"] = "full"
+    results = run_cases(tmp_path, 4, cases)
     for name in METHODS:
         check_against(reference[name], results[name])
+    check_against(reference["qk_norm_cap"], results["qk_norm_cap_recompute"])
 
 
 def test_reference_learns_and_gradients_are_nonzero(reference):

@@ -119,7 +119,12 @@ def deepspeed_private_names() -> frozenset[str]:
     names: set[str] = set()
     for path in root.rglob("*.py"):
         names.update(re.findall(r"\.(_[A-Za-z]\w*)\b", path.read_text(errors="replace")))
-    return frozenset(n for n in names if not n.endswith("__"))
+    # torch's own private names (nn.Module's hook dicts, `_apply`, Tensor internals) are
+    # used by DeepSpeed too, but are torch's
+    import torch
+
+    torch_names = set(vars(torch.nn.Module())) | set(dir(torch.nn.Module)) | set(dir(torch.Tensor))
+    return frozenset(n for n in names if not n.endswith("__") and n not in torch_names)
 
 
 def foreign_aliases(tree: ast.AST) -> set[str]:

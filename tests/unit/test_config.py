@@ -952,3 +952,19 @@ def test_warmup_longer_than_run():
     cfg = schedule(steps=5, warmup_steps=10, lr_decay="cosine")
     assert lr_at(cfg, 4) == pytest.approx(5e-4)
     assert lr_at(cfg, 10) == pytest.approx(1e-3)
+
+
+def test_train_recompute_defaults_to_none_and_reads_from_yaml(tmp_path):
+    assert load_config(None).train.recompute == "none"
+    recipe = write(tmp_path, "train:\n  recompute: none\n")  # YAML "none" is a string
+    assert load_config(recipe).train.recompute == "none"
+    assert load_config(recipe, ["train.recompute=full"]).train.recompute == "full"
+    message = config_error(recipe, ["train.recompute=true"])
+    assert message.startswith("train.recompute: expected 'none' | 'selective' | 'full'")
+
+
+def test_validate_rejects_a_recompute_mode_set_in_code():
+    cfg = make()
+    cfg.train.recompute = "attention"
+    assert validate_error(cfg) == (
+        "train.recompute='attention': valid values: none, selective, full")

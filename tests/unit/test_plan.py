@@ -198,3 +198,37 @@ def test_stage_split_matches_deepspeed_partition(layers, pp):
         assert (got_layers[0], got_layers[-1]) == stage.layers
         assert (0 in items) == (stage.stage == 0)
         assert (layers + 2 in items) == (stage.stage == pp - 1)
+
+
+@pytest.mark.parametrize("mode", ["none", "selective", "full"])
+def test_memory_follows_train_recompute(mode, capsys):
+    """The configured mode's activations (model/recompute.py), with the scores materialised
+    (attention_backend=math): selective drops them but for the layer being recomputed, full
+    keeps each layer's input and one layer's activations."""
+    overrides = [*SMALL, "model.attention_backend=math", f"train.recompute={mode}"]
+    m0, m1 = make_plan(load_config(TINY, overrides), nodes=2, gpus_per_node=4).memory
+    rest = 32 * 2 * 64 * (10 + 24 / 2)  # s b h (10 + 24 / t) = 90,112 bytes
+    scores = 5 * 4 * 32 * 32 * 2 / 2  # 5 a s^2 b / t = 20,480 bytes
+    layer_input = 2 * 32 * 2 * 64
+    logits = 32 * 2 * 1024 / 2 * 10
+    expected = {  # stage 0: 2 layers x 2 micro-batches in flight; stage 1: 2 x 1 and logits
+        "none": (4 * (rest + scores), 2 * (rest + scores) + logits),
+        "selective": (4 * rest + scores, 2 * rest + scores + logits),
+        "full": (4 * layer_input + rest + scores, 2 * layer_input + rest + scores + logits),
+    }
+    assert (m0.activations_configured, m1.activations_configured) == expected[mode]
+    assert (m0.activations, m1.activations) == expected["none"]
+    assert (m0.activations_recompute, m1.activations_recompute) == expected["full"]
+    assert m0.total == m0.weights + m0.grads + m0.optimizer + expected[mode][0]
+    assert m0.total_recompute == m0.weights + m0.grads + m0.optimizer + expected["full"][0]
+    assert main([str(TINY), *overrides, "--nodes", "2", "--gpus-per-node", "4",
+                 "--launcher", "none"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "stage 0: weights" in x)
+    assert f"(recompute {mode})" in line
+    assert ("with full recompute" in line) == (mode != "full")
+
+
+def test_selective_recompute_saves_nothing_beside_a_fused_kernel():
+    cfg = load_config(TINY, [*SMALL, "train.recompute=selective"])  # auto: fused on GPU
+    for mem in make_plan(cfg, nodes=2, gpus_per_node=4).memory:
+        assert mem.activations_selective == mem.activations == mem.activations_configured
