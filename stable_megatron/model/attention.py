@@ -17,10 +17,14 @@ causal context. What each supports is declared once, on its class, and checked a
 
 - `SdpaAttention` (`sdpa`): no cap, no dropout; never materialises the probabilities (flash /
   memory-efficient on GPU, fused on CPU); softmax in the inputs' dtype;
-- `FlexAttention` (`flex`): the cap as a `score_mod`, no dropout; fused on CUDA (compiled),
-  eager and slow on CPU (forward only there); softmax in the inputs' dtype;
-- `MathAttention` (`math`): the cap, no dropout; the exact path on any device: fp32 logits
-  and softmax, the probabilities materialised and cast to v's dtype.
+- `FlexAttention` (`flex`): the cap as a `score_mod` and the causal mask as a block mask
+  (`causal_block_mask`, one per sequence length and device), no dropout; fused on CUDA
+  (compiled; the blocks above the diagonal are skipped), eager and slow on CPU (forward only
+  there); softmax in the inputs' dtype;
+- `MathAttention` (`math`): the cap, no dropout; the exact path on any device: the numbers
+  of `exact_attention` (fp32 logits and softmax, the probabilities materialised and cast to
+  v's dtype), computed in blocks of query rows against the keys each can see, with a
+  hand-written backward (`_ExactAttention`).
 
 Attention statistics: every kernel alike, through the capture hook below (none computes
 them). `flex` without a cap runs SDPA. No kernel applies attention dropout: the config rejects
@@ -34,6 +38,7 @@ output and gradients do not depend on whether a hook is set; the model computes 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -131,9 +136,35 @@ class SdpaAttention(CausalAttentionKernel):
 _compiled_flex = None
 
 
+def _causal_mask_mod(batch, head, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+@functools.lru_cache(maxsize=32)
+def causal_block_mask(seq: int, device: torch.device):
+    """FlexAttention's causal `BlockMask` for `seq` queries and keys on `device`, built once per
+    (seq, device) and shared by every layer: the kernel skips the blocks above the diagonal and
+    applies the mask element-wise only in the blocks it cuts."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(_causal_mask_mod, B=None, H=None, Q_LEN=seq, KV_LEN=seq,
+                             device=device)
+
+
+@functools.cache
+def _cap_score_mod(cap: float):
+    """The cap as a `score_mod`; one function object per cap, so that the compiled kernel is
+    not re-traced for every layer."""
+
+    def score_mod(score, batch, head, q_idx, kv_idx):
+        return capped(score, cap)
+
+    return score_mod
+
+
 class FlexAttention(CausalAttentionKernel):
-    """FlexAttention with the cap as a `score_mod` (compiled on CUDA, eager on CPU); without a
-    cap, SDPA."""
+    """FlexAttention with the cap as a `score_mod` and the causal mask as a block mask
+    (compiled on CUDA, eager on CPU, where it runs forward only); without a cap, SDPA."""
 
     name = "flex"
     supports_cap = True
@@ -146,26 +177,104 @@ class FlexAttention(CausalAttentionKernel):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         from torch.nn.attention.flex_attention import flex_attention
 
-        def score_mod(score, batch, head, q_idx, kv_idx):
-            return torch.where(q_idx >= kv_idx, capped(score, cap), float("-inf"))
-
+        mask = causal_block_mask(q.size(-2), q.device)
         if q.is_cuda:
             if _compiled_flex is None:
                 _compiled_flex = torch.compile(flex_attention, dynamic=False)
-            return _compiled_flex(q, k, v, score_mod=score_mod)
-        return flex_attention(q, k, v, score_mod=score_mod)
+            return _compiled_flex(q, k, v, score_mod=_cap_score_mod(cap), block_mask=mask)
+        return flex_attention(q, k, v, score_mod=_cap_score_mod(cap), block_mask=mask)
+
+
+def exact_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cap: float | None = None
+) -> torch.Tensor:
+    """The definition, through autograd: `softmax(causal_logits) v`, fp32 logits and softmax,
+    the probabilities cast to v's dtype. The math kernel computes the same numbers faster."""
+    probs = torch.softmax(causal_logits(q, k, cap), dim=-1)
+    return torch.matmul(probs.to(v.dtype), v)
+
+
+# Query rows per block of the math kernel: a block meets only the keys it can see (at seq 512,
+# 62.5% of the square), and its scores stay small enough to be reused from cache by the
+# elementwise passes. Up to this length (one block), outputs and gradients are bit-equal to
+# `exact_attention`; longer, equal to fp32 rounding. None: always one block.
+MATH_BLOCK_ROWS: int | None = 128
+
+
+class _ExactAttention(torch.autograd.Function):
+    """`exact_attention` with a hand-written backward, in blocks of query rows.
+
+    Forward, per block of rows [i0, i1) against keys [0, i1): the same operations as
+    `exact_attention` (done in place where autograd would allocate), saving only tanh's output
+    t and the probabilities p. Backward: autograd's own formulas in its order (softmax backward,
+    x cap, tanh backward `g (1 - t^2)`, / cap, / sqrt(d)), so that with one block every number
+    is bit-equal to autograd's; with several blocks the sums over keys skip the masked zeros
+    and differ from it in fp32 rounding only."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cap: float | None, block: int):
+        seq, scale = q.size(-2), math.sqrt(q.size(-1))
+        # contiguous once: the model hands in permuted views, which every block's matmul
+        # would otherwise copy
+        qf, kf, v = q.float().contiguous(), k.float().contiguous(), v.contiguous()
+        out = torch.empty(q.shape, dtype=v.dtype, device=q.device)
+        diagonal = future_keys(0, block, block, q.device)  # the future keys in a block's square
+        saved = []
+        for i0 in range(0, seq, block):
+            i1 = min(seq, i0 + block)
+            scores = torch.matmul(qf[..., i0:i1, :], kf[..., :i1, :].transpose(-1, -2))
+            scores.div_(scale)
+            if cap is None:
+                t, logits = None, scores
+            else:
+                t = scores.div_(cap).tanh_()
+                logits = t * cap
+            logits[..., i0:].masked_fill_(diagonal[:i1 - i0, :i1 - i0], float("-inf"))
+            probs = torch.softmax(logits, dim=-1)
+            out[..., i0:i1, :] = torch.matmul(probs.to(v.dtype), v[..., :i1, :])
+            saved += [probs] if t is None else [t, probs]
+        ctx.save_for_backward(qf, kf, v, *saved)
+        ctx.cap, ctx.block, ctx.dtypes = cap, block, (q.dtype, k.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        qf, kf, v, *saved = ctx.saved_tensors
+        cap, block = ctx.cap, ctx.block
+        seq, scale = qf.size(-2), math.sqrt(qf.size(-1))
+        grad_out = grad_out.contiguous()
+        grad_q = torch.empty_like(qf)
+        grad_k = torch.zeros_like(kf)
+        grad_v = torch.zeros(v.shape, dtype=torch.float32 if block < seq else v.dtype,
+                             device=v.device)
+        per_block = 1 if cap is None else 2
+        for n, i0 in enumerate(range(0, seq, block)):
+            i1 = min(seq, i0 + block)
+            *t, probs = saved[per_block * n:per_block * (n + 1)]
+            g = grad_out[..., i0:i1, :]
+            grad_v[..., :i1, :] += torch.matmul(probs.to(v.dtype).transpose(-1, -2), g)
+            grad_probs = torch.matmul(g, v[..., :i1, :].transpose(-1, -2)).float()
+            grad = torch._softmax_backward_data(grad_probs, probs, -1, torch.float32)
+            if cap is not None:
+                grad = torch.ops.aten.tanh_backward(grad.mul_(cap), t[0]).div_(cap)
+            grad.div_(scale)
+            grad_q[..., i0:i1, :] = torch.matmul(grad, kf[..., :i1, :])
+            grad_k[..., :i1, :] += torch.matmul(grad.transpose(-1, -2), qf[..., i0:i1, :])
+        q_dtype, k_dtype = ctx.dtypes
+        return grad_q.to(q_dtype), grad_k.to(k_dtype), grad_v.to(v.dtype), None, None
 
 
 class MathAttention(CausalAttentionKernel):
-    """The explicit softmax over `causal_logits`: exact, any device."""
+    """The exact path, any device: `exact_attention`'s numbers (`_ExactAttention`)."""
 
     name = "math"
     supports_cap = True
     fused_on = frozenset()
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(causal_logits(q, k, self.softmax_cap), dim=-1)
-        return torch.matmul(probs.to(v.dtype), v)
+        seq = q.size(-2)
+        block = min(seq, MATH_BLOCK_ROWS or seq)
+        return _ExactAttention.apply(q, k, v, self.softmax_cap, block)
 
 
 KERNELS: dict[str, type[CausalAttentionKernel]] = {

@@ -201,3 +201,72 @@ def test_capture_hook_sees_q_k_and_cap_and_changes_nothing(model):
     run()
     assert len(seen) == 1  # the hook is gone
     assert "core_attention" not in "".join(attn.state_dict())  # the kernel holds no state
+
+
+# --------------------------------------------------------------------------------------------
+# The math kernel's hand-written backward, and Flex's causal block mask
+
+
+def _forward_backward(fn, q, k, v, seed: int = 7):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
+    (out * weight).sum().backward()
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("cap", [None, 2.0, 50.0])
+@pytest.mark.parametrize("seq", [24, 37])
+def test_math_kernel_is_bit_equal_to_the_autograd_definition(seq, cap, dtype):
+    """In one block (the default) the math kernel runs `exact_attention`'s operations in its
+    order, forward and backward: output and gradients are bit-identical."""
+    from stable_megatron.model.attention import MathAttention, exact_attention
+
+    q, k, v = (t.to(dtype) for t in qkv(seed=seq, scale=3.0, shape=(2, 3, seq, 16)))
+    expected = _forward_backward(lambda *t: exact_attention(*t, cap), q, k, v)
+    got = _forward_backward(MathAttention(softmax_cap=cap), q, k, v)
+    for name, a, b in zip(["output", "grad q", "grad k", "grad v"], got, expected, strict=True):
+        assert a.dtype == b.dtype == dtype
+        assert torch.equal(a, b), f"{name}: max diff {(a.float() - b.float()).abs().max()}"
+
+
+@pytest.mark.parametrize("cap", [None, 50.0])
+def test_math_kernel_in_row_blocks_matches_the_definition(monkeypatch, cap):
+    """In blocks of query rows (each block against the keys it can see) the sums over keys
+    skip the masked zeros and run in another order: equal to fp32 rounding. rtol 1e-5 is ~100
+    ulps, for sums of up to 37 terms of either sign; atol 1e-5 for entries that cancel to ~0."""
+    import stable_megatron.model.attention as attention
+
+    q, k, v = qkv(seed=3, scale=3.0, shape=(2, 3, 37, 16))
+    expected = _forward_backward(lambda *t: attention.exact_attention(*t, cap), q, k, v)
+    monkeypatch.setattr(attention, "MATH_BLOCK_ROWS", 8)  # 4 full blocks and one of 5 rows
+    got = _forward_backward(attention.MathAttention(softmax_cap=cap), q, k, v)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_math_kernel_without_grad_and_under_no_grad():
+    from stable_megatron.model.attention import MathAttention, exact_attention
+
+    q, k, v = qkv(scale=3.0)
+    with torch.no_grad():
+        assert torch.equal(MathAttention(softmax_cap=5.0)(q, k, v), exact_attention(q, k, v, 5.0))
+    assert torch.equal(MathAttention(softmax_cap=5.0)(q, k, v), exact_attention(q, k, v, 5.0))
+
+
+def test_flex_uses_one_cached_causal_block_mask():
+    """The block mask skips the blocks above the diagonal (4 x 4 blocks of 128 at seq 512: 6
+    of 16 skipped), is built once per (seq, device) and, on CPU (eager, forward only), gives the
+    exact path's output."""
+    from stable_megatron.model.attention import causal_block_mask
+
+    cpu = torch.device("cpu")
+    mask = causal_block_mask(512, cpu)
+    assert causal_block_mask(512, cpu) is mask and causal_block_mask(256, cpu) is not mask
+    blocks = mask.to_dense()[0, 0].bool()
+    assert torch.equal(blocks, torch.ones(4, 4, dtype=torch.bool).tril())
+    assert mask.sparsity() == pytest.approx(37.5)
+    q, k, v = qkv(seed=2, scale=3.0, shape=(1, 2, 200, 16))  # one full block and a cut one
+    torch.testing.assert_close(causal_attention(q, k, v, "flex", 2.0),
+                               causal_attention(q, k, v, "math", 2.0), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,56 @@
+"""Runs on CPU (not marked gpu): tools/gpu_check.sh fails loudly without a GPU, and the gpu
+tests are collected by the default suite and skip with the reason "needs CUDA"."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "tools" / "gpu_check.sh"
+
+
+def _fake_nvidia_smi(tmp_path: Path, listing: str) -> dict[str, str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "nvidia-smi"
+    fake.write_text(f"#!/bin/sh\nprintf '{listing}'\n")
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+               PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="")
+    return env
+
+
+def _run(env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT)], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+def test_gpu_check_fails_when_the_driver_lists_no_gpu(tmp_path):
+    proc = _run(_fake_nvidia_smi(tmp_path, ""))
+    assert proc.returncode == 1
+    assert "gpu_check: error: nvidia-smi lists no GPU" in proc.stderr
+
+
+def test_gpu_check_fails_when_torch_sees_no_cuda(tmp_path):
+    # CUDA_VISIBLE_DEVICES="" hides every GPU from torch, on any machine
+    proc = _run(_fake_nvidia_smi(tmp_path, "GPU 0: Fake (UUID: GPU-0)\\n"))
+    assert proc.returncode == 1
+    assert "gpu_check: error: torch sees no CUDA device" in proc.stderr
+    assert "pytest" not in proc.stdout  # stopped before the tests
+
+
+def test_gpu_tests_are_collected_and_skip_without_cuda():
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore")
+    env.pop("STABLE_MEGATRON_REQUIRE_GPU", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "tests/gpu", "-m", "gpu", "-rs", "-q",
+         "-p", "no:cacheprovider"],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    skips = [line for line in proc.stdout.splitlines() if line.startswith("SKIPPED")]
+    assert skips and all(line.endswith("needs CUDA") for line in skips), proc.stdout[-3000:]
+    assert " passed" not in proc.stdout and "failed" not in proc.stdout
