@@ -18,6 +18,9 @@ from typing import Any, Literal
 
 import yaml
 
+RecomputeMode = Literal["none", "selective", "full"]
+RECOMPUTE_MODES = typing.get_args(RecomputeMode)
+
 
 class ConfigError(ValueError):
     """A recipe or override that cannot run; the message names the field."""
@@ -125,7 +128,7 @@ class TrainConfig:
     exit_interval: int = 0  # stop (with a checkpoint) after this many steps of this run; 0: off
     # activation recompute (model/recompute.py): none; selective (the attention kernel, where
     # it materialises the probabilities); full (every transformer layer, only its input kept)
-    recompute: Literal["none", "selective", "full"] = "none"
+    recompute: RecomputeMode = "none"
 
 
 @dataclass
@@ -580,7 +583,6 @@ def _validate_warning(cfg: Config) -> None:
         raise ConfigError(f"{name}.entropy_drop={w.entropy_drop}: must be in (0, 1]")
 
 
-RECOMPUTE_MODES = ("none", "selective", "full")
 MLRA_TARGETS = ("q", "k", "v", "o")
 SIGMA_TARGETS = ("qkv", "proj", "fc1", "fc2")
 
