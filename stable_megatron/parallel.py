@@ -113,6 +113,7 @@ def initialize(tp: int, pp: int, device: str = "auto", timeout_minutes: int = 30
     dev = select_device(device)
     if dev.type == "cpu":
         _share_cpu_threads()
+        keep_cpu_memory()
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         ds_adapter.disable_shm_comm()
         compat.apply_cpu_patches()
@@ -152,6 +153,38 @@ def _share_cpu_threads() -> None:
         return
     local = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def keep_cpu_memory() -> bool:
+    """Make glibc's malloc keep the memory a CPU training step frees, for the next step.
+
+    By default glibc serves every allocation above 128 KiB - 32 MiB with a fresh mmap and
+    returns it to the kernel on free, so each step's large temporaries (activations, gradients,
+    ZeRO's flat gradient partition and the optimizer's work tensors) fault in and zero new
+    pages again, step after step. On the medium benchmark shape that was a quarter of the step
+    (docs/performance.md). Here large blocks come from the heap (`M_MMAP_MAX` 0) and freed
+    memory stays in the process (`M_TRIM_THRESHOLD` at its maximum); the resident set then
+    stays at the run's peak instead of falling between steps.
+
+    CPU only (on CUDA, torch's caching allocator already reuses device memory); idempotent;
+    `STABLE_MEGATRON_MALLOC=default` leaves glibc's defaults (for comparisons); a C library
+    other than glibc is left alone. Returns whether the settings were applied."""
+    import ctypes
+    import ctypes.util
+
+    if os.environ.get("STABLE_MEGATRON_MALLOC", "keep") == "default":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return False
+    if not hasattr(libc, "gnu_get_libc_version"):  # glibc only: mallopt differs elsewhere
+        return False
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def _check_layouts_agree(layout: Layout, topology) -> None:

@@ -80,35 +80,44 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def make_optimizer(
-    model: torch.nn.Module, cfg: Config, device: torch.device
-) -> torch.optim.AdamW:
-    """The AdamW of `cfg.train` over `param_groups(model)`; the one place its kernel is chosen.
-
-    - CUDA: torch's fused AdamW (`fused=True`: one multi-tensor kernel per step over all
-      parameters, instead of a handful of launches per parameter);
-    - CPU: the per-parameter loop (`foreach=False`), the path every CPU result in the README was
-      measured with. Both compute AdamW's update; DeepSpeed wraps either (bf16 master weights,
-      ZeRO-1 partitions, gradient clipping) and checkpoints the same state dict."""
+def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
+    """The AdamW of `cfg.train` over `param_groups(model)`, with torch's fused kernel
+    (`fused=True`) on CUDA and on CPU: one pass over each parameter with no temporaries, instead
+    of the per-parameter loop's half-dozen full-size temporaries per step. Under ZeRO-1 the
+    optimizer sees one flat fp32 partition per parameter group, so each temporary was the size
+    of the whole model (116 MB at the benchmark's medium shape): the loop took 430 ms of a 4.3 s
+    CPU step there, the fused kernel ~30 ms (docs/performance.md). The two agree to rounding
+    (tests/unit/test_optimizer.py). The CPU results in docs/results.md were measured with the
+    loop (`foreach=False`), the CPU kernel until issue 13."""
     t = cfg.train
-    kernel = {"fused": True} if device.type == "cuda" else {"foreach": False}
     return torch.optim.AdamW(
         param_groups(model, t.weight_decay),
         lr=t.lr,
         betas=(t.adam_beta1, t.adam_beta2),
         eps=t.adam_eps,
-        **kernel,
+        fused=True,
     )
 
 
-def deepspeed_config(cfg: Config, dp: int) -> dict:
+# DeepSpeed's default for ZeRO's gradient bucket, in elements
+DS_REDUCE_BUCKET = 500_000_000
+
+
+def deepspeed_config(cfg: Config, dp: int, stage_params: int = DS_REDUCE_BUCKET) -> dict:
+    """The engine's config. `stage_params`, the number of parameters on this rank, caps ZeRO's
+    gradient bucket: with pipeline parallelism DeepSpeed allocates a fresh bucket of
+    `reduce_bucket_size` elements every step (2 GB of fp32 at its default of 5e8, for a model
+    of a few million parameters here), and the part the gradients fill is faulted in anew each
+    step on CPU and held by the caching allocator on GPU. A bucket as large as the stage's
+    parameters groups the reduction exactly as the default does for any stage under 5e8."""
     t = cfg.train
     return {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * dp),
         "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_optimization": {"stage": cfg.parallel.zero_stage,
+                              "reduce_bucket_size": max(1, min(stage_params, DS_REDUCE_BUCKET))},
         # check_grad_overflow: drop (not apply) a bf16 step with inf/NaN gradients, as fp32 does
         "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": True},
         "steps_per_print": 10**12,
@@ -126,7 +135,7 @@ def build_engine(cfg: Config, state, lr_scale=None):
 
     model = build_model(cfg, state.topology, state.device).to(state.device)
     t = cfg.train
-    optimizer = make_optimizer(model, cfg, state.device)
+    optimizer = make_optimizer(model, cfg)
     scale = lr_scale or (lambda: 1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_at(cfg, s) / t.lr * scale()
@@ -135,7 +144,7 @@ def build_engine(cfg: Config, state, lr_scale=None):
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, state.layout.dp),
+        config=deepspeed_config(cfg, state.layout.dp, sum(p.numel() for p in model.parameters())),
     )
     return engine
 

@@ -263,6 +263,7 @@ class Arm:
         self.consumed = 0
         self.times: list[float] = []
         self.data_times: list[float] = []
+        self.faults: list[int] = []  # minor page faults of the process during each timed step
         self.peak_bytes: int | None = None
 
     @property
@@ -283,13 +284,16 @@ class Arm:
             torch.cuda.synchronize(self.state.device)
 
     def step(self) -> tuple[float, float]:
-        """(wall seconds, seconds producing batches) of one optimizer step."""
+        """(wall seconds, seconds producing batches) of one optimizer step; its page faults
+        go to `last_faults`."""
         self._sync()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = time.perf_counter()
         batches = self.batches()
         self.run_step(batches)
         self._sync()
         elapsed = time.perf_counter() - start
+        self.last_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
         self.consumed += self.cfg.train.global_batch_size
         return elapsed, batches.seconds
 
@@ -347,18 +351,18 @@ class Ours(Arm):
 
 class TorchStep(Arm):
     """A plain single-process step over `self.model` (`loss(tokens, labels)`): forward, loss,
-    backward per micro-batch, clipping, AdamW (our hyper-parameters and groups), LR schedule."""
+    backward per micro-batch, clipping, AdamW (`train.make_optimizer`: our kernel,
+    hyper-parameters and groups), LR schedule."""
 
     def _optimizer(self) -> None:
         import torch
 
-        from stable_megatron.train import lr_at, param_groups
+        from stable_megatron.train import lr_at, make_optimizer
 
         t = self.cfg.train
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=t.lr,
-                                           betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+        self.optimizer = make_optimizer(self.model, self.cfg)  # ours: same kernel and groups
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_at(self.cfg, s) / t.lr)
 
@@ -556,6 +560,17 @@ def build_arm(kind: str, cfg, state, data) -> Arm:
 # Measurements
 
 
+def cpu_malloc(device) -> str:
+    """Which glibc malloc settings the arms ran under (`parallel.keep_cpu_memory`)."""
+    from stable_megatron.parallel import keep_cpu_memory
+
+    if device.type != "cpu":
+        return "-"
+    if keep_cpu_memory():  # idempotent: applied already by parallel.initialize
+        return "freed memory kept in the process (parallel.keep_cpu_memory)"
+    return "the C library's defaults (STABLE_MEGATRON_MALLOC=default, or not glibc)"
+
+
 def summarize(arm: Arm, cfg, peak: dict[str, Any], base: Arm | None = None) -> dict[str, Any]:
     from stable_megatron.model.size import flops_per_token
 
@@ -573,6 +588,7 @@ def summarize(arm: Arm, cfg, peak: dict[str, Any], base: Arm | None = None) -> d
         "peak_bytes": arm.peak_bytes,
         "step_times": list(arm.times),
         "data_times": list(arm.data_times),
+        "faults_per_step": statistics.median(arm.faults) if arm.faults else None,
         "flops_per_token": flops_per_token(cfg),
     }
     if base is not None:
@@ -605,6 +621,7 @@ def run_arms(arms: dict[str, Any], state, steps: int, warmup: int, progress: Pro
             elapsed, data = built[name].step()
             built[name].times.append(elapsed)
             built[name].data_times.append(data)
+            built[name].faults.append(built[name].last_faults)
     progress.done()
     return built
 
@@ -676,6 +693,7 @@ def run_compare(cfg, refs: list[str], methods: list[str], recipe, shape: str,
         "world": state.layout.world,
         "peak": peak,
         "memory_kind": memory.kind,
+        "cpu_malloc": cpu_malloc(state.device),
         "process_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "arms": results,
         "profiles": profiles,
@@ -857,13 +875,14 @@ def format_compare(result: dict[str, Any]) -> str:
         "",
     ]
     header = ["arm", "step ms", "IQR", "tokens/s", "GFLOP/s", "MFU", "data wait", "peak MiB",
-              "vs ours", "ours/arm"]
+              "faults/step", "vs ours", "ours/arm"]
     rows = []
     for name, r in arms.items():
         rows.append([
             name, f"{r['time_s'] * 1e3:.0f}", f"{r['spread']:.0%}", f"{r['tokens_per_s']:.0f}",
             f"{r['tflops'] * 1e3:.1f}", "-" if r["mfu"] is None else f"{r['mfu']:.1%}",
             f"{r['data_wait']:.2%}", _mib(r["peak_bytes"]),
+            "-" if r.get("faults_per_step") is None else f"{r['faults_per_step']:.0f}",
             f"{r['vs_ours']:.3f}x", f"{r['ours_over']:.3f}x"])
     out += _table(header, rows)
     out.append("")
@@ -902,6 +921,8 @@ def format_compare(result: dict[str, Any]) -> str:
         f"{result['memory_kind']} of each arm's build and warm-up steps, in build order (arms "
         f"built later may reuse memory freed by earlier ones); process peak RSS "
         f"{_mib(result['process_maxrss_bytes'])} MiB",
+        f"- faults/step: minor page faults of the process during the arm's timed steps (median);"
+        f" CPU allocator: {result.get('cpu_malloc', '-')}",
     ]
     for name, p in result["profiles"].items():
         out += ["", f"profile of one step of {name}: wall {p['wall_s'] * 1e3:.0f} ms, torch ops "

@@ -57,8 +57,8 @@ def test_report_has_the_fields_and_ratios(run):
         assert field in header
     for arm in ("ours", "plain", "mcore"):
         row = _row(report, arm)
-        # step ms, IQR, tokens/s, GFLOP/s, MFU, data wait, peak MiB, two ratios
-        assert len(re.findall(NUMBER, row)) == 9, row
+        # step ms, IQR, tokens/s, GFLOP/s, MFU, data wait, peak MiB, faults/step, two ratios
+        assert len(re.findall(NUMBER, row)) == 10, row
         assert len(re.findall(rf"\s{NUMBER}x", row)) == 2, row
     for ref in ("plain", "mcore"):
         assert re.search(rf"ours / {ref} = {NUMBER}x step time .*target <= 1.0x (PASS|MISS)",
@@ -74,11 +74,13 @@ def test_saved_result(run):
     assert set(result["arms"]) == {"ours", "plain", "mcore"}
     for name, r in result["arms"].items():
         assert len(r["step_times"]) == len(r["data_times"]) == STEPS, name
-        for key in ("time_s", "tokens_per_s", "tflops", "mfu", "data_wait", "vs_ours"):
+        for key in ("time_s", "tokens_per_s", "tflops", "mfu", "data_wait", "faults_per_step",
+                    "vs_ours"):
             assert math.isfinite(r[key]) and r[key] >= 0, (name, key)
         assert r["peak_bytes"] is not None
     assert result["arms"]["ours"]["vs_ours"] == 1.0
     assert result["peak"]["tflops"] > 0 and result["shape"]["accumulation"] == 2
+    assert "keep_cpu_memory" in result["cpu_malloc"]
 
 
 @pytest.mark.parametrize("args, message", [
