@@ -76,6 +76,8 @@ class ModelConfig:
     mlra: MLRAConfig = field(default_factory=MLRAConfig)
     norm_placement: Literal["pre_ln", "qk_norm", "qk_fc_norm", "qkv_norm"] = "pre_ln"
     softmax_cap: float | None = None  # c in c * tanh(s / c) on attention logits; e.g. 50
+    # z-loss coefficient: loss += z_loss * mean(logsumexp(output logits)^2); 0: off; e.g. 1e-4
+    z_loss: float = 0.0
     sigma_reparam: SigmaReparamConfig = field(default_factory=SigmaReparamConfig)
 
     @property
@@ -199,6 +201,11 @@ class WarningConfig:
     # tev_growth: tev/mean (and tev_out/mean) >= tev_growth x its minimum over the window;
     # 0 turns the rule off
     tev_growth: float = 2.0
+    # output_logit_drift: |output_logit/mean| >= output_logit_floor and >= output_logit_growth x
+    # its smallest |value| over the window (output-logit divergence, Wortsman et al. 2023);
+    # output_logit_growth=0 turns the rule off
+    output_logit_growth: float = 2.0
+    output_logit_floor: float = 20.0
 
 
 @dataclass
@@ -571,12 +578,13 @@ def _validate_warning(cfg: Config) -> None:
     name = "stability.warning"
     if w.window < 1 or w.min_records < 1:
         raise ConfigError(f"{name}.window and {name}.min_records must be >= 1")
-    for key in ("logit_growth", "tev_growth"):
+    for key in ("logit_growth", "tev_growth", "output_logit_growth"):
         value = getattr(w, key)
         if value != 0 and not value > 1:
             raise ConfigError(f"{name}.{key}={value}: must be > 1 (a growth factor) or 0 (off)")
-    if not w.logit_floor >= 0:
-        raise ConfigError(f"{name}.logit_floor={w.logit_floor}: must be >= 0")
+    for key in ("logit_floor", "output_logit_floor"):
+        if not getattr(w, key) >= 0:
+            raise ConfigError(f"{name}.{key}={getattr(w, key)}: must be >= 0")
     if not 0 <= w.entropy_floor < 1:
         raise ConfigError(f"{name}.entropy_floor={w.entropy_floor}: must be in [0, 1) (0: off)")
     if not 0 < w.entropy_drop <= 1:
@@ -625,6 +633,8 @@ def _validate_methods(m: ModelConfig, tp: int) -> None:
             f"model.attention_dropout={m.attention_dropout}: must be 0 (no attention kernel "
             f"applies dropout; see model/attention.py)"
         )
+    if not (math.isfinite(m.z_loss) and m.z_loss >= 0):
+        raise ConfigError(f"model.z_loss={m.z_loss}: must be a finite number >= 0 (0: off)")
     if m.softmax_cap is not None and m.softmax_cap <= 0:
         raise ConfigError(f"model.softmax_cap={m.softmax_cap}: must be > 0 (or null for off)")
     if m.softmax_cap is not None and m.attention_backend == "sdpa":

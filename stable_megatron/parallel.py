@@ -234,6 +234,13 @@ def tp_group():
     return mpu.get_tensor_model_parallel_group()
 
 
+def tp_rank() -> int:
+    """This process's tensor-parallel rank (0 before the groups exist)."""
+    from megatron.core import parallel_state as mpu
+
+    return mpu.get_tensor_model_parallel_rank() if mpu.model_parallel_is_initialized() else 0
+
+
 def all_reduce_(tensor: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
     """In-place all-reduce; a no-op without torch.distributed or on a group of one."""
     if dist.is_initialized() and dist.get_world_size(group) > 1:

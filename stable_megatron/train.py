@@ -197,6 +197,7 @@ class Trainer:
         from stable_megatron.data.dataset import TokenWindowDataset
         from stable_megatron.hooks import PowerIteration, StepRunner, Throughput
         from stable_megatron.metrics.divergence import DivergenceRule
+        from stable_megatron.metrics.logits import ZLossLog
         from stable_megatron.metrics.warning import EarlyWarning
         from stable_megatron.spike_guard import SpikeGuard
 
@@ -232,6 +233,7 @@ class Trainer:
         self.hooks = StepRunner(self.engine, [
             Throughput(cfg, self.layout.world, self.device), self.warning, self.divergence,
             PowerIteration(self.engine.module), self.guard,
+            *([ZLossLog(self.state, self.engine)] if cfg.model.z_loss > 0 else []),
             *([self.metrics] if self.metrics is not None else []),
         ])
         self.started_from = None

@@ -1,7 +1,8 @@
 """Step time and peak memory of each stability method relative to the plain pre-LN baseline.
 
 Every method is the same GPT with one config override (`METHODS`). A step is one optimizer step
-on one process (TP = PP = 1): `refresh_spectral_norms` + forward + `lm_loss` + backward +
+on one process (TP = PP = 1): `refresh_spectral_norms` + forward + the model's loss function
+(`model.loss.LMLoss`: cross entropy, plus z-loss where configured) + backward +
 `torch.optim.AdamW.step` over `train.param_groups` (no DeepSpeed engine, no gradient clipping).
 
 Timing: every model is built once, then the steps run round-robin over the methods (the order
@@ -54,6 +55,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "mlra": {"attention": "mlra"},  # targets q, k, v; rank d_head / 2 (the config defaults)
     "mlra_qkvo": {"attention": "mlra", "mlra": {"targets": ["q", "k", "v", "o"]}},
     "sigma_reparam": {"sigma_reparam": {"enabled": True}},
+    "z_loss": {"z_loss": 1e-4},
 }
 BASELINE = "baseline"
 # The baseline on the explicit-softmax attention path, to price the cap where it forces it.
@@ -203,7 +205,6 @@ class Bench:
         """One optimizer step; returns its wall time in seconds."""
         import torch
 
-        from stable_megatron.model.gpt import lm_loss
         from stable_megatron.model.sigma_reparam import refresh_spectral_norms
 
         cuda = self.device.type == "cuda"
@@ -211,7 +212,7 @@ class Bench:
             torch.cuda.synchronize(self.device)
         start = time.perf_counter()
         refresh_spectral_norms(self.model)
-        loss = lm_loss(self.model(tokens), labels)
+        loss = self.model.loss_fn(self.model(tokens), labels)  # the training loss (z-loss)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -462,7 +463,7 @@ def format_report(result: dict[str, Any]) -> str:
         f"stability-method benchmark on {result['device']} ({result['threads']} threads): "
         f"hidden {s['hidden']}, {s['layers']} layers, {s['heads']} heads, seq {s['seq']}, "
         f"micro-batch {s['batch']}, vocab {s['vocab']}",
-        f"step = refresh_spectral_norms + forward + lm_loss + backward + AdamW; "
+        f"step = refresh_spectral_norms + forward + loss (LMLoss) + backward + AdamW; "
         f"median of {result['steps']} timed steps after {result['warmup']} warm-up, "
         f"methods interleaved round-robin",
         "",

@@ -12,7 +12,7 @@ plain model: nothing is registered.
 from __future__ import annotations
 
 from stable_megatron.hooks import StepHook
-from stable_megatron.metrics import attention, norms, tev
+from stable_megatron.metrics import attention, logits, norms, tev
 from stable_megatron.metrics.parts import model_parts
 from stable_megatron.metrics.reduce import Contributions, reduce_metrics
 
@@ -26,6 +26,7 @@ class StabilityMetrics(StepHook):
     def __init__(self, cfg, state, engine) -> None:
         self.cfg, self.state, self.engine = cfg, state, engine
         self.parts = model_parts(engine.module, state.layout.pp_rank)
+        self.loss_fn = logits.loss_function(engine)
         self._contrib: Contributions | None = None
         self._hooks: norms.OutputNormHooks | None = None
 
@@ -37,6 +38,8 @@ class StabilityMetrics(StepHook):
             return
         m = self.cfg.metrics
         self._contrib = Contributions()
+        if self.loss_fn is not None:
+            self.loss_fn.start_capture()
         if m.attention:
             attention.start_capture(self.parts)
         if m.output_norms:
@@ -84,6 +87,7 @@ class StabilityMetrics(StepHook):
             self._hooks.remove()
             self._hooks.contribute(contrib, self.state.layout.tp_rank)
             self._hooks = None
+        logits.add_logit_stats(contrib, self.loss_fn, self.state.layout)
         metrics = reduce_metrics(contrib, self.state)
         attention.add_minima(metrics)
         return metrics

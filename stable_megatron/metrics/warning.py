@@ -19,8 +19,15 @@ The rules and their `stability.warning.*` thresholds (docs/stability.md, "Early 
   entropy collapse [Zhai et al. 2023] under way, not a head that has been sharp all along.
 - `tev_growth`: the Token Embedding Variability (`tev/mean`; `tev_out/mean` for an untied
   output layer) is >= `tev_growth` (2) times its minimum over the window [Chung et al. 2024].
+- `output_logit_drift`: the mean output logit (`output_logit/mean`) has drifted from 0 to
+  >= `output_logit_floor` (20) in absolute value and to >= `output_logit_growth` (2) times its
+  smallest absolute value over the window: the output-logit divergence of Wortsman et al.
+  (2023, arXiv 2309.14322), in which the logits drift (usually downwards) while the loss,
+  blind to a shift of all logits, still looks fine; z-loss (`model.z_loss`) prevents it. The
+  floor is a choice, not a measurement: no run of ours has shown this divergence.
 
-`logit_growth=0`, `entropy_floor=0` or `tev_growth=0` turns a rule off. A non-finite value of a
+`logit_growth=0`, `entropy_floor=0`, `tev_growth=0` or `output_logit_growth=0` turns a rule
+off. A non-finite value of a
 watched signal fires its rule at once. Each rule fires once per episode: after firing it stays
 quiet until its condition has been false on every metric record for `window` steps, then it is
 armed again. The state (histories and episodes) is plain Python (`state_dict()` /
@@ -37,11 +44,12 @@ from typing import Any
 
 from stable_megatron.hooks import StepHook
 
-RULES = ("logit_growth", "entropy_collapse", "tev_growth")
+RULES = ("logit_growth", "entropy_collapse", "tev_growth", "output_logit_drift")
 
 _LOGIT = re.compile(r"^attn_logit_max/(layer_\d+)$")
 _ENTROPY = re.compile(r"^attn_entropy_norm/(layer_\d+)/min$")
 _TEV = {"tev/mean": "input embedding", "tev_out/mean": "output layer"}
+_OUTPUT_LOGIT = "output_logit/mean"
 
 
 @dataclass(frozen=True)
@@ -113,6 +121,8 @@ class EarlyWarning(StepHook):
             "entropy_collapse":
                 self._entropy_collapse(step, signals) if c.entropy_floor else None,
             "tev_growth": self._tev_growth(step, signals) if c.tev_growth else None,
+            "output_logit_drift":
+                self._output_logit_drift(step, signals) if c.output_logit_growth else None,
         }
         for key, value in signals.items():
             if math.isfinite(value):
@@ -159,7 +169,7 @@ class EarlyWarning(StepHook):
         for key, value in record.items():
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
-            if key in _TEV or _LOGIT.match(key) or _ENTROPY.match(key):
+            if key in _TEV or key == _OUTPUT_LOGIT or _LOGIT.match(key) or _ENTROPY.match(key):
                 out[key] = float(value)
         return out
 
@@ -251,6 +261,28 @@ class EarlyWarning(StepHook):
                     f"{span} steps (tev_growth: >= {c.tev_growth:g}x)"
                 )
         return None
+
+    def _output_logit_drift(self, step: int, signals: dict[str, float]) -> tuple[str, str] | None:
+        c = self.cfg
+        if _OUTPUT_LOGIT not in signals:
+            return None
+        value = signals[_OUTPUT_LOGIT]
+        if not math.isfinite(value):
+            return _OUTPUT_LOGIT, f"mean output logit is {value}"
+        past = self._window(_OUTPUT_LOGIT, step)
+        if past is None or abs(value) < c.output_logit_floor:
+            return None
+        values, span = past
+        low = min(abs(v) for v in values)
+        ratio = abs(value) / low if low > 0 else math.inf
+        if ratio < c.output_logit_growth:
+            return None
+        grew = f"{ratio:.1f}x" if math.isfinite(ratio) else f"from {_fmt(low)}"
+        return _OUTPUT_LOGIT, (
+            f"mean output logit {_fmt(value)} drifted {grew} in magnitude over the last {span} "
+            f"steps (output_logit_drift: |mean| >= {c.output_logit_floor:g} and >= "
+            f"{c.output_logit_growth:g}x; z-loss counters it)"
+        )
 
     def _forget_from(self, step: int) -> None:
         for hist in self.history.values():

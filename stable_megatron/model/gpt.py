@@ -21,6 +21,7 @@ from torch import nn
 
 from stable_megatron.config import Config
 from stable_megatron.model import recompute
+from stable_megatron.model.loss import LMLoss, cross_entropy
 from stable_megatron.model.spec import layer_spec, transformer_config
 
 
@@ -140,11 +141,9 @@ class LMHeadPipe(nn.Module):
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean token cross entropy of vocab-parallel logits [s, b, V/tp] against labels [b, s]."""
-    losses = tensor_parallel.vocab_parallel_cross_entropy(
-        logits.float(), labels.transpose(0, 1).contiguous()
-    )
-    return losses.mean()
+    """Mean token cross entropy of vocab-parallel logits [s, b, V/tp] against labels [b, s]
+    (the model's loss without z-loss; `model.loss.LMLoss` is the training loss function)."""
+    return cross_entropy(logits.float(), labels)
 
 
 def layer_specs(cfg: Config, device: torch.device) -> list[LayerSpec]:
@@ -179,7 +178,7 @@ def build_model(cfg: Config, topology, device: torch.device) -> PipelineModule:
     """The GPT PipelineModule for `cfg` (with model.vocab_size resolved) on `topology`."""
     return PipelineModule(
         layers=layer_specs(cfg, device),
-        loss_fn=lm_loss,
+        loss_fn=LMLoss(cfg.model.z_loss, cfg.tokenizer_vocab_size),
         topology=topology,
         partition_method=cfg.parallel.partition_method,
         activation_checkpoint_interval=0,

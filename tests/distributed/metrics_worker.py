@@ -27,6 +27,7 @@ def run_case(overrides: dict, out: Path) -> None:
     from stable_megatron.config import config_from_dict, validate
     from stable_megatron.hooks import PowerIteration, StepRunner
     from stable_megatron.metrics import StabilityMetrics
+    from stable_megatron.metrics.logits import ZLossLog
     from stable_megatron.spike_guard import SpikeGuard
     from stable_megatron.train import build_engine, micro_batches
 
@@ -39,7 +40,8 @@ def run_case(overrides: dict, out: Path) -> None:
     engine = build_engine(cfg, state)
     metrics = StabilityMetrics(cfg, state, engine)
     guard = SpikeGuard(cfg, state, engine)
-    runner = StepRunner(engine, [PowerIteration(engine.module), guard, metrics])
+    zloss = [ZLossLog(state, engine)] if cfg.model.z_loss > 0 else []
+    runner = StepRunner(engine, [PowerIteration(engine.module), guard, *zloss, metrics])
     data = RandomTokens(cfg.model.vocab_size, cfg.model.seq_length)
     accum = engine.gradient_accumulation_steps()
     records = []

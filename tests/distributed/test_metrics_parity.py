@@ -32,13 +32,15 @@ SPIKE_KEYS = ("loss_mean", "loss_std", "spike_score", "grad_norm_score")
 LOSS_RTOL, GRAD_RTOL = 2e-6, 1e-5  # how closely losses and grad norms agree across layouts
 # baseline: tied embeddings, SDPA kernel outside the logging steps. methods: untied head
 # (tev_out), softmax cap (capped logits, math kernel), Proj/FC2 output norms around MLRA's
-# projections, sigma-reparam on FC1/FC2 (sigma, gamma, sigma_exact, sigma_lag).
+# projections, sigma-reparam on FC1/FC2 (sigma, gamma, sigma_exact, sigma_lag), z-loss (its term
+# on every step; the output-logit statistics are logged for both models).
 MODELS = {
     "baseline": {},
     "methods": {
         "tie_embeddings": False, "softmax_cap": 5.0, "norm_placement": "qk_fc_norm",
         "attention": "mlra", "mlra": {"targets": ["q", "k", "v", "o"], "rank": 4},
         "sigma_reparam": {"enabled": True, "targets": ["fc1", "fc2"], "init_iters": 100},
+        "z_loss": 0.01,
     },
 }
 LAUNCHES = {  # processes -> layouts run in one launch
@@ -71,7 +73,7 @@ def reference(tmp_path_factory):
 
 def metric_keys(record: dict) -> set[str]:
     return set(record) - {"step", "loss", "engine_grad_norm", "guard_loss", "guard_grad_norm",
-                          *SPIKE_KEYS}
+                          "z_loss", *SPIKE_KEYS}
 
 
 def test_reference_logs_every_family(reference):
@@ -81,7 +83,7 @@ def test_reference_logs_every_family(reference):
         logged = records[1]
         families = {k.split("/")[0] for k in metric_keys(logged)}
         expected = {"tev", "attn_entropy", "attn_entropy_norm", "attn_logit_max", "out_norm",
-                    "grad_norm", "param_norm"}
+                    "grad_norm", "param_norm", "output_logit"}
         if model == "methods":
             expected |= {"tev_out", "attn_logit_max_capped", "sigma", "gamma", "sigma_exact",
                          "sigma_lag"}
@@ -90,6 +92,11 @@ def test_reference_logs_every_family(reference):
         assert len([k for k in logged if k.startswith("attn_entropy/")]) == 4 * 4 + 4
         assert len([k for k in logged if k.startswith("out_norm/")]) == 4 * 4
         assert logged["grad_norm/total"] == pytest.approx(logged["engine_grad_norm"], rel=1e-5)
+        assert logged["output_logit/max"] > logged["output_logit/mean"]
+        # z-loss: its term on every step, and only with model.z_loss > 0
+        assert all(("z_loss" in r) == (model == "methods") for r in records), model
+        if model == "methods":
+            assert all(0 < r["z_loss"] < r["loss"] for r in records)
         check_spike_statistics(records, records, model)  # present from step 3, consistent
 
 
@@ -104,6 +111,10 @@ def test_metrics_match_single_process(nproc, reference, tmp_path):
                if not got[k] == pytest.approx(ref[k], rel=1e-4, abs=1e-7)}
         assert not bad, f"{layout} {model}: {bad}"
         assert not metric_keys(records[0]) and not metric_keys(records[2])
+        for step, (r, want) in enumerate(zip(records, reference[model], strict=True), 1):
+            assert ("z_loss" in r) == ("z_loss" in want), (layout, model, step)
+            if "z_loss" in want:  # as closely as the losses themselves agree
+                assert r["z_loss"] == pytest.approx(want["z_loss"], rel=LOSS_RTOL * 10)
         check_spike_statistics(records, reference[model], f"{layout} {model}")
 
 

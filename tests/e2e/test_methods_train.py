@@ -22,6 +22,7 @@ METHODS = {
     "qk_norm_cap": ["model.norm_placement=qk_norm", "model.softmax_cap=50"],
     "mlra": ["model.attention=mlra"],
     "sigma_reparam": ["model.sigma_reparam.enabled=true"],
+    "z_loss": ["model.z_loss=1e-4"],
     "mlra_qk_norm_cap": ["model.attention=mlra", "model.norm_placement=qk_norm",
                          "model.softmax_cap=50"],
     "sigma_reparam_qkv_norm_mlra_o": ["model.sigma_reparam.enabled=true",
@@ -52,3 +53,7 @@ def test_every_method_trains_50_steps_at_tp2(tmp_path, data_cache):
         assert all(math.isfinite(x) for x in losses), name
         first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
         assert last < first - 0.5, f"{name}: loss {first:.3f} -> {last:.3f}"
+        # the z-loss term is logged on every step of the run that has it, and only there
+        z = [r["z_loss"] for r in read_metrics(tmp_path / name) if "z_loss" in r]
+        assert len(z) == (STEPS if name == "z_loss" else 0), name
+        assert all(0 < v < 0.05 for v in z), name  # 1e-4 * logsumexp^2; logsumexp ~ log V = 7

@@ -130,6 +130,25 @@ def test_growing_tev_fires_at_the_expected_step():
     assert "tev_out/mean" in EarlyWarning(WarningConfig())._signals(out)
 
 
+def test_drifting_output_logits_fire_at_the_expected_step():
+    """The mean output logit drifts downwards (the divergence z-loss prevents); the rule fires
+    once |mean| is past the floor (20) and twice its smallest |value| in the window."""
+    def change(step, record):
+        record["output_logit/max"] = 8.0
+        record["output_logit/mean"] = -1.0 if step <= 100 else -1.0 - 0.5 * (step - 100)
+
+    records = trace(range(10, 201, 10), change)
+    # step 140: |-21| >= 20 and the window (steps 90..130) holds |-1|: fires
+    assert run(records) == [(140, "output_logit_drift")]
+    assert run(records, output_logit_floor=40) == [(180, "output_logit_drift")]
+    assert run(records, output_logit_growth=0) == []
+    # a steady large mean (a run whose logits sit at -30 throughout) does not fire
+    steady = trace(range(10, 201, 10), lambda s, r: r.update({"output_logit/mean": -30.0}))
+    assert run(steady) == []
+    nan = trace(range(10, 41, 10), lambda s, r: r.update({"output_logit/mean": math.nan}))
+    assert run(nan) == [(10, "output_logit_drift")]
+
+
 def test_fires_once_per_episode_and_rearms_after_a_quiet_window():
     def change(step, record):
         value = 20.0
@@ -277,6 +296,9 @@ def test_replay_of_the_healthy_run_is_silent():
         ({"min_records": 0}, "stability.warning.window and stability.warning.min_records"),
         ({"logit_growth": 1.0}, "stability.warning.logit_growth=1.0: must be > 1"),
         ({"tev_growth": 0.5}, "stability.warning.tev_growth=0.5: must be > 1"),
+        ({"output_logit_growth": 0.5},
+         "stability.warning.output_logit_growth=0.5: must be > 1"),
+        ({"output_logit_floor": -1}, "stability.warning.output_logit_floor=-1.0: must be >= 0"),
         ({"logit_floor": -1}, "stability.warning.logit_floor=-1.0: must be >= 0"),
         ({"entropy_floor": 1.5}, "stability.warning.entropy_floor=1.5: must be in"),
         ({"entropy_drop": 0}, "stability.warning.entropy_drop=0.0: must be in"),
