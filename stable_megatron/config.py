@@ -173,6 +173,9 @@ class MetricsConfig:
     attention: bool = True  # entropy and max logit (an extra no-grad attention pass)
     output_norms: bool = True  # mean token L2 norm of the QKV, Proj, FC1, FC2 outputs
     grad_norms: bool = True  # per-layer and global gradient norms
+    # update_ratio/... (||delta W|| / ||W|| per group) and update_rms/... (RMS of delta W / lr):
+    # a copy of the weights on metric steps
+    updates: bool = True
     # sigma-reparam: also log `sigma_exact/...`, the spectral norm from this many extra power
     # steps on copies of each layer's vectors (a converged reference for the one-step estimate
     # `sigma/...`), and `sigma_lag/...` = 1 - sigma / sigma_exact; 0: off
@@ -206,6 +209,9 @@ class WarningConfig:
     # output_logit_growth=0 turns the rule off
     output_logit_growth: float = 2.0
     output_logit_floor: float = 20.0
+    # update_spike: a group's update_rms (RMS of delta W / lr) >= update_growth x its median over
+    # the window (update-norm spikes came before loss spikes in large runs); 0 turns it off
+    update_growth: float = 3.0
 
 
 @dataclass
@@ -578,7 +584,7 @@ def _validate_warning(cfg: Config) -> None:
     name = "stability.warning"
     if w.window < 1 or w.min_records < 1:
         raise ConfigError(f"{name}.window and {name}.min_records must be >= 1")
-    for key in ("logit_growth", "tev_growth", "output_logit_growth"):
+    for key in ("logit_growth", "tev_growth", "output_logit_growth", "update_growth"):
         value = getattr(w, key)
         if value != 0 and not value > 1:
             raise ConfigError(f"{name}.{key}={value}: must be > 1 (a growth factor) or 0 (off)")

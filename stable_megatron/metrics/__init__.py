@@ -2,9 +2,10 @@
 ranks so that rank 0 logs the whole model's values (README, "Stability metrics").
 
 `StabilityMetrics` is a step hook (stable_megatron/hooks.py). On a measured step,
-`before_step` switches on the attention statistics capture and the output-norm hooks;
-`before_update` reads the gradients and the weights the step's forward used, inside the
-optimizer step before the update; `after_step` undoes the capture and the hooks and adds the
+`before_step` switches on the attention statistics capture, the output-norm hooks and the
+output-logit capture of the loss function; `before_update` reads the gradients and the weights
+the step's forward used, inside the optimizer step before the update, and keeps a copy of the
+weights for the update metrics; `after_step` undoes the captures and the hooks and adds the
 reduced metrics to the step's record (on rank 0; nothing elsewhere). Steps in between run the
 plain model: nothing is registered.
 """
@@ -12,7 +13,7 @@ plain model: nothing is registered.
 from __future__ import annotations
 
 from stable_megatron.hooks import StepHook
-from stable_megatron.metrics import attention, logits, norms, tev
+from stable_megatron.metrics import attention, logits, norms, tev, updates
 from stable_megatron.metrics.parts import model_parts
 from stable_megatron.metrics.reduce import Contributions, reduce_metrics
 
@@ -29,6 +30,7 @@ class StabilityMetrics(StepHook):
         self.loss_fn = logits.loss_function(engine)
         self._contrib: Contributions | None = None
         self._hooks: norms.OutputNormHooks | None = None
+        self._updates: updates.UpdateSnapshot | None = None
 
     def due(self, step: int) -> bool:
         return due(self.cfg.metrics.interval, step)
@@ -76,6 +78,8 @@ class StabilityMetrics(StepHook):
             shares = norms.grad_shares(self.engine.module, layout)
             norms.add_norms(contrib, groups, lambda p: shares.get(id(p)), "grad_norm",
                             "grad_norm/total")
+        if cfg.metrics.updates:  # the step's LR: DeepSpeed steps its scheduler after the update
+            self._updates = updates.UpdateSnapshot(groups, layout, self.engine.get_lr()[0])
 
     def _finish(self) -> dict[str, float]:
         contrib, self._contrib = self._contrib, None
@@ -88,8 +92,13 @@ class StabilityMetrics(StepHook):
             self._hooks.contribute(contrib, self.state.layout.tp_rank)
             self._hooks = None
         logits.add_logit_stats(contrib, self.loss_fn, self.state.layout)
+        snapshot, self._updates = self._updates, None
+        if snapshot is not None:
+            snapshot.contribute(contrib)
         metrics = reduce_metrics(contrib, self.state)
         attention.add_minima(metrics)
+        if snapshot is not None and metrics:
+            updates.derive(metrics, snapshot.lr)
         return metrics
 
 

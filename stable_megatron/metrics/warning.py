@@ -26,8 +26,14 @@ The rules and their `stability.warning.*` thresholds (docs/stability.md, "Early 
   blind to a shift of all logits, still looks fine; z-loss (`model.z_loss`) prevents it. The
   floor is a choice, not a measurement: no run of ours has shown this divergence.
 
-`logit_growth=0`, `entropy_floor=0`, `tev_growth=0` or `output_logit_growth=0` turns a rule
-off. A non-finite value of a
+- `update_spike`: the update of some part of the model (`update_rms/<group>`: the RMS of the
+  step's weight change divided by its LR, so that warmup and decay do not count) is >=
+  `update_growth` (3) times its median over the window. In large runs, spikes of the update
+  norm, largest in the lower layers, came before loss spikes. The factor is a choice, not
+  fitted to runs of ours.
+
+`logit_growth=0`, `entropy_floor=0`, `tev_growth=0`, `output_logit_growth=0` or
+`update_growth=0` turns a rule off. A non-finite value of a
 watched signal fires its rule at once. Each rule fires once per episode: after firing it stays
 quiet until its condition has been false on every metric record for `window` steps, then it is
 armed again. The state (histories and episodes) is plain Python (`state_dict()` /
@@ -44,12 +50,13 @@ from typing import Any
 
 from stable_megatron.hooks import StepHook
 
-RULES = ("logit_growth", "entropy_collapse", "tev_growth", "output_logit_drift")
+RULES = ("logit_growth", "entropy_collapse", "tev_growth", "output_logit_drift", "update_spike")
 
 _LOGIT = re.compile(r"^attn_logit_max/(layer_\d+)$")
 _ENTROPY = re.compile(r"^attn_entropy_norm/(layer_\d+)/min$")
 _TEV = {"tev/mean": "input embedding", "tev_out/mean": "output layer"}
 _OUTPUT_LOGIT = "output_logit/mean"
+_UPDATE = re.compile(r"^update_rms/(\w+)$")
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,7 @@ class EarlyWarning(StepHook):
             "tev_growth": self._tev_growth(step, signals) if c.tev_growth else None,
             "output_logit_drift":
                 self._output_logit_drift(step, signals) if c.output_logit_growth else None,
+            "update_spike": self._update_spike(step, signals) if c.update_growth else None,
         }
         for key, value in signals.items():
             if math.isfinite(value):
@@ -169,7 +177,8 @@ class EarlyWarning(StepHook):
         for key, value in record.items():
             if not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue
-            if key in _TEV or key == _OUTPUT_LOGIT or _LOGIT.match(key) or _ENTROPY.match(key):
+            if (key in _TEV or key == _OUTPUT_LOGIT or _LOGIT.match(key) or _ENTROPY.match(key)
+                    or _UPDATE.match(key)):
                 out[key] = float(value)
         return out
 
@@ -283,6 +292,31 @@ class EarlyWarning(StepHook):
             f"steps (output_logit_drift: |mean| >= {c.output_logit_floor:g} and >= "
             f"{c.output_logit_growth:g}x; z-loss counters it)"
         )
+
+    def _update_spike(self, step: int, signals: dict[str, float]) -> tuple[str, str] | None:
+        c = self.cfg
+        worst = None  # (ratio, key, text)
+        for key, value in signals.items():
+            match = _UPDATE.match(key)
+            if not match:
+                continue
+            if not math.isfinite(value):
+                return key, f"update of {match.group(1)} is {value}"
+            past = self._window(key, step)
+            if past is None:
+                continue
+            values, span = past
+            ordered = sorted(values)
+            median = ordered[len(ordered) // 2] if len(ordered) % 2 else \
+                (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2
+            ratio = value / median if median > 0 else math.inf
+            if ratio < c.update_growth or (worst is not None and ratio <= worst[0]):
+                continue
+            text = (f"update of {match.group(1)} spiked: RMS of the weight change / lr "
+                    f"{_fmt(value)} is {ratio:.1f}x its median over the last {span} steps "
+                    f"(update_spike: >= {c.update_growth:g}x)")
+            worst = (ratio, key, text)
+        return None if worst is None else (worst[1], worst[2])
 
     def _forget_from(self, step: int) -> None:
         for hist in self.history.values():

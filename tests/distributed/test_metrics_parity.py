@@ -83,7 +83,7 @@ def test_reference_logs_every_family(reference):
         logged = records[1]
         families = {k.split("/")[0] for k in metric_keys(logged)}
         expected = {"tev", "attn_entropy", "attn_entropy_norm", "attn_logit_max", "out_norm",
-                    "grad_norm", "param_norm", "output_logit"}
+                    "grad_norm", "param_norm", "output_logit", "update_ratio", "update_rms"}
         if model == "methods":
             expected |= {"tev_out", "attn_logit_max_capped", "sigma", "gamma", "sigma_exact",
                          "sigma_lag"}

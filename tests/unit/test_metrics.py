@@ -109,10 +109,12 @@ def run(request, state):
     data = batches(cfg, state, engine)
     runner = StepRunner(engine, [PowerIteration(engine.module), metrics])
     logged: dict = {}
+    lr = engine.get_lr()[0]  # the LR of the step's update
     runner.step(1, iter(data))
     runner.after_step(1, logged)
     runner.remove()
     capture.remove()
+    after = weights(engine)
 
     plain = build_model(cfg, state.topology, state.device)
     with torch.no_grad():
@@ -125,8 +127,8 @@ def run(request, state):
         (lm_loss(plain(tokens), labels) / len(data)).backward()
     grads = {n: p.grad.double() for n, p in plain.named_parameters()}
     return {"cfg": cfg, "engine": engine, "metrics": metrics, "logged": logged,
-            "inputs": capture.inputs, "before": before, "grads": grads, "data": data,
-            "model": request.param}
+            "inputs": capture.inputs, "before": before, "after": after, "lr": lr,
+            "grads": grads, "data": data, "model": request.param}
 
 
 def close(a: float, b: float, rel: float = 1e-5):
@@ -239,6 +241,38 @@ def test_grad_and_param_norms_from_autograd(run):
     close(logged["grad_norm/total"], float(run["engine"].get_global_grad_norm()), rel=1e-5)
     param_norm = math.sqrt(sum(v.square().sum().item() for v in before.values()))
     close(logged["param_norm"], param_norm, rel=1e-6)
+
+
+def test_update_ratio_and_rms_from_the_weights_before_and_after(run):
+    """`update_ratio/...` = ||W_after - W_before|| / ||W_before|| and `update_rms/...` =
+    RMS(W_after - W_before) / lr, per group and in total, from the engine's weights saved
+    around the step (the tied embedding counted once, as in the other norms)."""
+    logged, before, after, lr = run["logged"], run["before"], run["after"], run["lr"]
+    names = [n for n in before if not n.startswith(f"{LAYERS + 2}.word_embeddings")]  # tied copy
+    groups = {f"layer_{i:02d}": [n for n in names if n.startswith(f"{i}.")]
+              for i in range(1, LAYERS + 1)}
+    groups["final_norm"] = [n for n in names if n.startswith(f"{LAYERS + 1}.")]
+    groups["embedding"] = [n for n in names if n.startswith(("0.", "tied_modules"))]
+    if run["model"] == "methods":
+        groups["output"] = [n for n in names if n.startswith(f"{LAYERS + 2}.")]
+
+    def sq(tensors):
+        return sum(t.square().sum().item() for t in tensors)
+
+    moved = False
+    for group, members in groups.items():
+        assert members, group
+        delta = [after[n] - before[n] for n in members]
+        ratio = math.sqrt(sq(delta) / sq(before[n] for n in members))
+        close(logged[f"update_ratio/{group}"], ratio, rel=1e-5)
+        rms = math.sqrt(sq(delta) / sum(d.numel() for d in delta)) / lr
+        close(logged[f"update_rms/{group}"], rms, rel=1e-5)
+        moved |= ratio > 0
+    assert moved
+    total = math.sqrt(sq(after[n] - before[n] for n in names) / sq(before[n] for n in names))
+    close(logged["update_ratio/total"], total, rel=1e-5)
+    assert {k.split("/")[1] for k in logged if k.startswith("update_rms/")} == set(groups)
+    assert not any(k.startswith("_upd") for k in logged)
 
 
 def test_sigma_and_gamma(run):

@@ -149,6 +149,24 @@ def test_drifting_output_logits_fire_at_the_expected_step():
     assert run(nan) == [(10, "output_logit_drift")]
 
 
+def test_an_update_spike_fires_at_its_step():
+    """update_rms (the weight change per unit of LR) of one layer jumps to 4x its median: the
+    rule fires at that record; 2.7x does not; the other layer's steady updates never do."""
+    def spike(height):
+        def change(step, record):
+            record["update_rms/layer_01"] = 0.3 * (height if step == 150 else 1.0)
+            record["update_rms/layer_02"] = 0.2 + 0.001 * step  # a slow drift
+        return change
+
+    assert run(trace(range(10, 201, 10), spike(4.0))) == [(150, "update_spike")]
+    assert run(trace(range(10, 201, 10), spike(2.7))) == []
+    assert run(trace(range(10, 201, 10), spike(4.0)), update_growth=0) == []
+    warn = EarlyWarning(WarningConfig())
+    texts = [t for r in trace(range(10, 201, 10), spike(4.0)) for t in warn.update(r["step"], r)]
+    assert texts == ["step 150: update of layer_01 spiked: RMS of the weight change / lr 1.2 is "
+                     "4.0x its median over the last 50 steps (update_spike: >= 3x)"]
+
+
 def test_fires_once_per_episode_and_rearms_after_a_quiet_window():
     def change(step, record):
         value = 20.0
@@ -299,6 +317,7 @@ def test_replay_of_the_healthy_run_is_silent():
         ({"output_logit_growth": 0.5},
          "stability.warning.output_logit_growth=0.5: must be > 1"),
         ({"output_logit_floor": -1}, "stability.warning.output_logit_floor=-1.0: must be >= 0"),
+        ({"update_growth": 1.0}, "stability.warning.update_growth=1.0: must be > 1"),
         ({"logit_floor": -1}, "stability.warning.logit_floor=-1.0: must be >= 0"),
         ({"entropy_floor": 1.5}, "stability.warning.entropy_floor=1.5: must be in"),
         ({"entropy_drop": 0}, "stability.warning.entropy_drop=0.0: must be in"),
