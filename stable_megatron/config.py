@@ -78,6 +78,11 @@ class ModelConfig:
     softmax_cap: float | None = None  # c in c * tanh(s / c) on attention logits; e.g. 50
     # z-loss coefficient: loss += z_loss * mean(logsumexp(output logits)^2); 0: off; e.g. 1e-4
     z_loss: float = 0.0
+    # embedding options: a LayerNorm on the embedding output (after the learned positions, as
+    # BLOOM's); the token embeddings multiplied by sqrt(hidden_size) ("Spike No More",
+    # arXiv 2312.16903)
+    embedding_norm: bool = False
+    scale_embeddings: bool = False
     sigma_reparam: SigmaReparamConfig = field(default_factory=SigmaReparamConfig)
 
     @property
@@ -117,6 +122,9 @@ class TrainConfig:
     warmup_steps: int = 10
     lr_decay: Literal["cosine", "linear", "constant"] = "cosine"
     weight_decay: float = 0.1
+    # false: no weight decay on the embeddings (word and position; the tied output layer with
+    # them), as OLMo 2
+    embedding_weight_decay: bool = True
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8

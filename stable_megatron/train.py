@@ -68,12 +68,23 @@ def lr_at(cfg: Config, step: int) -> float:
     return t.min_lr + (t.lr - t.min_lr) * factor
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only; biases and norm weights (1-D) are not decayed."""
+def param_groups(model: torch.nn.Module, weight_decay: float,
+                 decay_embeddings: bool = True) -> list[dict]:
+    """Weight decay on matrices only; biases and norm weights (1-D) are not decayed, nor, with
+    `decay_embeddings=False`, the embedding tables (word and position: every `nn.Embedding`
+    and megatron-core `VocabParallelEmbedding`, so also a tied output layer)."""
+    from megatron.core.tensor_parallel import VocabParallelEmbedding
+
+    tables = set()
+    if not decay_embeddings:
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Embedding, VocabParallelEmbedding)):
+                tables.update(id(p) for p in module.parameters())
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
+            matrix = param.dim() >= 2 and id(param) not in tables
+            (decay if matrix else no_decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -91,7 +102,7 @@ def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
     loop (`foreach=False`), the CPU kernel until issue 13."""
     t = cfg.train
     return torch.optim.AdamW(
-        param_groups(model, t.weight_decay),
+        param_groups(model, t.weight_decay, t.embedding_weight_decay),
         lr=t.lr,
         betas=(t.adam_beta1, t.adam_beta2),
         eps=t.adam_eps,

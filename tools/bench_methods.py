@@ -3,7 +3,7 @@
 Every method is the same GPT with one config override (`METHODS`). A step is one optimizer step
 on one process (TP = PP = 1): `refresh_spectral_norms` + forward + the model's loss function
 (`model.loss.LMLoss`: cross entropy, plus z-loss where configured) + backward +
-`torch.optim.AdamW.step` over `train.param_groups` (no DeepSpeed engine, no gradient clipping).
+the AdamW step of `train.make_optimizer` (no DeepSpeed engine, no gradient clipping).
 
 Timing: every model is built once, then the steps run round-robin over the methods (the order
 rotates each round), warm-up rounds first, so load drift on a shared machine hits all methods
@@ -56,6 +56,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "mlra_qkvo": {"attention": "mlra", "mlra": {"targets": ["q", "k", "v", "o"]}},
     "sigma_reparam": {"sigma_reparam": {"enabled": True}},
     "z_loss": {"z_loss": 1e-4},
+    "embedding_norm": {"embedding_norm": True},
+    "scaled_embeddings": {"scale_embeddings": True},
 }
 BASELINE = "baseline"
 # The baseline on the explicit-softmax attention path, to price the cap where it forces it.
@@ -177,26 +179,17 @@ class Bench:
     """One method's model, optimizer and step."""
 
     def __init__(self, method: str, shape: Shape, state) -> None:
-        import torch
-
         from stable_megatron.model.gpt import build_model, count_parameters
         from stable_megatron.model.sigma_reparam import sigma_reparam_layers
-        from stable_megatron.train import param_groups
+        from stable_megatron.train import make_optimizer
 
         self.method, self.device = method, state.device
         cfg = method_config(method, shape, state.device.type)
-        t = cfg.train
         with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints the partitioning
             model = build_model(cfg, state.topology, state.device)
         self.model = model.to(state.device)
         self.model.train()
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, t.weight_decay),
-            lr=t.lr,
-            betas=(t.adam_beta1, t.adam_beta2),
-            eps=t.adam_eps,
-            foreach=False,  # as train.build_engine
-        )
+        self.optimizer = make_optimizer(self.model, cfg)  # as train.build_engine
         self.params = count_parameters(self.model)
         self.reparam_linears = sum(1 for _ in sigma_reparam_layers(self.model))
         self.times: list[float] = []

@@ -485,6 +485,10 @@ def hf_gpt2_blockers(cfg) -> list[str]:
     if m.sigma_reparam.enabled:
         blockers.append("model.sigma_reparam.enabled=true (GPT-2 has plain linear weights; "
                         "export --format safetensors keeps gamma, u and v)")
+    if m.embedding_norm:
+        blockers.append("model.embedding_norm=true (GPT-2 has no LayerNorm after the embedding)")
+    if m.scale_embeddings:
+        blockers.append("model.scale_embeddings=true (GPT-2 does not scale its embeddings)")
     return blockers
 
 

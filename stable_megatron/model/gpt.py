@@ -30,7 +30,9 @@ def _seeded(seed: int) -> None:
 
 
 class EmbeddingPipe(nn.Module):
-    """Vocab-parallel word embedding (+ learned positions). tokens [b, s] -> hidden [s, b, h]."""
+    """Vocab-parallel word embedding (scaled by sqrt(h) with `model.scale_embeddings`, + learned
+    positions, + a LayerNorm with `model.embedding_norm`). tokens [b, s] -> hidden [s, b, h].
+    `with_positions=False` builds the tied copy that serves as the output layer only."""
 
     def __init__(
         self,
@@ -50,13 +52,22 @@ class EmbeddingPipe(nn.Module):
         if m.position_embedding == "learned" and with_positions:
             self.position_embeddings = nn.Embedding(m.seq_length, m.hidden_size)
             tcfg.init_method(self.position_embeddings.weight)
+        # input side only: the tied copy on the last stage serves as the output layer
+        self.scale = m.hidden_size ** 0.5 if m.scale_embeddings else None
+        self.norm = None
+        if m.embedding_norm and with_positions:
+            self.norm = nn.LayerNorm(m.hidden_size, eps=m.layernorm_epsilon)
         self.dropout = nn.Dropout(m.hidden_dropout)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         hidden = self.word_embeddings(tokens)
+        if self.scale is not None:
+            hidden = hidden * self.scale
         if self.position_embeddings is not None:
             positions = torch.arange(tokens.size(1), device=tokens.device)
             hidden = hidden + self.position_embeddings(positions)
+        if self.norm is not None:
+            hidden = self.norm(hidden)
         return self.dropout(hidden.transpose(0, 1).contiguous())
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:

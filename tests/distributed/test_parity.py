@@ -42,13 +42,19 @@ METHODS = {
     "sigma_reparam": {"sigma_reparam": {"enabled": True}},
     # large enough that the z term moves the gradients well beyond the tolerances
     "z_loss": {"z_loss": 0.05},
+    # the norm lives in the first stage's embedding copy only (the tied copy on the last stage
+    # is the output layer); `train` entries go to the train section
+    "embedding_options": {"embedding_norm": True, "scale_embeddings": True,
+                          "train": {"embedding_weight_decay": False, "weight_decay": 0.5}},
 }
 
 
 def case(parallel: dict, model: dict | None = None) -> dict:
     overrides = json.loads(json.dumps(BASE))
     overrides["parallel"] = parallel
-    overrides["model"].update(model or {})
+    model = dict(model or {})
+    overrides["train"].update(model.pop("train", {}))
+    overrides["model"].update(model)
     return overrides
 
 
@@ -136,7 +142,8 @@ def test_layout_matches_single_process(name, reference, tmp_path):
 
 
 def test_methods_match_single_process_at_tp2_pp2(reference, tmp_path):
-    """The norm placements, softmax capping, MLRA, sigma-reparam, z-loss, RoPE and an untied head at
+    """The norm placements, softmax capping, MLRA, sigma-reparam, z-loss, the embedding options,
+    RoPE and an untied head at
     TP2 x PP2; and QK-norm + cap with full activation recompute (the recompute re-runs the
     layers' TP all-reduces inside the pipeline engine's backward) against the reference
     without it."""

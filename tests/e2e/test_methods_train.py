@@ -23,6 +23,8 @@ METHODS = {
     "mlra": ["model.attention=mlra"],
     "sigma_reparam": ["model.sigma_reparam.enabled=true"],
     "z_loss": ["model.z_loss=1e-4"],
+    "embedding_options": ["model.embedding_norm=true", "model.scale_embeddings=true",
+                          "train.embedding_weight_decay=false"],
     "mlra_qk_norm_cap": ["model.attention=mlra", "model.norm_placement=qk_norm",
                          "model.softmax_cap=50"],
     "sigma_reparam_qkv_norm_mlra_o": ["model.sigma_reparam.enabled=true",
