@@ -65,9 +65,13 @@ def layer_params(m: ModelConfig, tp: int = 1) -> int:
 
 
 def embedding_params(m: ModelConfig, tp: int = 1, with_positions: bool = True) -> int:
+    """The embedding block; `with_positions=False`: the tied copy serving as the output layer
+    (no positions, no embedding norm)."""
     n = m.padded_vocab_size(tp) * m.hidden_size // tp
     if with_positions and m.position_embedding == "learned":
         n += m.seq_length * m.hidden_size
+    if with_positions and m.embedding_norm:
+        n += 2 * m.hidden_size
     return n
 
 
@@ -99,6 +103,8 @@ def total_params(cfg: Config, tp: int = 1) -> int:
     n = vocab * m.hidden_size
     if m.position_embedding == "learned":
         n += m.seq_length * m.hidden_size
+    if m.embedding_norm:
+        n += 2 * m.hidden_size
     n += m.num_layers * layer_params(m) + final_norm_params(m)
     if not m.tie_embeddings:
         n += vocab * m.hidden_size

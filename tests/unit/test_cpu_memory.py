@@ -5,8 +5,10 @@ again every step (docs/performance.md).
 
 The allocator is checked in fresh subprocesses, since mallopt changes the whole process: under
 glibc's defaults a freed 64 MiB tensor leaves the resident set at once (it was a mapping of its
-own), after `keep_cpu_memory` it stays in the process, and a tensor of the same size allocated
-after an equal one was freed comes back from the heap, without new page faults."""
+own), after `keep_cpu_memory` it stays in the process, and a smaller tensor allocated right
+after comes back from the freed block, without new page faults. (A block of exactly the freed
+size is not always reused: torch's 64-byte-aligned allocation asks glibc for a little more, and
+a small allocation in between can take the rest of the freed block.)"""
 
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ held = rss()
 del x
 released = held - rss()           # how much of it the kernel got back
 before = faults()
-y = torch.ones(16 << 20)          # the same size again, right after the free
+y = torch.ones(12 << 20)          # 48 MiB, right after the free: fits in the freed block
 refaulted = faults() - before
 print(json.dumps({"applied": applied, "released": released, "refaulted": refaulted}))
 """
@@ -57,7 +59,7 @@ def _probe(malloc: str | None) -> dict:
 def test_freed_memory_stays_in_the_process_for_the_next_allocation():
     default, kept = _probe("default"), _probe(None)
     assert default["applied"] is False and kept["applied"] is True
-    pages = 64 * MIB // 4096
+    pages = 48 * MIB // 4096  # of the second tensor
     # glibc's defaults: the block was its own mapping, unmapped on free and faulted in anew
     assert default["released"] > 60 * MIB and default["refaulted"] > 0.9 * pages, default
     # kept: nothing goes back to the kernel, and the next block reuses the resident pages
