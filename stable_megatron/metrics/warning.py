@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 from dataclasses import dataclass
 from typing import Any
 
@@ -306,9 +307,7 @@ class EarlyWarning(StepHook):
             if past is None:
                 continue
             values, span = past
-            ordered = sorted(values)
-            median = ordered[len(ordered) // 2] if len(ordered) % 2 else \
-                (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2
+            median = statistics.median(values)
             ratio = value / median if median > 0 else math.inf
             if ratio < c.update_growth or (worst is not None and ratio <= worst[0]):
                 continue
