@@ -53,6 +53,16 @@ class SigmaReparamConfig:
 
 
 @dataclass
+class QKClipConfig:
+    """QK-clip (MuonClip, arXiv 2507.20534): after each optimizer step, every head whose largest
+    attention logit in the step exceeded `tau` has its query and key weights scaled by
+    sqrt(tau / max logit) (model/qk_clip.py)."""
+
+    enabled: bool = False
+    tau: float = 100.0  # the logit bound; Kimi K2 used 100
+
+
+@dataclass
 class ModelConfig:
     num_layers: int = 2
     hidden_size: int = 128
@@ -84,6 +94,7 @@ class ModelConfig:
     embedding_norm: bool = False
     scale_embeddings: bool = False
     sigma_reparam: SigmaReparamConfig = field(default_factory=SigmaReparamConfig)
+    qk_clip: QKClipConfig = field(default_factory=QKClipConfig)
 
     @property
     def ffn_size(self) -> int:
@@ -649,11 +660,33 @@ def _validate_methods(m: ModelConfig, tp: int) -> None:
         )
     if not (math.isfinite(m.z_loss) and m.z_loss >= 0):
         raise ConfigError(f"model.z_loss={m.z_loss}: must be a finite number >= 0 (0: off)")
+    _validate_qk_clip(m)
     if m.softmax_cap is not None and m.softmax_cap <= 0:
         raise ConfigError(f"model.softmax_cap={m.softmax_cap}: must be > 0 (or null for off)")
     if m.softmax_cap is not None and m.attention_backend == "sdpa":
         raise ConfigError(
             "model.softmax_cap needs model.attention_backend auto, flex or math (sdpa cannot cap)"
+        )
+
+
+def _validate_qk_clip(m: ModelConfig) -> None:
+    clip = m.qk_clip
+    if not (math.isfinite(clip.tau) and clip.tau > 0):
+        raise ConfigError(f"model.qk_clip.tau={clip.tau}: must be a finite number > 0")
+    if not clip.enabled:
+        return
+    if m.norm_placement != "pre_ln":
+        raise ConfigError(
+            f"model.qk_clip with model.norm_placement={m.norm_placement}: the head norms "
+            f"normalise q and k, so scaling the weights before them cannot bound the logits "
+            f"(the norm already does); use one of the two"
+        )
+    sr = m.sigma_reparam
+    if sr.enabled and "qkv" in sr.targets:
+        raise ConfigError(
+            "model.qk_clip with sigma-reparam on qkv: the layer's weight is gamma W / sigma(W), "
+            "which scaling rows of W does not scale per head; remove qkv from "
+            "model.sigma_reparam.targets or switch one of them off"
         )
 
 

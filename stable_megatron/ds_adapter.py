@@ -112,6 +112,33 @@ def _zero_fragment(param):
     return "fragment", fragment
 
 
+def scale_master_weights(param, scale) -> bool:
+    """Multiply this rank's entries of ZeRO's fp32 master copy of `param` by the matching
+    entries of `scale` (param's shape), as the caller does to the module's weight: otherwise the
+    next optimizer step would write the unscaled master weights back over the module's. Relies
+    on: the ZeRO stage-1/2 (and bf16) optimizer linking each parameter to a `tensor_fragment`
+    in `param._hp_mapping` (None where this data-parallel rank holds none of it) whose
+    `hp_fragment` is a view of the fp32 partition holding the entries
+    `lp_fragment_address.start ..` of the flattened parameter. False: no master copy (no ZeRO
+    optimizer, or none of this parameter on this rank)."""
+    mapping = getattr(param, "_hp_mapping", None)
+    if mapping is None:
+        return False
+    address = mapping.lp_fragment_address
+    flat = scale.reshape(-1).narrow(0, address.start, address.numel)
+    mapping.hp_fragment.mul_(flat.to(mapping.hp_fragment.dtype))
+    return True
+
+
+def master_fragment(param):
+    """(this rank's fp32 master entries of `param`, their offset in the flattened parameter),
+    or None (see `scale_master_weights` for what this relies on)."""
+    mapping = getattr(param, "_hp_mapping", None)
+    if mapping is None:
+        return None
+    return mapping.hp_fragment, mapping.lp_fragment_address.start
+
+
 def disable_shm_comm() -> None:
     """Keep gloo's own all-reduce on CPU: DeepSpeed's shared-memory all-reduce op is compiled
     on first use; `deepspeed.ops.__compatible_ops__` is the table its comm layer consults."""

@@ -206,7 +206,7 @@ class Trainer:
         from stable_megatron import parallel
         from stable_megatron.checkpoint import reshape
         from stable_megatron.data.dataset import TokenWindowDataset
-        from stable_megatron.hooks import PowerIteration, StepRunner, Throughput
+        from stable_megatron.hooks import StepRunner, Throughput, model_hooks
         from stable_megatron.metrics.divergence import DivergenceRule
         from stable_megatron.metrics.logits import ZLossLog
         from stable_megatron.metrics.warning import EarlyWarning
@@ -243,7 +243,7 @@ class Trainer:
         # warning and divergence rules read the metrics, the guard's verdict and the loss
         self.hooks = StepRunner(self.engine, [
             Throughput(cfg, self.layout.world, self.device), self.warning, self.divergence,
-            PowerIteration(self.engine.module), self.guard,
+            *model_hooks(cfg, self.engine.module), self.guard,
             *([ZLossLog(self.state, self.engine)] if cfg.model.z_loss > 0 else []),
             *([self.metrics] if self.metrics is not None else []),
         ])

@@ -1,7 +1,8 @@
 """Step time and peak memory of each stability method relative to the plain pre-LN baseline.
 
 Every method is the same GPT with one config override (`METHODS`). A step is one optimizer step
-on one process (TP = PP = 1): `refresh_spectral_norms` + forward + the model's loss function
+on one process (TP = PP = 1): the model's step hooks (`hooks.model_hooks`: sigma-reparam's power
+step, QK-clip's logit collection and clip) + forward + the model's loss function
 (`model.loss.LMLoss`: cross entropy, plus z-loss where configured) + backward +
 the AdamW step of `train.make_optimizer` (no DeepSpeed engine, no gradient clipping).
 
@@ -58,6 +59,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "z_loss": {"z_loss": 1e-4},
     "embedding_norm": {"embedding_norm": True},
     "scaled_embeddings": {"scale_embeddings": True},
+    "qk_clip": {"qk_clip": {"enabled": True}},
 }
 BASELINE = "baseline"
 # The baseline on the explicit-softmax attention path, to price the cap where it forces it.
@@ -179,6 +181,7 @@ class Bench:
     """One method's model, optimizer and step."""
 
     def __init__(self, method: str, shape: Shape, state) -> None:
+        from stable_megatron.hooks import model_hooks
         from stable_megatron.model.gpt import build_model, count_parameters
         from stable_megatron.model.sigma_reparam import sigma_reparam_layers
         from stable_megatron.train import make_optimizer
@@ -192,23 +195,25 @@ class Bench:
         self.optimizer = make_optimizer(self.model, cfg)  # as train.build_engine
         self.params = count_parameters(self.model)
         self.reparam_linears = sum(1 for _ in sigma_reparam_layers(self.model))
+        self.hooks = model_hooks(cfg, self.model)
         self.times: list[float] = []
 
     def step(self, tokens, labels) -> float:
         """One optimizer step; returns its wall time in seconds."""
         import torch
 
-        from stable_megatron.model.sigma_reparam import refresh_spectral_norms
-
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize(self.device)
         start = time.perf_counter()
-        refresh_spectral_norms(self.model)
+        for hook in self.hooks:
+            hook.before_step(0)
         loss = self.model.loss_fn(self.model(tokens), labels)  # the training loss (z-loss)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        for hook in reversed(self.hooks):
+            hook.after_step(0, {})
         if cuda:
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - start
@@ -456,7 +461,7 @@ def format_report(result: dict[str, Any]) -> str:
         f"stability-method benchmark on {result['device']} ({result['threads']} threads): "
         f"hidden {s['hidden']}, {s['layers']} layers, {s['heads']} heads, seq {s['seq']}, "
         f"micro-batch {s['batch']}, vocab {s['vocab']}",
-        f"step = refresh_spectral_norms + forward + loss (LMLoss) + backward + AdamW; "
+        f"step = model hooks (power step, QK-clip) + forward + loss (LMLoss) + backward + AdamW; "
         f"median of {result['steps']} timed steps after {result['warmup']} warm-up, "
         f"methods interleaved round-robin",
         "",

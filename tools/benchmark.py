@@ -311,7 +311,7 @@ class Ours(Arm):
 
     def __init__(self, cfg, state, data, name: str = "ours") -> None:
         super().__init__(cfg, state, data)
-        from stable_megatron.hooks import PowerIteration, StepRunner, Throughput
+        from stable_megatron.hooks import StepRunner, Throughput, model_hooks
         from stable_megatron.metrics.divergence import DivergenceRule
         from stable_megatron.metrics.warning import EarlyWarning
         from stable_megatron.spike_guard import SpikeGuard
@@ -324,7 +324,7 @@ class Ours(Arm):
             Throughput(cfg, state.layout.world, state.device),
             EarlyWarning(cfg.stability.warning),
             DivergenceRule(cfg.stability.divergence_patience),
-            PowerIteration(self.engine.module),
+            *model_hooks(cfg, self.engine.module),
             SpikeGuard(cfg, state, self.engine),
         ])
         self.number = 0

@@ -147,9 +147,12 @@ def attention_modules(parts: ModelParts) -> dict[int, SelfAttention]:
             if isinstance(layer.self_attention, SelfAttention)}
 
 
+CAPTURE_OWNER = "metrics"  # the name of the metrics' capture hook on each SelfAttention
+
+
 def start_capture(parts: ModelParts) -> None:
     for module in attention_modules(parts).values():
-        module.set_capture_hook(StatisticsCollector())
+        module.set_capture_hook(CAPTURE_OWNER, StatisticsCollector())
 
 
 def stop_capture(
@@ -158,8 +161,8 @@ def stop_capture(
     """Remove the capture hooks and contribute the statistics: data-parallel ranks their own
     batch rows; TP ranks their own heads, adding zeros for the others so that the keys agree."""
     for number, module in attention_modules(parts).items():
-        hook = module.capture_hook
-        module.set_capture_hook(None)
+        hook = module.capture_hooks.get(CAPTURE_OWNER)
+        module.set_capture_hook(CAPTURE_OWNER, None)
         stats = hook.statistics if isinstance(hook, StatisticsCollector) else None
         layer = layer_name(number, num_layers)
         held = range(0, 0)

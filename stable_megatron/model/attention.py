@@ -30,10 +30,12 @@ Attention statistics: every kernel alike, through the capture hook below (none c
 them). `flex` without a cap runs SDPA. No kernel applies attention dropout: the config rejects
 `model.attention_dropout` > 0 (config.py, `_validate_methods`).
 
-Statistics capture: the stability metrics (`metrics/attention.py`) set a capture hook on the
-module for metric steps; every forward then hands the hook an `AttentionCapture` (the detached
-q and k the kernel saw, the cap, the rank's first head) after the kernel ran. The kernel's
-output and gradients do not depend on whether a hook is set; the model computes no statistics.
+Capture hooks: a part that needs to see the attention logits sets a capture hook on the module
+under its own name (the stability metrics, `metrics/attention.py`, on metric steps; QK-clip,
+`model/qk_clip.py`, on every step); every forward then hands each hook an `AttentionCapture`
+(the detached q and k the kernel saw, the cap, the rank's first head) after the kernel ran. The
+kernel's output and gradients do not depend on whether hooks are set; the model computes no
+statistics.
 """
 
 from __future__ import annotations
@@ -322,7 +324,7 @@ class SelfAttention(MegatronModule):
         # heads are split over TP ranks in order: this rank holds first_head .. + heads_local - 1
         tp_rank = parallel_state.get_tensor_model_parallel_rank() if tp > 1 else 0
         self.first_head = tp_rank * self.heads_local
-        self.capture_hook: Callable[[AttentionCapture], None] | None = None
+        self.capture_hooks: dict[str, Callable[[AttentionCapture], None]] = {}
         width = config.num_attention_heads * self.head_dim
         self.linear_qkv = build_module(
             submodules.linear_qkv,
@@ -363,9 +365,15 @@ class SelfAttention(MegatronModule):
     def softmax_cap(self) -> float | None:
         return self.core_attention.softmax_cap
 
-    def set_capture_hook(self, hook: Callable[[AttentionCapture], None] | None) -> None:
-        """`hook` receives an `AttentionCapture` of every forward until set back to None."""
-        self.capture_hook = hook
+    def set_capture_hook(
+        self, owner: str, hook: Callable[[AttentionCapture], None] | None
+    ) -> None:
+        """`hook` receives an `AttentionCapture` of every forward until `owner`'s hook is set
+        back to None; hooks of other owners are kept."""
+        if hook is None:
+            self.capture_hooks.pop(owner, None)
+        else:
+            self.capture_hooks[owner] = hook
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, rotary_pos_emb=None, **_):
         seq, batch, _ = hidden_states.shape
@@ -378,9 +386,9 @@ class SelfAttention(MegatronModule):
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
         context = self.core_attention(q, k, v)
-        if self.capture_hook is not None:
-            self.capture_hook(
-                AttentionCapture(q.detach(), k.detach(), self.softmax_cap, self.first_head)
-            )
+        if self.capture_hooks:
+            capture = AttentionCapture(q.detach(), k.detach(), self.softmax_cap, self.first_head)
+            for hook in list(self.capture_hooks.values()):
+                hook(capture)
         context = context.permute(2, 0, 1, 3).reshape(seq, batch, self.heads_local * self.head_dim)
         return self.linear_proj(context)

@@ -87,16 +87,16 @@ def _observers_suspended(observed: nn.Module | None):
         if module._forward_hooks:
             hooks.append((module, module._forward_hooks))
             module._forward_hooks = OrderedDict()
-        if isinstance(module, SelfAttention) and module.capture_hook is not None:
-            captures.append((module, module.capture_hook))
-            module.capture_hook = None
+        if isinstance(module, SelfAttention) and module.capture_hooks:
+            captures.append((module, module.capture_hooks))
+            module.capture_hooks = {}
     try:
         yield
     finally:
         for module, saved in hooks:
             module._forward_hooks = saved
-        for module, hook in captures:
-            module.capture_hook = hook
+        for module, saved_hooks in captures:
+            module.capture_hooks = saved_hooks
 
 
 def _contexts(observed: nn.Module | None):

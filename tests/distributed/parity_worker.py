@@ -39,7 +39,7 @@ def run_case(overrides: dict, out: Path) -> None:
 
     from stable_megatron import parallel
     from stable_megatron.config import config_from_dict, validate
-    from stable_megatron.hooks import PowerIteration, StepHook, StepRunner
+    from stable_megatron.hooks import StepHook, StepRunner, model_hooks
     from stable_megatron.train import build_engine, micro_batches
 
     steps = overrides.pop("steps", 3)
@@ -61,15 +61,17 @@ def run_case(overrides: dict, out: Path) -> None:
                     first_grads[name] = shard_record(param, safe_get_full_grad(param))
             return False
 
-    runner = StepRunner(engine, [PowerIteration(engine.module), FirstGrads()])
+    runner = StepRunner(engine, [*model_hooks(cfg, engine.module), FirstGrads()])
     data = RandomTokens(cfg.model.vocab_size, cfg.model.seq_length)
     accum = engine.gradient_accumulation_steps()
-    losses, grad_norms = [], []
+    losses, grad_norms, records = [], [], []
     for step in range(steps):
         first = step * cfg.train.global_batch_size
         batches = micro_batches(data, first, cfg, layout, state.device, accum)
         losses.append(runner.step(step + 1, batches).item())
         grad_norms.append(float(engine.get_global_grad_norm()))
+        records.append({})
+        runner.after_step(step + 1, records[-1])  # the model's hooks after the update (QK-clip)
     params = {name: shard_record(p, p) for name, p in named}
     out.mkdir(parents=True, exist_ok=True)
     torch.save(
@@ -78,6 +80,7 @@ def run_case(overrides: dict, out: Path) -> None:
                        "dp_rank": layout.dp_rank, "tp": layout.tp},
             "losses": losses,
             "grad_norms": grad_norms,
+            "records": records,
             "grads": first_grads,
             "initial": initial,
             "params": params,

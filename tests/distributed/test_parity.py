@@ -46,6 +46,12 @@ METHODS = {
     # is the output layer); `train` entries go to the train section
     "embedding_options": {"embedding_norm": True, "scale_embeddings": True,
                           "train": {"embedding_weight_decay": False, "weight_decay": 0.5}},
+    # tau inside the range of the heads' maxima, so that every step clips some heads and
+    # leaves others (3-7 of 16 in the reference); on MLRA (q low rank, k full rank) the
+    # logits are ~15x smaller (the "paper" factor init)
+    "qk_clip": {"qk_clip": {"enabled": True, "tau": 0.1}},
+    "qk_clip_mlra": {"qk_clip": {"enabled": True, "tau": 0.006}, "attention": "mlra",
+                     "mlra": {"targets": ["q", "v"], "rank": 4}},
 }
 
 
@@ -141,19 +147,22 @@ def test_layout_matches_single_process(name, reference, tmp_path):
     check_against(reference["baseline"], results["baseline"])
 
 
-def test_methods_match_single_process_at_tp2_pp2(reference, tmp_path):
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "tp2_pp2"])
+def test_methods_match_single_process(reference, tmp_path, layout):
     """The norm placements, softmax capping, MLRA, sigma-reparam, z-loss, the embedding options,
-    RoPE and an untied head at
-    TP2 x PP2; and QK-norm + cap with full activation recompute (the recompute re-runs the
-    layers' TP all-reduces inside the pipeline engine's backward) against the reference
-    without it."""
-    cases = {n: case({"tp": 2, "pp": 2}, m) for n, m in METHODS.items()}
-    cases["qk_norm_cap_recompute"] = case({"tp": 2, "pp": 2}, METHODS["qk_norm_cap"])
-    cases["qk_norm_cap_recompute"]["train"]["recompute"] = "full"
-    results = run_cases(tmp_path, 4, cases)
+    QK-clip (standard and on MLRA), RoPE and an untied head at TP2, PP2 and TP2 x PP2; and, at
+    TP2 x PP2, QK-norm + cap with full activation recompute (the recompute re-runs the layers'
+    TP all-reduces inside the pipeline engine's backward) against the reference without it."""
+    nproc, parallel = LAYOUTS[layout]
+    cases = {n: case(parallel, m) for n, m in METHODS.items()}
+    if layout == "tp2_pp2":
+        cases["qk_norm_cap_recompute"] = case(parallel, METHODS["qk_norm_cap"])
+        cases["qk_norm_cap_recompute"]["train"]["recompute"] = "full"
+    results = run_cases(tmp_path, nproc, cases)
     for name in METHODS:
         check_against(reference[name], results[name])
-    check_against(reference["qk_norm_cap"], results["qk_norm_cap_recompute"])
+    if layout == "tp2_pp2":
+        check_against(reference["qk_norm_cap"], results["qk_norm_cap_recompute"])
 
 
 def test_reference_learns_and_gradients_are_nonzero(reference):
@@ -162,3 +171,11 @@ def test_reference_learns_and_gradients_are_nonzero(reference):
         ref = ranks[0]
         assert all(g["value"].abs().sum() > 0 for g in ref["grads"].values()), name
         assert min(ref["losses"][1:]) < ref["losses"][0], name  # the updates do something
+
+
+def test_qk_clip_cases_clip_some_heads_on_every_step(reference):
+    """QK-clip's parity is not vacuous: every step clipped some heads but not all."""
+    heads = BASE["model"]["num_layers"] * BASE["model"]["num_attention_heads"]
+    for name in ("qk_clip", "qk_clip_mlra"):
+        counts = [r["qk_clip/clipped_heads"] for r in reference[name][0]["records"]]
+        assert len(counts) == BASE["steps"] and all(0 < c < heads for c in counts), counts

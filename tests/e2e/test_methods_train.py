@@ -23,6 +23,8 @@ METHODS = {
     "mlra": ["model.attention=mlra"],
     "sigma_reparam": ["model.sigma_reparam.enabled=true"],
     "z_loss": ["model.z_loss=1e-4"],
+    # tau low enough for the tiny model's logits (about 1 at initialisation) to be clipped
+    "qk_clip": ["model.qk_clip.enabled=true", "model.qk_clip.tau=1"],
     "embedding_options": ["model.embedding_norm=true", "model.scale_embeddings=true",
                           "train.embedding_weight_decay=false"],
     "mlra_qk_norm_cap": ["model.attention=mlra", "model.norm_placement=qk_norm",
@@ -59,3 +61,6 @@ def test_every_method_trains_50_steps_at_tp2(tmp_path, data_cache):
         z = [r["z_loss"] for r in read_metrics(tmp_path / name) if "z_loss" in r]
         assert len(z) == (STEPS if name == "z_loss" else 0), name
         assert all(0 < v < 0.05 for v in z), name  # 1e-4 * logsumexp^2; logsumexp ~ log V = 7
+        clipped = [r["qk_clip/clipped_heads"] for r in read_metrics(tmp_path / name)
+                   if "qk_clip/clipped_heads" in r]
+        assert len(clipped) == (STEPS if name == "qk_clip" else 0), name

@@ -181,9 +181,9 @@ def test_capture_hook_sees_q_k_and_cap_and_changes_nothing(model):
 
     plain, plain_grads = run()
     seen = []
-    attn.set_capture_hook(seen.append)
+    attn.set_capture_hook("test", seen.append)
     captured, captured_grads = run()
-    attn.set_capture_hook(None)
+    attn.set_capture_hook("test", None)
     assert torch.equal(plain, captured)
     assert plain_grads.keys() == captured_grads.keys()
     assert all(torch.equal(plain_grads[n], captured_grads[n]) for n in plain_grads)

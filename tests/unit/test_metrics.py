@@ -333,7 +333,7 @@ def test_off_interval_steps_run_the_plain_model(run, state):
         for module in output_slots(layer).values():
             assert not module._forward_hooks
     train_step(engine, iter(batches(run["cfg"], state, engine, step=1)))
-    assert all(m.capture_hook is None for m in attention_modules(metrics.parts).values())
+    assert all(not m.capture_hooks for m in attention_modules(metrics.parts).values())
 
 
 def test_due_on_multiples_of_the_interval():
@@ -356,13 +356,13 @@ def test_capture_beside_a_fused_kernel_keeps_its_output(run):
     hidden = run["inputs"][(attn.layer_number, "attn")][0].float()
     collector = StatisticsCollector()
     with torch.no_grad():
-        attn.set_capture_hook(collector)
+        attn.set_capture_hook("test", collector)
         captured, _ = attn(hidden)
-        attn.set_capture_hook(None)
+        attn.set_capture_hook("test", None)
         plain, _ = attn(hidden)
     stats = collector.statistics
     assert stats is not None and stats.rows == hidden.size(1) * hidden.size(0)
-    assert attn.capture_hook is None
+    assert not attn.capture_hooks
     assert torch.equal(captured, plain)
 
 

@@ -125,11 +125,11 @@ def _count_calls(cfg, state, monkeypatch):
     layer.self_attention.linear_qkv.register_forward_hook(
         lambda *_: counts.__setitem__("hook", counts["hook"] + 1))
     layer.self_attention.set_capture_hook(
-        lambda _: counts.__setitem__("capture", counts["capture"] + 1))
+        "test", lambda _: counts.__setitem__("capture", counts["capture"] + 1))
     for tokens, labels in micro_batches(cfg, state):
         lm_loss(model(tokens), labels).backward()
     assert layer.self_attention.linear_qkv._forward_hooks  # restored after the recompute
-    assert layer.self_attention.capture_hook is not None
+    assert layer.self_attention.capture_hooks
     with torch.no_grad():  # evaluation: nothing recomputed
         before = dict(counts)
         model(micro_batches(cfg, state, 1)[0][0])
