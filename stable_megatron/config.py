@@ -93,6 +93,9 @@ class ModelConfig:
     # arXiv 2312.16903)
     embedding_norm: bool = False
     scale_embeddings: bool = False
+    # gated attention (arXiv 2505.06708): each head's attention output times
+    # sigmoid(x W_g + b_g), one gate per head and token, from the attention's input x
+    attention_gate: bool = False
     sigma_reparam: SigmaReparamConfig = field(default_factory=SigmaReparamConfig)
     qk_clip: QKClipConfig = field(default_factory=QKClipConfig)
 

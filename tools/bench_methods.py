@@ -60,6 +60,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "embedding_norm": {"embedding_norm": True},
     "scaled_embeddings": {"scale_embeddings": True},
     "qk_clip": {"qk_clip": {"enabled": True}},
+    "gated_attention": {"attention_gate": True},
 }
 BASELINE = "baseline"
 # The baseline on the explicit-softmax attention path, to price the cap where it forces it.

@@ -489,6 +489,8 @@ def hf_gpt2_blockers(cfg) -> list[str]:
         blockers.append("model.embedding_norm=true (GPT-2 has no LayerNorm after the embedding)")
     if m.scale_embeddings:
         blockers.append("model.scale_embeddings=true (GPT-2 does not scale its embeddings)")
+    if m.attention_gate:
+        blockers.append("model.attention_gate=true (GPT-2 has no gate on the attention output)")
     return blockers
 
 

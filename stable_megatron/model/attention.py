@@ -6,10 +6,15 @@ QKV is one column-parallel linear whose output is laid out per head as `[q_h; k_
 split over tensor-parallel ranks hands every rank whole heads and TP=2 reproduces TP=1 exactly.
 Proj is row-parallel; its bias is returned separately for megatron-core's bias-dropout-add.
 
-Optional pieces (all per head over d_head, parameters shared by the heads, TP-replicated):
-- `q_layernorm`, `k_layernorm` (qk_norm), plus `v_layernorm` (qkv_norm) on the QKV output;
+Optional pieces:
+- `q_layernorm`, `k_layernorm` (qk_norm), plus `v_layernorm` (qkv_norm) on the QKV output (per
+  head over d_head, parameters shared by the heads, TP-replicated);
 - the softmax cap c of the `core_attention` kernel: logits `s = q k^T / sqrt(d)` become
-  `capped(s, c) = c * tanh(s / c)` before the mask (the one place the formula is written).
+  `capped(s, c) = c * tanh(s / c)` before the mask (the one place the formula is written);
+- `linear_gate` (gated attention, Qiu et al. 2025, arXiv 2505.06708, head-wise): a
+  column-parallel linear d -> H from the module's input; each head's context is multiplied by
+  `sigmoid` of its gate before Proj. Its output columns are heads, so a TP rank computes the
+  gates of exactly its own heads.
 
 Kernels: the `core_attention` slot (megatron-core's name) takes one of the parameterless kernel
 modules below, chosen by `model/spec.py`; each takes q, k, v `[b, h, s, d]` and returns the
@@ -64,6 +69,7 @@ class SelfAttentionSubmodules:
     q_layernorm: ModuleSpec | type = IdentityOp
     k_layernorm: ModuleSpec | type = IdentityOp
     v_layernorm: ModuleSpec | type = IdentityOp
+    linear_gate: ModuleSpec | type | None = None  # gated attention: a column-parallel d -> H
 
 
 def capped(scores: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -296,6 +302,9 @@ def causal_attention(
 # The module
 
 
+GATE_SEED_OFFSET = 7_919  # the gate's init stream: the layer's seed + this
+
+
 @dataclass(frozen=True)
 class AttentionCapture:
     """What one forward shows a capture hook: q and k `[b, heads, s, d]` as the kernel took
@@ -356,6 +365,23 @@ class SelfAttention(MegatronModule):
             skip_bias_add=True,
             is_expert=False,
         )
+        self.linear_gate = None
+        if submodules.linear_gate is not None:
+            # drawn from a stream of its own (the layer's seed + an offset), leaving the global
+            # RNG as it was: every other weight of the model equals the ungated model's
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(torch.initial_seed() + GATE_SEED_OFFSET)
+                self.linear_gate = build_module(
+                    submodules.linear_gate,
+                    config.hidden_size,
+                    config.num_attention_heads,
+                    config=config,
+                    init_method=config.init_method,
+                    gather_output=False,
+                    bias=config.add_bias_linear,
+                    skip_bias_add=False,
+                    is_expert=False,
+                )
 
     @property
     def kernel(self) -> str:
@@ -386,6 +412,9 @@ class SelfAttention(MegatronModule):
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))
         context = self.core_attention(q, k, v)
+        if self.linear_gate is not None:  # [s, b, heads] -> [b, heads, s, 1]
+            gate, _ = self.linear_gate(hidden_states)
+            context = context * torch.sigmoid(gate).permute(1, 2, 0).unsqueeze(-1)
         if self.capture_hooks:
             capture = AttentionCapture(q.detach(), k.detach(), self.softmax_cap, self.first_head)
             for hook in list(self.capture_hooks.values()):

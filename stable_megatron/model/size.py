@@ -18,6 +18,7 @@ word embedding when pp > 1). Per layer, with d = hidden, H heads of d_h, f = ffn
 | sigma-reparam | + 1 (gamma) per reparameterised linear, replicated |
 | MLRA target in q, k, v (rank r) | H r (d + d_h) / t instead of d^2 / t |
 | MLRA target o | H r (d_h + d) / t instead of d^2 / t |
+| attention gate (column-parallel, d -> H) | d H / t + H / t (bias) |
 
 Embedding: V_pad d / t (vocab-parallel) + s d (learned positions, replicated); output layer
 V_pad d / t; final norm 2d. V_pad is the vocabulary padded to a multiple of
@@ -57,6 +58,8 @@ def layer_params(m: ModelConfig, tp: int = 1) -> int:
     n += 2 * d  # pre-MLP LayerNorm
     n += d * f // tp + (f // tp if bias else 0)  # FC1
     n += f * d // tp + (d if bias else 0)  # FC2
+    if m.attention_gate:
+        n += d * heads // tp + (heads // tp if bias else 0)
     if placement == "qk_fc_norm":
         n += 2 * 2 * d
     if m.sigma_reparam.enabled:

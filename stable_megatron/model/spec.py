@@ -161,6 +161,7 @@ def layer_spec(cfg: Config, device: torch.device, layer_number: int = 1) -> Modu
                     q_layernorm=head_norm,
                     k_layernorm=head_norm,
                     v_layernorm=HeadLayerNorm if placement == "qkv_norm" else IdentityOp,
+                    linear_gate=ColumnParallelLinear if m.attention_gate else None,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,

@@ -50,6 +50,7 @@ METHODS = {
     # leaves others (3-7 of 16 in the reference); on MLRA (q low rank, k full rank) the
     # logits are ~15x smaller (the "paper" factor init)
     "qk_clip": {"qk_clip": {"enabled": True, "tau": 0.1}},
+    "gated_attention": {"attention_gate": True},
     "qk_clip_mlra": {"qk_clip": {"enabled": True, "tau": 0.006}, "attention": "mlra",
                      "mlra": {"targets": ["q", "v"], "rank": 4}},
 }
@@ -150,7 +151,7 @@ def test_layout_matches_single_process(name, reference, tmp_path):
 @pytest.mark.parametrize("layout", ["tp2", "pp2", "tp2_pp2"])
 def test_methods_match_single_process(reference, tmp_path, layout):
     """The norm placements, softmax capping, MLRA, sigma-reparam, z-loss, the embedding options,
-    QK-clip (standard and on MLRA), RoPE and an untied head at TP2, PP2 and TP2 x PP2; and, at
+    QK-clip (standard and on MLRA), gated attention, RoPE and an untied head at TP2, PP2 and TP2 x PP2; and, at
     TP2 x PP2, QK-norm + cap with full activation recompute (the recompute re-runs the layers'
     TP all-reduces inside the pipeline engine's backward) against the reference without it."""
     nproc, parallel = LAYOUTS[layout]

@@ -25,6 +25,7 @@ METHODS = {
     "z_loss": ["model.z_loss=1e-4"],
     # tau low enough for the tiny model's logits (about 1 at initialisation) to be clipped
     "qk_clip": ["model.qk_clip.enabled=true", "model.qk_clip.tau=1"],
+    "gated_attention": ["model.attention_gate=true"],
     "embedding_options": ["model.embedding_norm=true", "model.scale_embeddings=true",
                           "train.embedding_weight_decay=false"],
     "mlra_qk_norm_cap": ["model.attention=mlra", "model.norm_placement=qk_norm",
