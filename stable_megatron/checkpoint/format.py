@@ -209,8 +209,17 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def check_compatible(meta: dict, cfg) -> None:
-    """The checkpoint's model config equals this run's; names every differing field."""
-    saved = _flatten(meta["config"].get("model", {}), "model.")
+    """The checkpoint's model config equals this run's; names every differing field. A field the
+    checkpoint does not have was added to the code after it was saved, and every model option
+    is added with a default that leaves the model as it was: the checkpoint counts as having
+    that default (a checkpoint from before `model.attention_gate` existed loads into a run
+    without the gate and is refused by one with it)."""
+    import dataclasses
+
+    from stable_megatron.config import ModelConfig
+
+    defaults = _flatten(dataclasses.asdict(ModelConfig()), "model.")
+    saved = defaults | _flatten(meta["config"].get("model", {}), "model.")
     current = _flatten(cfg.to_dict()["model"], "model.")
     diffs = [
         f"{key} (checkpoint {saved.get(key)!r}, this run {current.get(key)!r})"

@@ -167,3 +167,23 @@ def test_reshape_copy_refuses_altered_or_unsafe_files(tmp_path):
         reshape._snapshot(source, json.dumps(meta).encode(), tmp_path / "b")
     assert not marker.exists()
     assert ckpt.CheckpointError is fmt.CheckpointError
+
+
+def test_a_model_field_added_after_the_save_counts_as_its_default():
+    """A checkpoint saved before a model option existed has no entry for it: it is compatible
+    with a run that leaves the option at its default and refused by one that sets it."""
+    from stable_megatron.checkpoint.format import CheckpointError, check_compatible
+    from stable_megatron.config import config_from_dict
+
+    cfg = config_from_dict({"model": {"hidden_size": 64}})
+    old = cfg.to_dict()
+    del old["model"]["attention_gate"]
+    del old["model"]["qk_clip"]
+    check_compatible({"config": old, "tag": "step1"}, cfg)
+    gated = config_from_dict({"model": {"hidden_size": 64, "attention_gate": True}})
+    with pytest.raises(CheckpointError, match=r"model.attention_gate \(checkpoint False, this "
+                                              r"run True\)"):
+        check_compatible({"config": old, "tag": "step1"}, gated)
+    old["model"]["hidden_size"] = 128  # a saved field still counts as saved
+    with pytest.raises(CheckpointError, match="model.hidden_size"):
+        check_compatible({"config": old, "tag": "step1"}, cfg)
