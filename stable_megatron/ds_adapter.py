@@ -126,7 +126,8 @@ def scale_master_weights(param, scale) -> bool:
         return False
     address = mapping.lp_fragment_address
     flat = scale.reshape(-1).narrow(0, address.start, address.numel)
-    mapping.hp_fragment.mul_(flat.to(mapping.hp_fragment.dtype))
+    hp = mapping.hp_fragment  # on the host with ZeRO's CPU offload
+    hp.mul_(flat.to(device=hp.device, dtype=hp.dtype))
     return True
 
 

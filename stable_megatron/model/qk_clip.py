@@ -88,16 +88,17 @@ def _per_head_rows(factors: torch.Tensor, targets: list[str], head_dim: int,
 
 
 def _scale_like(param: nn.Parameter, rows: torch.Tensor) -> torch.Tensor:
-    """`rows` (one entry per row of `param`) broadcast to `param`'s shape and dtype."""
+    """`rows` (one entry per row of `param`) broadcast to `param`'s shape, in fp32 (a bf16
+    weight rounds the product; ZeRO's fp32 master copy takes the exact factor)."""
     shape = (-1,) + (1,) * (param.dim() - 1)
-    return rows.to(param.dtype).reshape(shape).expand_as(param)
+    return rows.float().reshape(shape).expand_as(param)
 
 
 def query_key_scales(
     attention: SelfAttention, factors: torch.Tensor
 ) -> list[tuple[nn.Parameter, torch.Tensor]]:
-    """(parameter, multiplier of the same shape) for every parameter of `attention`'s QKV slot
-    that feeds q or k, given this rank's per-head `factors` [heads_local]."""
+    """(parameter, fp32 multiplier of the same shape) for every parameter of `attention`'s QKV
+    slot that feeds q or k, given this rank's per-head `factors` [heads_local]."""
     qkv, d = attention.linear_qkv, attention.head_dim
     out: list[tuple[nn.Parameter, torch.Tensor]] = []
     qkv_rows = _per_head_rows(factors, list(QKV_TARGETS), d)
@@ -107,8 +108,7 @@ def query_key_scales(
             for i, target in enumerate(qkv.lowrank_targets):
                 if target in ("q", "k"):
                     per[:, i] = factors
-            out.append((qkv.lowrank_b, per.to(qkv.lowrank_b.dtype)[:, :, None, None]
-                        .expand_as(qkv.lowrank_b)))
+            out.append((qkv.lowrank_b, per.float()[:, :, None, None].expand_as(qkv.lowrank_b)))
         if qkv.full is not None:
             rows = _per_head_rows(factors, qkv.full_targets, d)
             out.append((qkv.full.weight, _scale_like(qkv.full.weight, rows)))
