@@ -1,4 +1,5 @@
-"""`stable-megatron` command: `stable-megatron train RECIPE [key=value ...]`."""
+"""`stable-megatron` command: `stable-megatron train RECIPE [key=value ...]`, `plan`, `sweep`,
+`report`, `generate CHECKPOINT --prompt TEXT`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ COMMANDS = {
     "plan": "dry run: validate at a world size; layout, sizes, memory, speed, launch commands",
     "sweep": "train every (method, learning rate) pair of a grid; LR sensitivity table and plot",
     "report": "Markdown page with plots of runs' stability metrics, spikes, warnings, divergence",
+    "generate": "continue a prompt with a checkpoint's model (any layout, one process, CPU)",
 }
 
 
@@ -36,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         from stable_megatron.sweep import main as sweep_main
 
         return sweep_main(rest)
+    if command == "generate":
+        from stable_megatron.generate import main as generate_main
+
+        return generate_main(rest)
     if command == "report":
         from stable_megatron.report import main as report_main
 
