@@ -280,6 +280,7 @@ EXPECTED = [
     ("linear_proj.linear.bias", "replicated"), ("linear_fc2.linear.bias", "replicated"),
     ("linear_qkv.weight", "column"), ("linear_qkv.bias", "column"),
     ("lowrank_a.weight", "column"), ("full.weight", "column"), ("linear_fc1.", "column"),
+    ("linear_gate.", "column"),
 ]
 
 
