@@ -143,13 +143,15 @@ def main(argv: list[str] | None = None) -> int:
         prompt_ids = gen.tokenizer.encode(args.prompt)
         sys.stdout.write(args.prompt)
         sys.stdout.flush()
-        emitted: list[int] = []
-        shown = ""
+        # decode the prompt with the continuation, so that a piece's leading space (which
+        # sentencepiece drops at the start of a text) survives, and print what is new
+        shown = gen.tokenizer.decode(prompt_ids)
+        emitted = list(prompt_ids)
         for token in gen.tokens(prompt_ids, args.max_new_tokens, args.temperature, args.top_k,
                                 args.seed):
             emitted.append(token)
             text = gen.tokenizer.decode(emitted)  # whole pieces: byte tokens join into chars
-            sys.stdout.write(text[len(shown):])
+            sys.stdout.write(text[len(shown):] if text.startswith(shown) else text)
             sys.stdout.flush()
             shown = text
         sys.stdout.write("\n")

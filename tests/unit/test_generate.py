@@ -87,6 +87,15 @@ def test_cli_prints_the_prompt_and_its_continuation(run, capsys):
                  "5"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("The Congress") and out.endswith("\n")
+    from stable_megatron import parallel
+    from stable_megatron.generate import load
+
+    gen = load(str(run_dir))  # the printed text is the decoded prompt + continuation, with the
+    try:                      # continuation's leading space (decoding it alone would drop it)
+        ids = gen.tokenizer.encode("The Congress")
+        assert out == gen.tokenizer.decode(ids + list(gen.tokens(ids, 5))) + "\n"
+    finally:
+        parallel.shutdown()
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
