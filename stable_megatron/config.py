@@ -76,6 +76,11 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     layernorm_epsilon: float = 1e-5
+    # Llama-style blocks: RMSNorm for every norm of the model, and a SwiGLU MLP
+    # (silu(x W_gate) * (x W_up), megatron-core's gated_linear_unit; ffn_hidden_size is the
+    # width of each of the two)
+    normalization: Literal["layernorm", "rmsnorm"] = "layernorm"
+    activation: Literal["gelu", "swiglu"] = "gelu"
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     add_bias_linear: bool = True

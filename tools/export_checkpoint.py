@@ -13,8 +13,8 @@ usage:
   standard attention, no softmax cap, no sigma-reparam); anything else is refused naming the
   config fields. The vocabulary stays padded (as trained) unless --trim-vocab. The tokenizer
   is not exported.
-- hf-llama: refused: stable_megatron's GPT (LayerNorm, GELU MLP) is not a Llama (RMSNorm,
-  SwiGLU).
+- hf-llama: not implemented yet (refused): Llama-style models (RMSNorm, SwiGLU) train, but
+  their Hugging Face Llama export is still to be written.
 
 PATH and --config as for tools/inspect_checkpoint.py. Read-only for the checkpoint: files are
 loaded with torch.load(weights_only=True) and never unpickled as arbitrary objects.

@@ -222,6 +222,7 @@ def read_tensors(ckpt: Checkpoint, merge: bool = True):
     checkpoint's config; the first problem raises `CheckpointError` naming the file and tensor."""
     tp = ckpt.tp
     reference = sh.reference_tensors(ckpt.config, tp)
+    kinds = sh.parameter_kinds(ckpt.config) if tp > 1 else {}
     present, expected = set(ckpt.layer_files), set(reference)
     if expected - present:
         raise _missing_shards(ckpt.tag_dir, [(i, r) for i in sorted(expected - present)
@@ -275,7 +276,7 @@ def read_tensors(ckpt: Checkpoint, merge: bool = True):
             if dim is None and any(not torch.equal(values[0], v) for v in values[1:]):
                 ckpt.notes.append(f"{name}: replicated over TP but the ranks' copies differ; "
                                   f"rank 0's is used")
-            tensors[name] = sh.merge(values, dim).clone()
+            tensors[name] = sh.merge(values, dim, sh.stride_of(kinds.get(name))).clone()
     return infos, tensors
 
 
@@ -489,6 +490,10 @@ def hf_gpt2_blockers(cfg) -> list[str]:
         blockers.append("model.embedding_norm=true (GPT-2 has no LayerNorm after the embedding)")
     if m.scale_embeddings:
         blockers.append("model.scale_embeddings=true (GPT-2 does not scale its embeddings)")
+    if m.normalization != "layernorm":
+        blockers.append(f"model.normalization={m.normalization} (GPT-2 has LayerNorm)")
+    if m.activation != "gelu":
+        blockers.append(f"model.activation={m.activation} (GPT-2 has a GELU MLP)")
     if m.attention_gate:
         blockers.append("model.attention_gate=true (GPT-2 has no gate on the attention output)")
     return blockers
@@ -593,10 +598,10 @@ def export_hf_gpt2(ckpt: Checkpoint, out_dir: str | os.PathLike, trim_vocab: boo
 
 
 LLAMA_NOT_EXPRESSIBLE = (
-    "not expressible as Hugging Face Llama: Llama blocks use RMSNorm, a gated SwiGLU MLP (three "
-    "projections), rotary positions and no linear biases; stable_megatron's GPT has LayerNorm "
-    "with bias, a two-layer GELU MLP and (by default) learned positions, and no config field "
-    "selects RMSNorm or SwiGLU. Use --format hf-gpt2 (baseline models) or --format safetensors"
+    "--format hf-llama is not implemented yet: Llama-style models (RMSNorm and SwiGLU through "
+    "model.normalization=rmsnorm, model.activation=swiglu) train, but their export to Hugging "
+    "Face's Llama layout is still to be written. Use --format safetensors (any model) or "
+    "--format hf-gpt2 (baseline models)"
 )
 
 

@@ -129,6 +129,8 @@ def universal_checkpoint_info(cfg) -> dict[str, Any]:
         c.TP_REPLICATED_PARAMETER_PATTERNS: patterns["replicated"],
         c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: patterns["row"],
         c.VOCABULARY_PARAMETER_PATTERNS: patterns["vocab"],
+        # SwiGLU's FC1: each TP slice is [gate rows; up rows] (megatron-core's stride 2)
+        c.PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0: patterns["column_glu"],
         # the tied embedding is on the first and the last stage: take the first stage's copy
         c.PIPELINE_REPLICATED_PARAMETER_PATTERNS: tied,
         # rows kept by the converter: the padded vocabulary at TP=1 (see the module docstring)

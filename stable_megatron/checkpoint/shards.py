@@ -7,12 +7,14 @@ on the meta device (no memory, no values):
   shard equal to it is replicated, a shard 1/tp of it along exactly one dimension is split
   there (`split_dim`). Covers buffers too (sigma-reparam's `u`/`v`).
 - `parameter_kinds`: each parameter classified by megatron-core's `tensor_model_parallel` /
-  `partition_dim` attributes: column-parallel (dim 0), row-parallel (dim 1), vocabulary (the
-  vocab-parallel embedding and the untied output layer: dim 0, padded) or replicated. DeepSpeed's
-  universal converter needs these as patterns.
+  `partition_dim` / `partition_stride` attributes: column-parallel (dim 0), row-parallel (dim
+  1), vocabulary (the vocab-parallel embedding and the untied output layer: dim 0, padded),
+  `column_glu` (SwiGLU's FC1, dim 0 with stride 2: the whole tensor is [gate; up] and each rank
+  holds [its rows of gate; its rows of up]) or replicated. DeepSpeed's universal converter
+  needs these as patterns.
 
-`merge` concatenates shards along their split dimension (rank 0's copy of a replicated tensor:
-every split in this model is contiguous, stride 1, which is how megatron-core splits);
+`merge` concatenates shards along their split dimension (rank 0's copy of a replicated tensor;
+with stride 2, the ranks' first halves, then their second halves); `split` is its inverse;
 `reshard` merges and takes this rank's part at another TP size.
 """
 
@@ -29,7 +31,8 @@ from torch import nn
 
 from stable_megatron.checkpoint.format import EXTRA_STATE, CheckpointError
 
-KINDS = ("column", "row", "vocab", "replicated")
+KINDS = ("column", "row", "vocab", "column_glu", "replicated")
+GLU_STRIDE = 2  # megatron-core's FC1 stride with gated_linear_unit
 INVALID = "invalid"
 
 
@@ -50,10 +53,29 @@ def split_dim(shard: tuple[int, ...], full: tuple[int, ...], tp: int) -> int | N
     return INVALID
 
 
-def merge(shards: list[torch.Tensor], dim: int | None) -> torch.Tensor:
+def merge(shards: list[torch.Tensor], dim: int | None, stride: int = 1) -> torch.Tensor:
     """The full tensor of `shards` (one per TP rank, in order): concatenated along `dim`, or
-    rank 0's copy of a replicated tensor (`dim` None)."""
-    return shards[0] if dim is None else torch.cat(shards, dim=dim)
+    rank 0's copy of a replicated tensor (`dim` None). With `stride` k, each shard holds k
+    equal pieces along `dim` and the full tensor is every rank's first piece, then every rank's
+    second piece, ... (megatron-core's strided split)."""
+    if dim is None:
+        return shards[0]
+    if stride == 1:
+        return torch.cat(shards, dim=dim)
+    pieces = [shard.chunk(stride, dim=dim) for shard in shards]
+    return torch.cat([p[i] for i in range(stride) for p in pieces], dim=dim)
+
+
+def split(full: torch.Tensor, dim: int, tp_rank: int, tp: int, stride: int = 1) -> torch.Tensor:
+    """Rank `tp_rank`'s part of `full` split over `tp` ranks along `dim` (`merge`'s inverse)."""
+    if stride == 1:
+        return full.chunk(tp, dim=dim)[tp_rank]
+    return torch.cat([piece.chunk(tp, dim=dim)[tp_rank] for piece in full.chunk(stride, dim=dim)],
+                     dim=dim)
+
+
+def stride_of(kind: str | None) -> int:
+    return GLU_STRIDE if kind == "column_glu" else 1
 
 
 def reshard(shards: list[torch.Tensor], shape: tuple[int, ...], tp_rank: int, tp: int,
@@ -77,8 +99,8 @@ def reshard(shards: list[torch.Tensor], shape: tuple[int, ...], tp_rank: int, tp
     elif kind == "replicated" or (kind is None and first == shape):
         out = merge(shards, None)
     else:
-        if kind in ("column", "row"):
-            dim = 0 if kind == "column" else 1
+        if kind in ("column", "row", "column_glu"):
+            dim = 1 if kind == "row" else 0
         else:
             differ = [d for d, (a, b) in enumerate(zip(first, shape, strict=False)) if a != b]
             dim = differ[0] if len(differ) == 1 and len(first) == len(shape) else -1
@@ -87,7 +109,8 @@ def reshard(shards: list[torch.Tensor], shape: tuple[int, ...], tp_rank: int, tp
                 f"{name}: saved shard shape {list(first)} at tp {src} does not reshard to "
                 f"{list(shape)} at tp {tp}"
             )
-        out = merge(shards, dim).chunk(tp, dim=dim)[tp_rank]
+        stride = stride_of(kind)
+        out = split(merge(shards, dim, stride), dim, tp_rank, tp, stride)
     if tuple(out.shape) != shape:
         raise CheckpointError(f"{name}: saved shape {list(out.shape)}, this layout needs "
                               f"{list(shape)}")
@@ -190,16 +213,19 @@ def classify(module: nn.Module, prefix: str = "") -> dict[str, str]:
             vocab_ids.add(id(sub.output_layer.weight))
     kinds = {}
     for name, param in module.named_parameters():
-        split = getattr(param, "tensor_model_parallel", False)
+        is_split = getattr(param, "tensor_model_parallel", False)
         dim = getattr(param, "partition_dim", -1)
         stride = getattr(param, "partition_stride", 1)
         full = f"{prefix}{name}"
-        if not split:
+        if not is_split:
             kinds[full] = "replicated"
+        elif (dim, stride) == (0, GLU_STRIDE):
+            kinds[full] = "column_glu"
         elif stride != 1 or dim not in (0, 1):
             raise CheckpointError(
                 f"{full}: split over tensor-parallel ranks along dim {dim} with stride {stride}; "
-                f"reshaping supports contiguous splits along dim 0 or 1 only"
+                f"reshaping supports contiguous splits along dim 0 or 1 and SwiGLU's stride 2 "
+                f"along dim 0 only"
             )
         elif id(param) in vocab_ids:
             if dim != 0:

@@ -21,6 +21,7 @@ from torch import nn
 
 from stable_megatron.config import Config
 from stable_megatron.model import recompute
+from stable_megatron.model.layers import norm
 from stable_megatron.model.loss import LMLoss, cross_entropy
 from stable_megatron.model.spec import layer_spec, transformer_config
 
@@ -56,7 +57,7 @@ class EmbeddingPipe(nn.Module):
         self.scale = m.hidden_size ** 0.5 if m.scale_embeddings else None
         self.norm = None
         if m.embedding_norm and with_positions:
-            self.norm = nn.LayerNorm(m.hidden_size, eps=m.layernorm_epsilon)
+            self.norm = norm(m.normalization, m.hidden_size, m.layernorm_epsilon)
         self.dropout = nn.Dropout(m.hidden_dropout)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -125,7 +126,8 @@ class TransformerLayerPipe(nn.Module):
 class FinalNormPipe(nn.Module):
     def __init__(self, cfg: Config) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(cfg.model.hidden_size, eps=cfg.model.layernorm_epsilon)
+        m = cfg.model
+        self.norm = norm(m.normalization, m.hidden_size, m.layernorm_epsilon)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.norm(hidden)

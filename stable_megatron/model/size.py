@@ -7,13 +7,13 @@ word embedding when pp > 1). Per layer, with d = hidden, H heads of d_h, f = ffn
 
 | piece | parameters on one TP rank |
 |---|---|
-| input LayerNorm (not with qkv_norm) | 2d |
+| input norm (not with qkv_norm) | 2d (LayerNorm) or d (RMSNorm); every norm below likewise |
 | QKV (column-parallel) | 3 d^2 / t + 3d / t (bias) |
 | q, k head norms (any placement but pre_ln); v head norm (qkv_norm) | 2 d_h each, replicated |
 | Proj (row-parallel) | d^2 / t + d (bias, replicated) |
 | Proj / FC2 output norms (qk_fc_norm) | 2d each, replicated |
-| pre-MLP LayerNorm | 2d |
-| FC1 (column-parallel) | d f / t + f / t |
+| pre-MLP norm | 2d |
+| FC1 (column-parallel) | d f / t + f / t; twice that with SwiGLU (gate and up) |
 | FC2 (row-parallel) | f d / t + d |
 | sigma-reparam | + 1 (gamma) per reparameterised linear, replicated |
 | MLRA target in q, k, v (rank r) | H r (d + d_h) / t instead of d^2 / t |
@@ -36,6 +36,11 @@ def _mlra_rank(m: ModelConfig) -> int:
     return m.mlra.resolved_rank(m.head_dim)
 
 
+def norm_width(m: ModelConfig) -> int:
+    """Parameters per normalised feature: 2 for LayerNorm (weight, bias), 1 for RMSNorm."""
+    return 1 if m.normalization == "rmsnorm" else 2
+
+
 def layer_params(m: ModelConfig, tp: int = 1) -> int:
     """Parameters of one transformer layer held by one of `tp` tensor-parallel ranks."""
     d, heads, dh, f = m.hidden_size, m.num_attention_heads, m.head_dim, m.ffn_size
@@ -43,25 +48,27 @@ def layer_params(m: ModelConfig, tp: int = 1) -> int:
     placement = m.norm_placement
     low = set(m.mlra.targets) if m.attention == "mlra" else set()
     r = _mlra_rank(m)
+    nw = norm_width(m)
     n = 0
     if placement != "qkv_norm":
-        n += 2 * d  # input LayerNorm
+        n += nw * d  # input norm
     for target in ("q", "k", "v"):  # QKV, column-parallel
         n += heads * r * (d + dh) // tp if target in low else d * d // tp
     n += 3 * d // tp if bias else 0
     if placement != "pre_ln":
-        n += 2 * 2 * dh  # q and k head norms
+        n += 2 * nw * dh  # q and k head norms
     if placement == "qkv_norm":
-        n += 2 * dh
+        n += nw * dh
     n += heads * r * (dh + d) // tp if "o" in low else d * d // tp  # Proj, row-parallel
     n += d if bias else 0
-    n += 2 * d  # pre-MLP LayerNorm
-    n += d * f // tp + (f // tp if bias else 0)  # FC1
+    n += nw * d  # pre-MLP norm
+    glu = 2 if m.activation == "swiglu" else 1  # SwiGLU's FC1 holds gate and up
+    n += glu * (d * f // tp + (f // tp if bias else 0))  # FC1
     n += f * d // tp + (d if bias else 0)  # FC2
     if m.attention_gate:
         n += d * heads // tp + (heads // tp if bias else 0)
     if placement == "qk_fc_norm":
-        n += 2 * 2 * d
+        n += 2 * nw * d
     if m.sigma_reparam.enabled:
         n += len(m.sigma_reparam.targets)
     return n
@@ -74,7 +81,7 @@ def embedding_params(m: ModelConfig, tp: int = 1, with_positions: bool = True) -
     if with_positions and m.position_embedding == "learned":
         n += m.seq_length * m.hidden_size
     if with_positions and m.embedding_norm:
-        n += 2 * m.hidden_size
+        n += norm_width(m) * m.hidden_size
     return n
 
 
@@ -84,7 +91,7 @@ def head_params(m: ModelConfig, tp: int = 1) -> int:
 
 
 def final_norm_params(m: ModelConfig) -> int:
-    return 2 * m.hidden_size
+    return norm_width(m) * m.hidden_size
 
 
 @dataclass(frozen=True)
@@ -107,7 +114,7 @@ def total_params(cfg: Config, tp: int = 1) -> int:
     if m.position_embedding == "learned":
         n += m.seq_length * m.hidden_size
     if m.embedding_norm:
-        n += 2 * m.hidden_size
+        n += norm_width(m) * m.hidden_size
     n += m.num_layers * layer_params(m) + final_norm_params(m)
     if not m.tie_embeddings:
         n += vocab * m.hidden_size

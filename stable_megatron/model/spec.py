@@ -50,7 +50,11 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         layernorm_epsilon=m.layernorm_epsilon,
         add_bias_linear=m.add_bias_linear,
         init_method_std=m.init_std,
-        activation_func=F.gelu,
+        activation_func=F.silu if m.activation == "swiglu" else F.gelu,
+        # SwiGLU: FC1 is [gate; up], 2 x ffn wide, split over TP ranks with stride 2 (each rank
+        # holds its columns of both), so the model is the same function at every TP size
+        gated_linear_unit=m.activation == "swiglu",
+        normalization="RMSNorm" if m.normalization == "rmsnorm" else "LayerNorm",
         tensor_model_parallel_size=cfg.parallel.tp,
         # Weights are initialised whole on the CPU from a per-layer seed and then split, so the
         # same model comes out at every TP/PP layout.

@@ -31,7 +31,8 @@ class RandomTokens:
 
 def shard_record(param: torch.Tensor, value: torch.Tensor) -> dict:
     dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
-    return {"value": value.detach().float().cpu().clone(), "partition_dim": dim}
+    return {"value": value.detach().float().cpu().clone(), "partition_dim": dim,
+            "stride": getattr(param, "partition_stride", 1)}
 
 
 def run_case(overrides: dict, out: Path) -> None:

@@ -1,5 +1,6 @@
 """Checkpoint tools on checkpoints of real training runs (the trainer on 4 gloo processes,
-2 steps each): TP2xPP2 (untied), TP2xDP2 (tied) and TP2xPP2 with sigma-reparam + QK norm.
+2 steps each): TP2xPP2 (untied), TP2xDP2 (tied), TP2xPP2 with sigma-reparam + QK norm, and
+TP2xPP2 Llama-style (RMSNorm, SwiGLU: FC1 split with stride 2).
 
 - the merged weights, loaded into the model built in this process at TP1, reproduce each run's
   logged validation loss (evaluated by the TP2 engine on the same weights after the last step):
@@ -37,9 +38,13 @@ CASES = {
     "tp2pp2": ["parallel.pp=2", "model.tie_embeddings=false"],
     "tp2dp2": [],
     "sigma": ["parallel.pp=2", "model.sigma_reparam.enabled=true", "model.norm_placement=qk_norm"],
+    # SwiGLU's FC1 is split with stride 2: the merge must interleave the ranks' halves
+    "llama": ["parallel.pp=2", "model.normalization=rmsnorm", "model.activation=swiglu",
+              "model.position_embedding=rope", "model.tie_embeddings=false",
+              "model.add_bias_linear=false"],
 }
 BASELINES = ["tp2pp2", "tp2dp2"]
-LAYOUTS = {"tp2pp2": (2, 2, 1), "tp2dp2": (2, 1, 2), "sigma": (2, 2, 1)}
+LAYOUTS = {"tp2pp2": (2, 2, 1), "tp2dp2": (2, 1, 2), "sigma": (2, 2, 1), "llama": (2, 2, 1)}
 STEPS = 2
 COMMON = [
     "parallel.tp=2", "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from stable_megatron.checkpoint.shards import merge
 from tests.distributed.launch import torchrun
 
 pytestmark = pytest.mark.distributed
@@ -51,6 +52,14 @@ METHODS = {
     # logits are ~15x smaller (the "paper" factor init)
     "qk_clip": {"qk_clip": {"enabled": True, "tau": 0.1}},
     "gated_attention": {"attention_gate": True},
+    # Llama-style blocks (FC1 = [gate; up] split over TP with stride 2), alone and under
+    # RMS head norms, RMS output norms and sigma-reparam (its power iteration over that FC1)
+    "llama_style": {"normalization": "rmsnorm", "activation": "swiglu", "ffn_hidden_size": 96,
+                    "position_embedding": "rope", "tie_embeddings": False,
+                    "add_bias_linear": False},
+    "llama_qk_fc_norm_sigma": {"normalization": "rmsnorm", "activation": "swiglu",
+                               "position_embedding": "rope", "norm_placement": "qk_fc_norm",
+                               "sigma_reparam": {"enabled": True}},
     "qk_clip_mlra": {"qk_clip": {"enabled": True, "tau": 0.006}, "attention": "mlra",
                      "mlra": {"targets": ["q", "v"], "rank": 4}},
 }
@@ -89,8 +98,8 @@ def assemble(ranks: list[dict], key: str) -> dict[str, torch.Tensor]:
                 for other in shards[1:]:
                     torch.testing.assert_close(other, shards[0], rtol=0, atol=0)
                 tensor = shards[0]
-            else:
-                tensor = torch.cat(shards, dim=first["partition_dim"])
+            else:  # SwiGLU's FC1 is split with stride 2 ([gate; up] per rank)
+                tensor = merge(shards, first["partition_dim"], first.get("stride", 1))
             if name in whole:  # a tied weight present on two stages
                 torch.testing.assert_close(tensor, whole[name], rtol=1e-6, atol=1e-7)
             whole[name] = tensor
@@ -151,7 +160,7 @@ def test_layout_matches_single_process(name, reference, tmp_path):
 @pytest.mark.parametrize("layout", ["tp2", "pp2", "tp2_pp2"])
 def test_methods_match_single_process(reference, tmp_path, layout):
     """The norm placements, softmax capping, MLRA, sigma-reparam, z-loss, the embedding options,
-    QK-clip (standard and on MLRA), gated attention, RoPE and an untied head at TP2, PP2 and TP2 x PP2; and, at
+    QK-clip (standard and on MLRA), gated attention, Llama-style blocks, RoPE and an untied head at TP2, PP2 and TP2 x PP2; and, at
     TP2 x PP2, QK-norm + cap with full activation recompute (the recompute re-runs the layers'
     TP all-reduces inside the pipeline engine's backward) against the reference without it."""
     nproc, parallel = LAYOUTS[layout]

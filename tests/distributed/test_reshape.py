@@ -49,6 +49,7 @@ RECIPES = {
     "base": "recipes/tiny.yaml",
     "sigma": "recipes/methods/sigma_reparam.yaml",
     "mlra": "recipes/methods/mlra.yaml",
+    "llama": "recipes/llama_style/tiny.yaml",  # SwiGLU's FC1: DeepSpeed's 2-sub-param merge
 }
 RTOL = 1e-5
 RESUME_STEP = 2
@@ -121,7 +122,7 @@ def run_all(out: Path, cache: Path, methods: list[str], targets: dict[int, list[
 @pytest.fixture(scope="module")
 def fast(tmp_path_factory, data_cache):
     out = tmp_path_factory.mktemp("reshape")
-    logs = run_all(out, data_cache, ["base"], {1: ["tp1"], 2: ["dp2"]}, extra=False)
+    logs = run_all(out, data_cache, ["base", "llama"], {1: ["tp1"], 2: ["dp2"]}, extra=False)
     return out, logs
 
 
@@ -143,6 +144,13 @@ def check_resumed(out: Path, method: str, target: str) -> None:
             assert got[step][key] == pytest.approx(want[step][key], rel=RTOL), (step, key)
         assert got[step]["lr"] == pytest.approx(want[step]["lr"], rel=1e-12)
         assert got[step]["consumed_tokens"] == want[step]["consumed_tokens"]
+
+
+@pytest.mark.parametrize("target", ["tp1", "dp2"])
+def test_llama_style_reshape_matches_original_layout(fast, target):
+    """TP2 x PP2 -> TP1 merges SwiGLU's stride-2 FC1 slices (and its Adam moments) through
+    DeepSpeed's universal checkpoint; the resumed losses are the original run's."""
+    check_resumed(fast[0], "llama", target)
 
 
 @pytest.mark.parametrize("target", ["tp1", "dp2"])
@@ -268,6 +276,10 @@ VARIANTS = {
                                "model.position_embedding=rope", "model.softmax_cap=30"]),
     "no-bias-untied": ("recipes/tiny.yaml",
                        ["model.add_bias_linear=false", "model.tie_embeddings=false"]),
+    "llama_style": ("recipes/llama_style/tiny.yaml", []),
+    "llama-bias-sigma-qk_fc_norm": ("recipes/llama_style/tiny.yaml",
+                                    ["model.add_bias_linear=true", "model.norm_placement=qk_fc_norm",
+                                     "model.sigma_reparam.enabled=true"]),
 }
 # name fragments whose kind is known from the method's definition
 EXPECTED = [
@@ -319,6 +331,8 @@ def test_every_parameter_is_classified_exactly_once(one_process, variant):
         used.add(matched[0][1])
         for fragment, expected in EXPECTED:
             if fragment in name:
+                if fragment == "linear_fc1." and cfg.model.activation == "swiglu":
+                    expected = "column_glu"  # [gate; up], split with stride 2
                 assert kind == expected, (name, kind, fragment)
                 break
         else:
@@ -328,6 +342,8 @@ def test_every_parameter_is_classified_exactly_once(one_process, variant):
     assert info[c.TP_REPLICATED_PARAMETER_PATTERNS] == patterns["replicated"]
     assert info[c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS] == patterns["row"]
     assert info[c.VOCABULARY_PARAMETER_PATTERNS] == patterns["vocab"]
+    assert info[c.PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0] == patterns["column_glu"]
+    assert bool(patterns["column_glu"]) == (cfg.model.activation == "swiglu")
     assert info[c.ORIGINAL_VOCAB_SIZE] == 1024
     tied = [n for n in real if n.startswith("tied_modules.")]
     assert bool(tied) == cfg.model.tie_embeddings
@@ -352,6 +368,13 @@ def test_reshard_rules():
     assert torch.equal(reshard([full], (2, 6), 3, 4, "column"), full[6:])
     assert torch.equal(reshard(row, (8, 2), 1, 3, "row"), full[:, 2:4])
     assert torch.equal(reshard([full, full], (8, 6), 0, 1, "replicated"), full)
+    # SwiGLU's FC1: the full tensor is [gate; up]; each rank holds [its gate rows; its up rows]
+    gate, up = full[:4], full[4:]
+    glu = [torch.cat([gate[:2], up[:2]]), torch.cat([gate[2:], up[2:]])]
+    assert torch.equal(reshard(glu, (8, 6), 0, 1, "column_glu"), full)
+    assert torch.equal(reshard([full], (4, 6), 1, 2, "column_glu"), glu[1])
+    quarter = reshard(glu, (2, 6), 3, 4, "column_glu")
+    assert torch.equal(quarter, torch.cat([gate[3:], up[3:]]))
     # buffers: by shape (split along the dim that differs; same TP size: the same shard)
     vec = torch.arange(12.0)
     assert torch.equal(reshard(list(vec.chunk(4)), (6,), 1, 2), vec[6:])

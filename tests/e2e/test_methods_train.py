@@ -26,6 +26,9 @@ METHODS = {
     # tau low enough for the tiny model's logits (about 1 at initialisation) to be clipped
     "qk_clip": ["model.qk_clip.enabled=true", "model.qk_clip.tau=1"],
     "gated_attention": ["model.attention_gate=true"],
+    "llama_style": ["model.normalization=rmsnorm", "model.activation=swiglu",
+                    "model.ffn_hidden_size=704", "model.position_embedding=rope",
+                    "model.tie_embeddings=false", "model.add_bias_linear=false"],
     "embedding_options": ["model.embedding_norm=true", "model.scale_embeddings=true",
                           "train.embedding_weight_decay=false"],
     "mlra_qk_norm_cap": ["model.attention=mlra", "model.norm_placement=qk_norm",
