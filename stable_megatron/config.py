@@ -162,14 +162,20 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["builtin", "indexed"] = "builtin"
+    source: Literal["builtin", "indexed", "blended"] = "builtin"
     cache_dir: str = ".cache/stable_megatron"
     # the tokenizer's vocabulary: the size the built-in corpus's tokenizer is trained to;
     # for source=indexed, read from tokenizer_model by validation
     vocab_size: int = 8192
     train_prefix: str | None = None  # indexed dataset prefix (.bin/.idx) for source=indexed
     val_prefix: str | None = None
-    tokenizer_model: str | None = None  # sentencepiece model for source=indexed
+    tokenizer_model: str | None = None  # sentencepiece model for source=indexed or blended
+    # source=blended (megatron-core's GPTDataset + BlendedDataset; data/blend.py): Megatron's
+    # blend list, [w1, prefix1, w2, prefix2, ...] or [prefix1, prefix2, ...] (by size); the
+    # validation data: a "train,valid,test" split of every corpus, or separate corpora
+    blend: list[str] | None = None
+    split: str = "99,1,0"
+    val_blend: list[str] | None = None
 
 
 @dataclass
@@ -538,6 +544,8 @@ def validate(cfg: Config, world_size: int) -> None:
             _check_prefix("data.val_prefix", d.val_prefix)
         if not Path(d.tokenizer_model).is_file():
             raise ConfigError(f"data.tokenizer_model={d.tokenizer_model}: no such file")
+    if d.source == "blended":
+        _validate_blend(d)
     _validate_methods(m, p.tp)
     if m.vocab_size is not None:
         positive("model.vocab_size", m.vocab_size)
@@ -552,7 +560,7 @@ def resolve_vocab(cfg: Config) -> None:
     `model.vocab_size` (the embedding rows before padding) defaults to it and may not be
     smaller. Idempotent."""
     d, m = cfg.data, cfg.model
-    if d.source == "indexed":
+    if d.source in ("indexed", "blended"):
         import sentencepiece as spm
 
         try:
@@ -696,6 +704,33 @@ def _validate_qk_clip(m: ModelConfig) -> None:
             "which scaling rows of W does not scale per head; remove qkv from "
             "model.sigma_reparam.targets or switch one of them off"
         )
+
+
+def _validate_blend(d: DataConfig) -> None:
+    from stable_megatron.data.blend import missing_files, parse_blend, parse_split
+
+    if d.tokenizer_model is None:
+        raise ConfigError("data.tokenizer_model is required when data.source=blended")
+    if not Path(d.tokenizer_model).is_file():
+        raise ConfigError(f"data.tokenizer_model={d.tokenizer_model}: no such file")
+    if d.blend is None:
+        raise ConfigError("data.blend is required when data.source=blended: "
+                          "[weight, prefix, weight, prefix, ...] or [prefix, ...]")
+    for name, items in (("data.blend", d.blend), ("data.val_blend", d.val_blend)):
+        if items is None:
+            continue
+        try:
+            blend = parse_blend(name, items)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        missing = missing_files(blend.prefixes)
+        if missing:
+            raise ConfigError(f"{name}: missing {missing[0]}")
+    if d.val_blend is None:
+        try:
+            parse_split(d.split)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 def _check_prefix(name: str, prefix: str | None) -> None:

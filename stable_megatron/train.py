@@ -23,7 +23,7 @@ from stable_megatron.logger import RunLogger
 
 @dataclass
 class DataSources:
-    train_prefix: str
+    train_prefix: str | None  # None: data.source=blended (data/blend.py)
     val_prefix: str | None
     tokenizer_model: str
     vocab_size: int
@@ -41,6 +41,9 @@ def resolve_data(cfg: Config) -> DataSources:
             str(paths.train_prefix), str(paths.val_prefix), str(paths.tokenizer_model),
             paths.vocab_size,
         )
+    elif d.source == "blended":
+        vocab = Tokenizer(d.tokenizer_model).vocab_size
+        sources = DataSources(None, None, d.tokenizer_model, vocab)
     else:
         vocab = Tokenizer(d.tokenizer_model).vocab_size
         sources = DataSources(d.train_prefix, d.val_prefix, d.tokenizer_model, vocab)
@@ -216,13 +219,22 @@ class Trainer:
         # Data and checkpoint problems surface here, before any process group exists.
         self.sources = resolve_data(cfg)
         seq = cfg.model.seq_length
-        self.train_ds = TokenWindowDataset(self.sources.train_prefix, seq, seed=cfg.train.seed)
-        self.val_ds = None
+        self.train_ds = self.val_ds = None
+        if self.sources.train_prefix is not None:
+            self.train_ds = TokenWindowDataset(self.sources.train_prefix, seq,
+                                               seed=cfg.train.seed)
         if self.sources.val_prefix and cfg.train.eval_interval:
             self.val_ds = TokenWindowDataset(self.sources.val_prefix, seq, seed=cfg.train.seed)
         start = self._find_checkpoint()
         self.state = parallel.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.device)
         self.layout, self.device = self.state.layout, self.state.device
+        if self.train_ds is None:  # megatron-core's datasets: built (rank 0) after the groups
+            from stable_megatron.data import blend
+            from stable_megatron.data.tokenizer import Tokenizer
+
+            tok = Tokenizer(self.sources.tokenizer_model)
+            self.train_ds, self.val_ds = blend.build(cfg, self.sources.tokenizer_model,
+                                                     tok.eod_id, tok.vocab_size)
         if start is not None:
             self._check_layout(*start)
         self.step, self.consumed, self.rollbacks, self.lr_scale = 0, 0, 0, 1.0
@@ -436,7 +448,7 @@ class Trainer:
             + (f"; weights from {self.started_from}" if self.started_from and not self.step
                else "")
         )
-        if self.val_ds is not None and self.state.is_logging_rank:
+        if self.val_ds is not None and self.state.is_logging_rank and self.sources.val_prefix:
             s = self.sources
             baseline = unigram_perplexity(s.train_prefix, s.val_prefix, s.vocab_size)
             log.info(f"validation baseline: unigram perplexity {baseline:.1f}")

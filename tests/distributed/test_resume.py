@@ -33,7 +33,20 @@ CASES = {
     **{name: {"overrides": o} for name, o in LAYOUTS.items()},
     **{f"tp2-{m}": {"recipe": f"recipes/methods/{m}.yaml", "overrides": ["parallel.tp=2"]}
        for m in METHODS},
+    # megatron-core's GPTDataset + BlendedDataset over two corpora (data/blend.py), at DP2
+    "dp2-blended": {"overrides": [], "blended": True},
 }
+
+
+def blended_overrides(cache: Path) -> list[str]:
+    """The built-in corpus's two prefixes as a 0.3 / 0.7 blend (its validation part has 19
+    documents: a 90,10,0 split leaves two of them for validation)."""
+    from stable_megatron.data.dataset import prepare_builtin_data
+
+    paths = prepare_builtin_data(cache, vocab_size=1024)
+    return ["data.source=blended", f"data.tokenizer_model={paths.tokenizer_model}",
+            f"data.blend=[0.3,{paths.train_prefix},0.7,{paths.val_prefix}]",
+            "data.split=90,10,0"]
 
 
 def records(run_dir: Path) -> dict[int, dict]:
@@ -42,8 +55,11 @@ def records(run_dir: Path) -> dict[int, dict]:
 
 
 def case_spec(case: dict, run_dir: Path, cache: Path, *extra: str) -> dict:
-    return {**case, "run_dir": str(run_dir),
-            "overrides": [*COMMON, f"data.cache_dir={cache}", *case["overrides"], *extra]}
+    data = blended_overrides(cache) if case.get("blended") else []
+    spec = {k: v for k, v in case.items() if k != "blended"}
+    return {**spec, "run_dir": str(run_dir),
+            "overrides": [*COMMON, f"data.cache_dir={cache}", *data, *case["overrides"],
+                          *extra]}
 
 
 def launch(out: Path, cases: dict, name: str, *args: str, expect_failure: bool = False) -> str:
