@@ -75,16 +75,10 @@ def choose(logits: torch.Tensor, temperature: float, top_k: int | None,
 
 def run_tokenizer(cfg, override: str | None = None):
     """The tokenizer of the run `cfg` describes (or the file `override`)."""
+    from stable_megatron.checkpoint.export import tokenizer_model_of
     from stable_megatron.data.tokenizer import Tokenizer
 
-    if override:
-        return Tokenizer(override)
-    if cfg.data.source == "builtin":
-        from stable_megatron.data.dataset import prepare_builtin_data
-
-        return Tokenizer(prepare_builtin_data(cfg.data.cache_dir,
-                                              vocab_size=cfg.data.vocab_size).tokenizer_model)
-    return Tokenizer(cfg.data.tokenizer_model)
+    return Tokenizer(tokenizer_model_of(cfg, override))
 
 
 def load(path: str, config: str | None = None, tokenizer: str | None = None,

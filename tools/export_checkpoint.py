@@ -8,13 +8,16 @@ usage:
 - safetensors: the full state dict, named `<PipelineModule block index>.<key>` (the same at
   every parallel layout; sigma-reparam's u/v buffers included), with the resolved config and
   the checkpoint's step, consumed samples and layout as JSON in the file's metadata.
-- hf-gpt2: a Hugging Face GPT-2 directory (config.json + model.safetensors) for
-  `GPT2LMHeadModel.from_pretrained`, for baseline models only (learned positions, pre-LN,
-  standard attention, no softmax cap, no sigma-reparam); anything else is refused naming the
-  config fields. The vocabulary stays padded (as trained) unless --trim-vocab. The tokenizer
-  is not exported.
-- hf-llama: not implemented yet (refused): Llama-style models (RMSNorm, SwiGLU) train, but
-  their Hugging Face Llama export is still to be written.
+- hf-gpt2: a Hugging Face GPT-2 directory (config.json + model.safetensors + tokenizer) for
+  `AutoModelForCausalLM` / `AutoTokenizer.from_pretrained(dir)`, for baseline models only
+  (learned positions, pre-LN, standard attention, no softmax cap, no sigma-reparam); anything
+  else is refused naming the config fields. The vocabulary stays padded (as trained) unless
+  --trim-vocab.
+- hf-llama: the same for Llama-style models (model.normalization=rmsnorm,
+  model.activation=swiglu, rope, pre-norm, standard attention); others are refused naming the
+  config fields.
+Both hf formats write the run's sentencepiece tokenizer as a Hugging Face fast tokenizer
+(tokenizer.json) that encodes and decodes as our tokenizer does (--tokenizer to pick the file).
 
 PATH and --config as for tools/inspect_checkpoint.py. Read-only for the checkpoint: files are
 loaded with torch.load(weights_only=True) and never unpickled as arbitrary objects.
@@ -52,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
                         "stable_megatron.json whose run directory has no config.yaml")
     parser.add_argument("--trim-vocab", action="store_true",
                         help="hf-gpt2: drop the vocabulary padding rows")
+    parser.add_argument("--tokenizer", help="hf-*: the sentencepiece model to export (default: "
+                        "the run's own, from its config)")
     args = parser.parse_args(argv)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     warnings.filterwarnings("ignore")  # import-time notices of megatron-core and torch
@@ -59,13 +64,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with contextlib.redirect_stdout(sys.stderr):
-            if args.format == "hf-llama":
-                raise export.NotExpressibleError(export.LLAMA_NOT_EXPRESSIBLE)
             ckpt = export.open_checkpoint(args.path, args.config)
             if args.format == "safetensors":
                 out = export.export_safetensors(ckpt, args.out)
+            elif args.format == "hf-llama":
+                out = export.export_hf_llama(ckpt, args.out, tokenizer=args.tokenizer)
             else:
-                out = export.export_hf_gpt2(ckpt, args.out, trim_vocab=args.trim_vocab)
+                out = export.export_hf_gpt2(ckpt, args.out, trim_vocab=args.trim_vocab,
+                                            tokenizer=args.tokenizer)
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_ERROR

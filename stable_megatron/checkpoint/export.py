@@ -415,6 +415,40 @@ def format_summary(info: dict[str, Any], tensors: bool = False) -> str:
 # Export: safetensors
 
 
+def tokenizer_model_of(cfg, override: str | os.PathLike | None = None) -> Path:
+    """The sentencepiece model of the run `cfg` describes: the built-in corpus's (prepared again
+    in the data cache if it is gone), `data.tokenizer_model`, or `override`."""
+    if override is not None:
+        path = Path(override)
+    elif cfg.data.source == "builtin":
+        from stable_megatron.data.dataset import prepare_builtin_data
+
+        path = Path(prepare_builtin_data(cfg.data.cache_dir,
+                                         vocab_size=cfg.data.vocab_size).tokenizer_model)
+    else:
+        path = Path(cfg.data.tokenizer_model or "")
+    if not path.is_file():
+        raise CheckpointError(f"tokenizer model {path} not found: pass the run's sentencepiece "
+                              f"model with --tokenizer")
+    return path
+
+
+def _write_tokenizer(cfg, out: Path, tokenizer: str | os.PathLike | None) -> dict[str, int]:
+    """The run's tokenizer as Hugging Face files in `out` (`hf_tokenizer`); its special ids."""
+    import sentencepiece as spm
+
+    from stable_megatron.checkpoint.hf_tokenizer import write_hf_tokenizer
+
+    model = tokenizer_model_of(cfg, tokenizer)
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    if sp.get_piece_size() != cfg.tokenizer_vocab_size:
+        raise CheckpointError(f"{model}: {sp.get_piece_size()} tokens, but the model was "
+                              f"trained with {cfg.tokenizer_vocab_size}")
+    out.mkdir(parents=True, exist_ok=True)
+    write_hf_tokenizer(model, out, cfg.model.seq_length)
+    return {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id()}
+
+
 def _provenance(ckpt: Checkpoint) -> dict[str, Any]:
     return {"source": str(ckpt.tag_dir.resolve()), "tag": ckpt.tag_dir.name, "step": ckpt.step,
             "consumed_samples": ckpt.consumed_samples, "layout": ckpt.layout,
@@ -570,40 +604,137 @@ def hf_gpt2_state_dict(cfg, merged: dict[str, torch.Tensor], tp: int = 1,
         "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False,
         "tie_word_embeddings": m.tie_embeddings,
-        "bos_token_id": None,  # the sentencepiece tokenizer is not exported
-        "eos_token_id": None,
         "torch_dtype": str(dtype).removeprefix("torch."),
         "use_cache": True,
     }
     return config, {k: v.contiguous() for k, v in out.items()}
 
 
-def export_hf_gpt2(ckpt: Checkpoint, out_dir: str | os.PathLike, trim_vocab: bool = False
-                   ) -> Path:
-    """A Hugging Face GPT-2 directory (config.json + model.safetensors) for a baseline model;
-    `NotExpressibleError` naming the config fields otherwise (checked before any tensor is
-    read)."""
+def export_hf_gpt2(ckpt: Checkpoint, out_dir: str | os.PathLike, trim_vocab: bool = False,
+                   tokenizer: str | os.PathLike | None = None) -> Path:
+    """A Hugging Face GPT-2 directory (config.json + model.safetensors + the run's tokenizer)
+    for a baseline model; `NotExpressibleError` naming the config fields otherwise (checked
+    before any tensor is read)."""
     blockers = hf_gpt2_blockers(ckpt.config)
     if blockers:
         raise NotExpressibleError("not expressible as Hugging Face GPT-2: " + "; ".join(blockers))
     out = Path(out_dir)
     config, tensors = hf_gpt2_state_dict(ckpt.config, merged_state_dict(ckpt), ckpt.tp,
                                          trim_vocab)
+    return _save_hf(ckpt, out, config, tensors, tokenizer)
+
+
+def _save_hf(ckpt: Checkpoint, out: Path, config: dict, tensors: dict[str, torch.Tensor],
+             tokenizer: str | os.PathLike | None) -> Path:
     config["stable_megatron"] = _provenance(ckpt)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out}: exists and is not a directory")
+    config.update(_write_tokenizer(ckpt.config, out, tokenizer))
     _save_safetensors(tensors, out / "model.safetensors", {"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
 
 
-LLAMA_NOT_EXPRESSIBLE = (
-    "--format hf-llama is not implemented yet: Llama-style models (RMSNorm and SwiGLU through "
-    "model.normalization=rmsnorm, model.activation=swiglu) train, but their export to Hugging "
-    "Face's Llama layout is still to be written. Use --format safetensors (any model) or "
-    "--format hf-gpt2 (baseline models)"
-)
+def hf_llama_blockers(cfg) -> list[str]:
+    """What keeps `cfg`'s model from being a Hugging Face Llama (empty: expressible). Llama:
+    RMSNorm, a SwiGLU MLP, rotary positions, pre-norm blocks, standard attention; biases are
+    allowed (Llama's `attention_bias`, `mlp_bias`), tied or untied output layer."""
+    m = cfg.model
+    wanted = [("normalization", "rmsnorm"), ("activation", "swiglu"),
+              ("position_embedding", "rope"), ("norm_placement", "pre_ln"),
+              ("attention", "standard")]
+    blockers = [f"model.{key}={getattr(m, key)} (Llama: {value})" for key, value in wanted
+                if getattr(m, key) != value]
+    if m.softmax_cap is not None:
+        blockers.append(f"model.softmax_cap={m.softmax_cap} (Llama has no logit cap)")
+    if m.sigma_reparam.enabled:
+        blockers.append("model.sigma_reparam.enabled=true (Llama has plain linear weights)")
+    if m.attention_gate:
+        blockers.append("model.attention_gate=true (Llama has no attention output gate)")
+    if m.embedding_norm or m.scale_embeddings:
+        blockers.append("model.embedding_norm / model.scale_embeddings (Llama has neither)")
+    return blockers
 
 
-def export_hf_llama(ckpt: Checkpoint, out_dir: str | os.PathLike) -> Path:
-    raise NotExpressibleError(LLAMA_NOT_EXPRESSIBLE)
+def hf_llama_state_dict(cfg, merged: dict[str, torch.Tensor], tp: int = 1
+                        ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config.json contents, LlamaForCausalLM state dict) for a merged state dict of `cfg`
+    written at TP size `tp`. QKV rows per head [q_h; k_h; v_h] become q_proj, k_proj, v_proj
+    (megatron-core's rotary embedding rotates halves, as Hugging Face's Llama does, so no
+    permutation is needed); FC1 [gate; up] becomes gate_proj and up_proj. The vocabulary stays
+    padded as trained."""
+    blockers = hf_llama_blockers(cfg)
+    if blockers:
+        raise NotExpressibleError("not expressible as Hugging Face Llama: " + "; ".join(blockers))
+    m = cfg.model
+    d, heads, layers, f = m.hidden_size, m.num_attention_heads, m.num_layers, m.ffn_size
+    vocab = m.padded_vocab_size(tp)
+    out = {"model.embed_tokens.weight": merged["0.word_embeddings.weight"]}
+    for i in range(1, layers + 1):
+        src, dst = f"{i}.layer.", f"model.layers.{i - 1}."
+        attn, mlp = src + "self_attention.", src + "mlp."
+        qkv = _qkv_rows_to_blocks(merged[attn + "linear_qkv.weight"], heads)
+        fc1 = merged[mlp + "linear_fc1.weight"]
+        out.update({
+            dst + "input_layernorm.weight": merged[src + "input_layernorm.weight"],
+            dst + "self_attn.q_proj.weight": qkv[:d],
+            dst + "self_attn.k_proj.weight": qkv[d:2 * d],
+            dst + "self_attn.v_proj.weight": qkv[2 * d:],
+            dst + "self_attn.o_proj.weight": merged[attn + "linear_proj.weight"],
+            dst + "post_attention_layernorm.weight": merged[src + "pre_mlp_layernorm.weight"],
+            dst + "mlp.gate_proj.weight": fc1[:f],
+            dst + "mlp.up_proj.weight": fc1[f:],
+            dst + "mlp.down_proj.weight": merged[mlp + "linear_fc2.weight"],
+        })
+        if m.add_bias_linear:
+            qkv_bias = _qkv_rows_to_blocks(merged[attn + "linear_qkv.bias"], heads)
+            fc1_bias = merged[mlp + "linear_fc1.bias"]
+            out.update({
+                dst + "self_attn.q_proj.bias": qkv_bias[:d],
+                dst + "self_attn.k_proj.bias": qkv_bias[d:2 * d],
+                dst + "self_attn.v_proj.bias": qkv_bias[2 * d:],
+                dst + "self_attn.o_proj.bias": merged[attn + "linear_proj.bias"],
+                dst + "mlp.gate_proj.bias": fc1_bias[:f],
+                dst + "mlp.up_proj.bias": fc1_bias[f:],
+                dst + "mlp.down_proj.bias": merged[mlp + "linear_fc2.bias"],
+            })
+    out["model.norm.weight"] = merged[f"{layers + 1}.norm.weight"]
+    if not m.tie_embeddings:
+        out["lm_head.weight"] = merged[f"{layers + 2}.output_layer.weight"]
+    dtype = merged["0.word_embeddings.weight"].dtype
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": d,
+        "intermediate_size": f,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "head_dim": m.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": m.seq_length,
+        "rms_norm_eps": m.layernorm_epsilon,
+        "rope_theta": m.rope_base,
+        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_base},
+        "attention_bias": m.add_bias_linear,
+        "mlp_bias": m.add_bias_linear,
+        "attention_dropout": m.attention_dropout,
+        "initializer_range": m.init_std,
+        "tie_word_embeddings": m.tie_embeddings,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "use_cache": True,
+    }
+    return config, {k: v.contiguous() for k, v in out.items()}
+
+
+def export_hf_llama(ckpt: Checkpoint, out_dir: str | os.PathLike,
+                    tokenizer: str | os.PathLike | None = None) -> Path:
+    """A Hugging Face Llama directory (config.json + model.safetensors + the run's tokenizer)
+    for a Llama-style model; `NotExpressibleError` naming the config fields otherwise (checked
+    before any tensor is read)."""
+    blockers = hf_llama_blockers(ckpt.config)
+    if blockers:
+        raise NotExpressibleError("not expressible as Hugging Face Llama: " + "; ".join(blockers))
+    config, tensors = hf_llama_state_dict(ckpt.config, merged_state_dict(ckpt), ckpt.tp)
+    return _save_hf(ckpt, Path(out_dir), config, tensors, tokenizer)

@@ -437,4 +437,5 @@ def test_export_cli(checkpoints, capsys, tmp_path):
     assert export_checkpoint.main([str(tag), "--format", "hf-llama", "--out",
                                    str(tmp_path / "llama")]) == 2
     err = capsys.readouterr().err
-    assert "RMSNorm" in err and "SwiGLU" in err and err.count("\n") == 1
+    assert "model.normalization=layernorm" in err and "model.activation=gelu" in err
+    assert err.count("\n") == 1
