@@ -121,8 +121,9 @@ class QKClip(StepHook):
     MAX over all ranks: data-parallel ranks of the same heads combine their batches, the
     tensor- and pipeline-parallel ranks fill in the heads and layers they hold, and every rank
     then knows every head's maximum. Each rank scales its own heads' q and k parameters and,
-    entry for entry, its part of ZeRO's fp32 master copy (`ds_adapter.scale_master_weights`;
-    Megatron-LM's first version scaled only the model's copy, which the next step overwrote).
+    entry for entry, its part of ZeRO's fp32 master copy (`ds_adapter.scale_master_weights`:
+    scaling the module's weights alone would be undone by the next step, which writes the
+    master weights back into the module).
     Cost per step: the collectors' q k^T (model/qk_clip.py) and one all-reduce of
     layers x heads floats.
 
