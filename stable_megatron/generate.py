@@ -87,15 +87,11 @@ def load(path: str, config: str | None = None, tokenizer: str | None = None,
     `Generator` in this process. Raises `CheckpointError` / `DataError` with the problem."""
     from stable_megatron import parallel
     from stable_megatron.checkpoint import export, shards
-    from stable_megatron.data import DataError
     from stable_megatron.model.gpt import build_model
 
     ckpt = export.open_checkpoint(path, config)
     cfg = shards.reference_config(ckpt.config, ckpt.tp)
     tok = run_tokenizer(cfg, tokenizer)
-    if tok.vocab_size != cfg.tokenizer_vocab_size:
-        raise DataError(f"{tok.model_file}: {tok.vocab_size} tokens, but the checkpoint's model "
-                        f"was trained with {cfg.tokenizer_vocab_size}")
     state = export.merged_state_dict(ckpt)
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints its partitioning
         ps = parallel.initialize(1, 1, device)

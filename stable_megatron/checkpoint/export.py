@@ -417,7 +417,10 @@ def format_summary(info: dict[str, Any], tensors: bool = False) -> str:
 
 def tokenizer_model_of(cfg, override: str | os.PathLike | None = None) -> Path:
     """The sentencepiece model of the run `cfg` describes: the built-in corpus's (prepared again
-    in the data cache if it is gone), `data.tokenizer_model`, or `override`."""
+    in the data cache if it is gone), `data.tokenizer_model`, or `override`; checked against
+    the vocabulary the model was trained with."""
+    import sentencepiece as spm
+
     if override is not None:
         path = Path(override)
     elif cfg.data.source == "builtin":
@@ -430,23 +433,19 @@ def tokenizer_model_of(cfg, override: str | os.PathLike | None = None) -> Path:
     if not path.is_file():
         raise CheckpointError(f"tokenizer model {path} not found: pass the run's sentencepiece "
                               f"model with --tokenizer")
+    size = spm.SentencePieceProcessor(model_file=str(path)).get_piece_size()
+    if size != cfg.tokenizer_vocab_size:
+        raise CheckpointError(f"{path}: {size} tokens, but the model was trained with "
+                              f"{cfg.tokenizer_vocab_size}")
     return path
 
 
 def _write_tokenizer(cfg, out: Path, tokenizer: str | os.PathLike | None) -> dict[str, int]:
     """The run's tokenizer as Hugging Face files in `out` (`hf_tokenizer`); its special ids."""
-    import sentencepiece as spm
-
     from stable_megatron.checkpoint.hf_tokenizer import write_hf_tokenizer
 
-    model = tokenizer_model_of(cfg, tokenizer)
-    sp = spm.SentencePieceProcessor(model_file=str(model))
-    if sp.get_piece_size() != cfg.tokenizer_vocab_size:
-        raise CheckpointError(f"{model}: {sp.get_piece_size()} tokens, but the model was "
-                              f"trained with {cfg.tokenizer_vocab_size}")
     out.mkdir(parents=True, exist_ok=True)
-    write_hf_tokenizer(model, out, cfg.model.seq_length)
-    return {"bos_token_id": sp.bos_id(), "eos_token_id": sp.eos_id()}
+    return write_hf_tokenizer(tokenizer_model_of(cfg, tokenizer), out, cfg.model.seq_length)
 
 
 def _provenance(ckpt: Checkpoint) -> dict[str, Any]:

@@ -76,8 +76,10 @@ def tokenizer_json(model_file: str | Path) -> dict:
     }
 
 
-def write_hf_tokenizer(model_file: str | Path, out_dir: str | Path, max_length: int) -> None:
-    """`tokenizer.json`, `tokenizer_config.json` and `special_tokens_map.json` in `out_dir`."""
+def write_hf_tokenizer(model_file: str | Path, out_dir: str | Path, max_length: int
+                       ) -> dict[str, int | None]:
+    """`tokenizer.json`, `tokenizer_config.json` and `special_tokens_map.json` in `out_dir`;
+    returns the BOS and EOS ids (`bos_token_id`, `eos_token_id`, for the model's config)."""
     out = Path(out_dir)
     data = tokenizer_json(model_file)
     (out / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False) + "\n")
@@ -88,3 +90,5 @@ def write_hf_tokenizer(model_file: str | Path, out_dir: str | Path, max_length: 
               False, **special}
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    vocab = data["model"]["vocab"]
+    return {"bos_token_id": vocab.get("<s>"), "eos_token_id": vocab.get("</s>")}

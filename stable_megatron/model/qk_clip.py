@@ -32,7 +32,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear
 from torch import nn
 
 from stable_megatron.model.attention import AttentionCapture, SelfAttention, future_keys
-from stable_megatron.model.mlra import QKV_TARGETS, MLRAQKV
+from stable_megatron.model.mlra import MLRAQKV, QKV_TARGETS
 
 CAPTURE_OWNER = "qk_clip"  # the name of the collector on each SelfAttention
 BLOCK_ROWS = 128  # query rows per block of `head_max_logits`

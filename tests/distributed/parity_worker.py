@@ -90,7 +90,9 @@ def run_case(overrides: dict, out: Path) -> None:
     )
 
 
-def main() -> None:
+def run_cases_of_argv(run_case) -> None:
+    """`run_case(overrides, OUT_DIR/<case>)` for every case of CASES_JSON (argv 1 and 2), in
+    these processes one after the other; the process groups are shut down at the end."""
     from stable_megatron import parallel
 
     out, cases = Path(sys.argv[1]), json.loads(sys.argv[2])
@@ -99,6 +101,10 @@ def main() -> None:
             run_case(overrides, out / name)
     finally:
         parallel.shutdown()
+
+
+def main() -> None:
+    run_cases_of_argv(run_case)
 
 
 if __name__ == "__main__":

@@ -13,15 +13,14 @@ usage: torchrun --nproc_per_node N qk_clip_worker.py OUT_DIR CASES_JSON
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from parity_worker import RandomTokens, shard_record  # a script: its folder is on the path
+# a script: its folder is on the path
+from parity_worker import RandomTokens, run_cases_of_argv, shard_record
 
 
 def head_maxima(modules, run_forward, shape) -> torch.Tensor:
@@ -134,16 +133,5 @@ def run_case(overrides: dict, out: Path) -> None:
     )
 
 
-def main() -> None:
-    from stable_megatron import parallel
-
-    out, cases = Path(sys.argv[1]), json.loads(sys.argv[2])
-    try:
-        for name, overrides in cases.items():
-            run_case(overrides, out / name)
-    finally:
-        parallel.shutdown()
-
-
 if __name__ == "__main__":
-    main()
+    run_cases_of_argv(run_case)

@@ -160,9 +160,10 @@ def test_layout_matches_single_process(name, reference, tmp_path):
 @pytest.mark.parametrize("layout", ["tp2", "pp2", "tp2_pp2"])
 def test_methods_match_single_process(reference, tmp_path, layout):
     """The norm placements, softmax capping, MLRA, sigma-reparam, z-loss, the embedding options,
-    QK-clip (standard and on MLRA), gated attention, Llama-style blocks, RoPE and an untied head at TP2, PP2 and TP2 x PP2; and, at
-    TP2 x PP2, QK-norm + cap with full activation recompute (the recompute re-runs the layers'
-    TP all-reduces inside the pipeline engine's backward) against the reference without it."""
+    QK-clip (standard and on MLRA), gated attention, Llama-style blocks, RoPE and an untied
+    head at TP2, PP2 and TP2 x PP2; and, at TP2 x PP2, QK-norm + cap with full activation
+    recompute (the recompute re-runs the layers' TP all-reduces inside the pipeline engine's
+    backward) against the reference without it."""
     nproc, parallel = LAYOUTS[layout]
     cases = {n: case(parallel, m) for n, m in METHODS.items()}
     if layout == "tp2_pp2":

@@ -278,7 +278,8 @@ VARIANTS = {
                        ["model.add_bias_linear=false", "model.tie_embeddings=false"]),
     "llama_style": ("recipes/llama_style/tiny.yaml", []),
     "llama-bias-sigma-qk_fc_norm": ("recipes/llama_style/tiny.yaml",
-                                    ["model.add_bias_linear=true", "model.norm_placement=qk_fc_norm",
+                                    ["model.add_bias_linear=true",
+                                     "model.norm_placement=qk_fc_norm",
                                      "model.sigma_reparam.enabled=true"]),
 }
 # name fragments whose kind is known from the method's definition

@@ -4,22 +4,12 @@ bad input is refused in one line."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from stable_megatron.generate import choose
 from stable_megatron.train import Trainer
-
-ROOT = Path(__file__).resolve().parents[2]
-TINY = str(ROOT / "recipes" / "tiny.yaml")
-SMALL = [
-    "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
-    "model.seq_length=32", "data.vocab_size=1024", "train.micro_batch_size=2",
-    "train.global_batch_size=4", "train.warmup_steps=1", "train.eval_interval=0",
-    "metrics.interval=0", "logging.tensorboard=false", "logging.progress=false",
-]
+from tests.unit.test_checkpoint import SMALL, TINY
 
 
 @pytest.fixture(scope="module")
