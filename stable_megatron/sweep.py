@@ -70,10 +70,12 @@ class RunSpec:
     lr: float
     run_dir: Path
     overrides: list[str] = field(default_factory=list)  # everything given to train, in order
+    seed: int | None = None  # train.seed, when the sweep was given seeds
 
     @property
     def label(self) -> str:
-        return f"{self.method.name} lr={self.lr:g}"
+        seed = "" if self.seed is None else f" seed={self.seed}"
+        return f"{self.method.name}{seed} lr={self.lr:g}"
 
 
 # ------------------------------------------------------------------------------ planning
@@ -157,26 +159,52 @@ def lr_dir_name(lr: float) -> str:
     return f"lr_{lr:g}"
 
 
+def run_dir_of(out: Path, method: str, lr: float, seed: int | None) -> Path:
+    """`OUT/<method>/lr_<lr>`, or `OUT/<method>/seed_<seed>/lr_<lr>` in a seeded sweep."""
+    folder = out / method if seed is None else out / method / f"seed_{seed}"
+    return folder / lr_dir_name(lr)
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SweepError(f"--seeds {text}: expected comma-separated integers, e.g. 1,2,3") \
+            from None
+    if not seeds or any(s < 0 for s in seeds):
+        raise SweepError(f"--seeds {text}: needs at least one seed, all >= 0")
+    if len(set(seeds)) != len(seeds):
+        raise SweepError(f"--seeds {text}: a seed is listed twice")
+    return seeds
+
+
 def plan_runs(recipe: str, methods: list[Method], lrs: list[float], out: Path,
-              overrides: list[str], world: int) -> list[RunSpec]:
-    """Every (method, lr) run, its config checked at `world` processes before anything runs."""
+              overrides: list[str], world: int, seeds: Sequence[int] | None = None
+              ) -> list[RunSpec]:
+    """Every (seed, method, lr) run, its config checked at `world` processes before anything
+    runs. Seed-major: a sweep stopped part-way has whole seeds done first."""
     names = [m.name for m in methods]
     if len(set(names)) != len(names):
         raise SweepError(f"--methods: a method name is listed twice ({', '.join(names)})")
     base = load_config(recipe, overrides)
     ratio = base.train.min_lr / base.train.lr
     runs = []
-    for method in methods:
-        for lr in lrs:
-            run_dir = out / method.name / lr_dir_name(lr)
-            run_overrides = [*method.overrides, *overrides, f"train.lr={lr!r}",
-                             f"train.min_lr={lr * ratio:.6g}", f"train.run_dir={run_dir}",
-                             "stability.stop_on_divergence=true"]
-            try:
-                validate(load_config(recipe, run_overrides), world)
-            except ConfigError as err:
-                raise SweepError(f"method {method.name} at lr {lr:g}: {err}") from None
-            runs.append(RunSpec(method, lr, run_dir, run_overrides))
+    for seed in (seeds or [None]):
+        # train.seed sets both the model's initialisation and the data order
+        seed_override = [] if seed is None else [f"train.seed={seed}"]
+        for method in methods:
+            for lr in lrs:
+                run_dir = run_dir_of(out, method.name, lr, seed)
+                run_overrides = [*method.overrides, *overrides, *seed_override,
+                                 f"train.lr={lr!r}", f"train.min_lr={lr * ratio:.6g}",
+                                 f"train.run_dir={run_dir}", "stability.stop_on_divergence=true"]
+                try:
+                    validate(load_config(recipe, run_overrides), world)
+                except ConfigError as err:
+                    where = "" if seed is None else f" seed {seed}"
+                    raise SweepError(f"method {method.name}{where} at lr {lr:g}: {err}") \
+                        from None
+                runs.append(RunSpec(method, lr, run_dir, run_overrides, seed))
     return runs
 
 
@@ -414,6 +442,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("recipe")
     parser.add_argument("--methods", help="comma-separated; default: the recipe's sweep.methods")
     parser.add_argument("--lrs", help="comma-separated learning rates; default: sweep.lrs")
+    parser.add_argument("--seeds", help="comma-separated train.seed values (initialisation and "
+                        "data order); each run's directory names its seed; default: sweep.seeds, "
+                        "else the recipe's one seed")
     parser.add_argument("--out", type=Path, help="sweep directory (default: sweep.out, "
                         "else runs/sweep/<recipe name>)")
     parser.add_argument("--nproc", type=int, default=1,
@@ -474,18 +505,21 @@ def main(argv: list[str] | None = None) -> int:
         if not lr_text:
             raise SweepError("no learning rates: pass --lrs (or give the recipe sweep.lrs)")
         lrs = parse_lrs(lr_text)
+        seed_text = args.seeds or ",".join(str(x) for x in defaults.get("seeds") or [])
+        seeds = parse_seeds(seed_text) if seed_text else None
         methods = [resolve_method(s, (Path(args.recipe).parent / "methods", METHODS_DIR))
                    for s in method_specs]
         out = args.out or Path(defaults.get("out") or f"runs/sweep/{Path(args.recipe).stem}")
-        runs = plan_runs(args.recipe, methods, lrs, out, overrides, args.nproc)
+        runs = plan_runs(args.recipe, methods, lrs, out, overrides, args.nproc, seeds)
         steps = load_config(args.recipe, runs[0].overrides).train.steps
     except (SweepError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     names = [m.name for m in methods]
-    print(f"sweep: {len(names)} methods x {len(lrs)} learning rates = {len(runs)} runs "
-          f"of {args.recipe} ({steps} steps, {args.nproc} process(es) each, {args.jobs} at a "
-          f"time) -> {out}", flush=True)
+    times_seeds = "" if seeds is None else f" x {len(seeds)} seeds"
+    print(f"sweep: {len(names)} methods x {len(lrs)} learning rates{times_seeds} = "
+          f"{len(runs)} runs of {args.recipe} ({steps} steps, {args.nproc} process(es) each, "
+          f"{args.jobs} at a time) -> {out}", flush=True)
     if args.dry_run:
         for run in runs:
             state = " [ended]" if is_finished(run) else ""
