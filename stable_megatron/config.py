@@ -223,6 +223,10 @@ class WarningConfig:
 
     enabled: bool = True
     window: int = 50  # steps each trend is measured over (and quiet steps that re-arm a rule)
+    # no rule fires before this step (a warm-up grace period; non-finite values still fire)
+    grace_steps: int = 0
+    # a rule fires once its condition has held on this many metric records in a row
+    persist: int = 1
     # metric records needed before a rule is scored; when fewer than this fall in the window
     # (metrics.interval > window / min_records) the trend spans the last min_records records
     min_records: int = 3
@@ -619,6 +623,10 @@ def _validate_warning(cfg: Config) -> None:
     name = "stability.warning"
     if w.window < 1 or w.min_records < 1:
         raise ConfigError(f"{name}.window and {name}.min_records must be >= 1")
+    if w.grace_steps < 0:
+        raise ConfigError(f"{name}.grace_steps={w.grace_steps}: must be >= 0")
+    if w.persist < 1:
+        raise ConfigError(f"{name}.persist={w.persist}: must be >= 1 (1 fires at once)")
     for key in ("logit_growth", "tev_growth", "output_logit_growth", "update_growth"):
         value = getattr(w, key)
         if value != 0 and not value > 1:

@@ -1,6 +1,11 @@
 """`stable-megatron report RUN_DIR [RUN_DIR ...] --out DIR`: a Markdown page with PNG plots of
 the stability metrics of one or more runs, overlaid (one colour per run).
 
+`stable-megatron report --warnings SWEEP_DIR [--seeds 2,3] [--tune-seeds 1]` prints instead how
+well the early-warning rules did on a sweep's runs (analysis/warning_score.py): the runs'
+labels, then precision, recall, false alarms and lead time per rule, for the previous and the
+current defaults and, with `--tune-seeds`, for the settings chosen on those seeds.
+
 `DIR/report.md` has a table (one row per run: steps, final loss, final validation loss,
 spikes, early warnings, divergence) and the figures of `analysis.plotting.REPORT_FIGURES`, each
 with what to look for; spikes, early warnings (logged, and replayed from the records through the
@@ -106,16 +111,47 @@ def _count(count: int, first: object) -> str:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="stable-megatron report",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dirs", nargs="+", type=Path, help="run directories (metrics.jsonl)")
-    parser.add_argument("--out", type=Path, required=True,
-                        help="directory for report.md and the PNGs")
+    parser.add_argument("run_dirs", nargs="*", type=Path, help="run directories (metrics.jsonl)")
+    parser.add_argument("--out", type=Path, help="directory for report.md and the PNGs")
+    parser.add_argument("--warnings", type=Path, metavar="SWEEP_DIR",
+                        help="print the early-warning score table of a sweep's runs instead")
+    parser.add_argument("--seeds", help="with --warnings: score these seeds only (e.g. 2,3)")
+    parser.add_argument("--tune-seeds", help="with --warnings: also choose the rules' settings "
+                        "on these seeds (e.g. 1) and score them on --seeds")
     parser.add_argument("--labels", nargs="+", help="one label per run (default: directory names)")
     parser.add_argument("--title", help="title of the page")
     return parser.parse_args(argv)
 
 
+def _seed_list(text: str | None, flag: str) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ReportError(f"{flag} {text}: expected comma-separated integers") from None
+
+
+def warnings_main(args: argparse.Namespace) -> int:
+    from stable_megatron.analysis.warning_score import report_lines
+
+    try:
+        lines = report_lines(args.warnings, _seed_list(args.seeds, "--seeds"),
+                             _seed_list(args.tune_seeds, "--tune-seeds"))
+    except (ReportError, RunLogError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.warnings is not None:
+        return warnings_main(args)
+    if not args.run_dirs or args.out is None:
+        print("error: give RUN_DIR... --out DIR (or --warnings SWEEP_DIR)", file=sys.stderr)
+        return 2
     try:
         drawn = build_report(args.run_dirs, args.out, args.labels, args.title)
     except ReportError as err:

@@ -46,7 +46,8 @@ from typing import Any
 import yaml
 
 from stable_megatron.analysis import sweep_table
-from stable_megatron.analysis.runs import RunLogError, is_number, read_run
+from stable_megatron.analysis.runs import SERIES_FILE, RunLogError, is_number, read_run
+from stable_megatron.analysis.series import write_series
 from stable_megatron.config import ConfigError, load_config, read_recipe, validate
 
 RESULT_FILE = "sweep_run.json"
@@ -229,11 +230,30 @@ def read_result(run_dir: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def is_finished(run: RunSpec) -> bool:
-    """Ended (done or diverged) with the same settings as now."""
-    result = read_result(run.run_dir)
+def ended(run_dir: Path, run: RunSpec) -> bool:
+    """`run_dir` records that `run` ended (done or diverged) with the same settings as now."""
+    result = read_result(run_dir)
     return bool(result) and result.get("status") in ("done", "diverged") and \
         result.get("overrides") == run.overrides
+
+
+def mirror_dir(run: RunSpec, out: Path, results: Path | None) -> Path | None:
+    """Where `results` keeps the run's record and series: its path under `out`, under
+    `results`."""
+    return None if results is None else results / run.run_dir.relative_to(out)
+
+
+def is_finished(run: RunSpec, out: Path | None = None, results: Path | None = None) -> bool:
+    """Ended with the same settings as now, in its run directory or in the results mirror
+    (a fresh checkout has only the latter)."""
+    mirror = mirror_dir(run, out, results) if out is not None else None
+    return ended(run.run_dir, run) or (mirror is not None and ended(mirror, run))
+
+
+def mirror_run(run_dir: Path, mirror: Path) -> None:
+    """Copy the ended run's outcome and its compact series (written now) into `mirror`."""
+    write_series(run_dir, mirror / SERIES_FILE)
+    shutil.copyfile(run_dir / RESULT_FILE, mirror / RESULT_FILE)
 
 
 def outcome(run_dir: Path, returncode: int, steps: int) -> tuple[str, str]:
@@ -250,12 +270,13 @@ def outcome(run_dir: Path, returncode: int, steps: int) -> tuple[str, str]:
     return "failed", f"exit code {returncode} at step {log.last_step}"
 
 
-def run_summary(run_dir: Path, method: str, lr: float) -> sweep_table.SweepRun:
-    """One row of the table, from the run's log and result file."""
+def run_summary(run_dir: Path, method: str, lr: float, seed: int | None = None
+                ) -> sweep_table.SweepRun:
+    """One row of the table, from the run's log (or series) and result file."""
     result = read_result(run_dir) or {}
     status = result.get("status", "pending")
     row = sweep_table.SweepRun(method=method, lr=lr, status=status, run_dir=str(run_dir),
-                               seconds=result.get("seconds"))
+                               seconds=result.get("seconds"), seed=seed)
     try:
         log = read_run(run_dir)
     except RunLogError:
@@ -286,9 +307,11 @@ class Runner:
     """Launches the runs, `jobs` at a time, and records each one's outcome."""
 
     def __init__(self, recipe: str, runs: list[RunSpec], nproc: int, jobs: int,
-                 port: int, steps: int) -> None:
+                 port: int, steps: int, out: Path | None = None,
+                 results: Path | None = None) -> None:
         self.recipe, self.runs, self.nproc, self.jobs = recipe, runs, nproc, jobs
         self.port, self.steps = port, steps
+        self.out, self.results = out, results
         self.durations: list[float] = []
 
     def _env(self) -> dict[str, str]:
@@ -321,11 +344,16 @@ class Runner:
         tmp = run.run_dir / f".{RESULT_FILE}.tmp"
         tmp.write_text(json.dumps(result, indent=1))
         tmp.replace(run.run_dir / RESULT_FILE)
+        if status in ("done", "diverged"):
+            write_series(run.run_dir)
+            mirror = mirror_dir(run, self.out, self.results) if self.out is not None else None
+            if mirror is not None:
+                mirror_run(run.run_dir, mirror)
         self.durations.append(seconds)
         return f"{status}{': ' + detail if detail else ''} ({seconds:.0f}s)"
 
     def run(self) -> None:
-        todo = [r for r in self.runs if not is_finished(r)]
+        todo = [r for r in self.runs if not is_finished(r, self.out, self.results)]
         skipped = len(self.runs) - len(todo)
         if skipped:
             print(f"sweep: {skipped} of {len(self.runs)} runs already ended; skipping them",
@@ -393,32 +421,59 @@ def _stop(proc: subprocess.Popen) -> None:
 # ------------------------------------------------------------------------------ summary
 
 
-def summarise(out: Path, runs: list[RunSpec], methods: list[str], header: list[str]
-              ) -> tuple[list[sweep_table.SweepRun], list[sweep_table.MethodSummary]]:
-    """Write sweep.csv, sweep.md and sweep.png; returns the rows and the method summaries."""
-    rows = [run_summary(r.run_dir, r.method.name, r.lr) for r in runs]
-    summaries = sweep_table.summarise(rows, methods)
-    out.mkdir(parents=True, exist_ok=True)
-    sweep_table.write_csv(rows, out / "sweep.csv")
-    plot_note = _plot(rows, out / "sweep.png")
+def summarise(out: Path, runs: list[RunSpec], methods: list[str], header: list[str],
+              results: Path | None = None, headline_lrs: Sequence[float] | None = None
+              ) -> tuple[list[sweep_table.SweepRun], list[str]]:
+    """Write sweep.csv, sweep.md and sweep.png into `out` (and `results`, where the rows are
+    read from the mirrored series of the runs that ended, so that the committed tables are
+    those of the committed data); returns the rows and the per-method table's lines."""
+    rows = []
+    for run in runs:
+        mirror = mirror_dir(run, out, results)
+        source = mirror if mirror is not None and ended(mirror, run) else run.run_dir
+        rows.append(run_summary(source, run.method.name, run.lr, run.seed))
+    seeded = any(r.seed is not None for r in rows)
     seconds = sum(r.seconds or 0.0 for r in rows)
     header = [*header, f"Sum of the runs' own wall times (start-up included): "
               f"{seconds / 60:.1f} min over {sum(r.seconds is not None for r in rows)} runs."]
-    lines = ["# LR sweep", "", *header, "",
-             "## Per method", "", *sweep_table.summary_table(summaries), "",
-             "LR sensitivity (Wortsman et al. 2023): mean over the grid of min(final loss, "
-             "initial loss) - best final loss; lower is more robust. Final loss: the last "
-             "validation loss; a diverged run counts as its initial loss.", "",
-             "## Final loss per run", "", *sweep_table.loss_grid(rows, methods), "",
-             "`div@N`: stopped by the divergence rule at step N.", "",
-             "## Largest attention logit / last lowest normalised entropy", "",
-             *sweep_table.extremes_grid(rows, methods), "", plot_note, ""]
-    (out / "sweep.md").write_text("\n".join(lines))
-    return rows, summaries
+    sensitivity_text = ("LR sensitivity (Wortsman et al. 2023): mean over the grid of min(final "
+                        "loss, initial loss) - best final loss; lower is more robust. Final "
+                        "loss: the last validation loss; a diverged run counts as its initial "
+                        "loss.")
+    if seeded:
+        summaries = sweep_table.summarise_seeds(rows, methods, headline_lrs)
+        table = sweep_table.seeded_table(summaries, methods[0])
+        grid = ", ".join(f"{lr:g}" for lr in (headline_lrs or sorted({r.lr for r in rows})))
+        body = ["## Per method (mean ± standard deviation over seeds "
+                f"{', '.join(map(str, sweep_table.seeds_of(rows)))})", "", *table, "",
+                sensitivity_text + f" Headline grid: lr {grid}; the full grid is every LR "
+                "of the sweep. Each is computed per seed, then averaged. *Resolved*: the "
+                "difference exceeds twice the larger of the two standard deviations.", "",
+                "## Final loss per LR (mean ± std over seeds)", "",
+                *sweep_table.seeded_loss_grid(rows, methods), "",
+                "A diverged run counts as its initial loss (`k div`: k seeds diverged).", "",
+                "## Largest attention logit (smallest-largest over seeds) / last lowest "
+                "normalised entropy (mean over seeds)", "",
+                *sweep_table.seeded_extremes_grid(rows, methods), ""]
+    else:
+        summaries = sweep_table.summarise(rows, methods)
+        table = sweep_table.summary_table(summaries)
+        body = ["## Per method", "", *table, "", sensitivity_text, "",
+                "## Final loss per run", "", *sweep_table.loss_grid(rows, methods), "",
+                "`div@N`: stopped by the divergence rule at step N.", "",
+                "## Largest attention logit / last lowest normalised entropy", "",
+                *sweep_table.extremes_grid(rows, methods), ""]
+    for folder in [out] + ([results] if results is not None else []):
+        folder.mkdir(parents=True, exist_ok=True)
+        sweep_table.write_csv(rows, folder / "sweep.csv")
+        plot_note = _plot(rows, folder / "sweep.png")
+        lines = ["# LR sweep", "", *header, "", *body, plot_note, ""]
+        (folder / "sweep.md").write_text("\n".join(lines))
+    return rows, table
 
 
 def _plot(rows: list[sweep_table.SweepRun], path: Path) -> str:
-    points = [{"method": r.method, "lr": r.lr, "loss": r.final_loss,
+    points = [{"method": r.method, "lr": r.lr, "loss": r.final_loss, "seed": r.seed,
                "diverged": r.status == "diverged", "initial_loss": r.initial_loss}
               for r in rows if r.status in ("done", "diverged")]
     if not points:
@@ -447,6 +502,12 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         "else the recipe's one seed")
     parser.add_argument("--out", type=Path, help="sweep directory (default: sweep.out, "
                         "else runs/sweep/<recipe name>)")
+    parser.add_argument("--results", type=Path,
+                        help="a committable mirror of the sweep: each ended run's "
+                        "sweep_run.json and series.jsonl.gz, and the summary (default: "
+                        "sweep.results, else none)")
+    parser.add_argument("--headline-lrs", help="comma-separated sub-grid for the headline LR "
+                        "sensitivity (default: sweep.headline_lrs, else the whole grid)")
     parser.add_argument("--nproc", type=int, default=1,
                         help="processes per run (deepspeed launcher when > 1)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at the same time")
@@ -510,6 +571,15 @@ def main(argv: list[str] | None = None) -> int:
         methods = [resolve_method(s, (Path(args.recipe).parent / "methods", METHODS_DIR))
                    for s in method_specs]
         out = args.out or Path(defaults.get("out") or f"runs/sweep/{Path(args.recipe).stem}")
+        results = args.results or (Path(defaults["results"]) if defaults.get("results") else None)
+        headline_text = args.headline_lrs or ",".join(
+            str(x) for x in defaults.get("headline_lrs") or [])
+        headline_lrs = parse_lrs(headline_text) if headline_text else None
+        missing = [x for x in headline_lrs or [] if not any(abs(x - lr) <= 1e-12 * lr
+                                                          for lr in lrs)]
+        if missing:
+            raise SweepError(f"headline LRs {', '.join(f'{x:g}' for x in missing)} are not "
+                             f"in the grid ({', '.join(f'{lr:g}' for lr in lrs)})")
         runs = plan_runs(args.recipe, methods, lrs, out, overrides, args.nproc, seeds)
         steps = load_config(args.recipe, runs[0].overrides).train.steps
     except (SweepError, ConfigError) as err:
@@ -522,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.jobs} at a time) -> {out}", flush=True)
     if args.dry_run:
         for run in runs:
-            state = " [ended]" if is_finished(run) else ""
+            state = " [ended]" if is_finished(run, out, results) else ""
             cmd = train_command(args.recipe, run, args.nproc, args.master_port)
             print(f"{run.label}{state}: {' '.join(cmd)}")
         return 0
@@ -533,7 +603,8 @@ def main(argv: list[str] | None = None) -> int:
         if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background
             signal.signal(signal.SIGINT, _interrupt)
         try:
-            Runner(args.recipe, runs, args.nproc, args.jobs, args.master_port, steps).run()
+            Runner(args.recipe, runs, args.nproc, args.jobs, args.master_port, steps, out,
+                   results).run()
         except KeyboardInterrupt:
             return 130
     elapsed = time.time() - started
@@ -543,8 +614,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.summarise_only:
         header.append(f"This invocation: {elapsed / 60:.1f} min wall, {args.jobs} run(s) at a "
                       f"time, on {os.cpu_count()} CPU core(s) / visible device(s).")
-    rows, summaries = summarise(out, runs, names, header)
-    print("\n".join(sweep_table.summary_table(summaries)))
+    rows, table = summarise(out, runs, names, header, results, headline_lrs)
+    print("\n".join(table))
     failed = [r for r in rows if r.status in ("failed", "pending")]
     print(f"sweep: wrote {out}/sweep.md, sweep.csv, sweep.png "
           f"(this invocation {elapsed / 60:.1f} min)")

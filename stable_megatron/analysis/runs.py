@@ -3,12 +3,15 @@
 `metrics.jsonl` holds one JSON object per logged step, plus event records (`{"event": ...}`:
 spike, rollback, warning, diverged). A resumed run appends: steps after its checkpoint are
 logged twice, and the later record (the one the resumed run trained) is the one kept. A torn
-last line (a run being written, or killed mid-write) is skipped.
+last line (a run being written, or killed mid-write) is skipped. A run directory without
+`metrics.jsonl` is read from its compact series (`series.jsonl.gz`, analysis/series.py), as a
+sweep's committed results are.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import math
 import sys
@@ -18,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+SERIES_FILE = "series.jsonl.gz"
 
 
 class RunLogError(ValueError):
@@ -54,9 +59,17 @@ class RunLog:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of a JSONL file; torn or non-object lines skipped."""
+    """The JSON objects of a JSONL file (gzip-compressed if its name ends in .gz); torn or
+    non-object lines skipped."""
     out = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    if path.suffix == ".gz":
+        try:
+            text = gzip.decompress(path.read_bytes()).decode("utf-8", errors="replace")
+        except (OSError, EOFError) as err:
+            raise RunLogError(f"{path}: not a readable gzip file ({err})") from None
+    else:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    for line in text.splitlines():
         try:
             obj = json.loads(line)
         except json.JSONDecodeError:
@@ -67,10 +80,12 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def read_run(run_dir: str | Path) -> RunLog:
-    """`run_dir/metrics.jsonl`, records deduplicated by step (a resumed run's later record
-    wins) and sorted; RunLogError when there is no log."""
+    """`run_dir/metrics.jsonl` (else `run_dir/series.jsonl.gz`), records deduplicated by step
+    (a resumed run's later record wins) and sorted; RunLogError when there is no log."""
     run_dir = Path(run_dir)
     path = run_dir / "metrics.jsonl"
+    if not path.is_file() and (run_dir / SERIES_FILE).is_file():
+        path = run_dir / SERIES_FILE
     if not path.is_file():
         raise RunLogError(f"{path}: no such file (not a run directory, or the run never logged)")
     by_step: dict[int, dict[str, Any]] = {}

@@ -10,12 +10,19 @@ Definitions (docs/results.md, README "LR sweep"):
 - **LR sensitivity** (Wortsman et al., arXiv 2309.14322): the mean over the LR grid of
   `min(L(lr), L0) - L*`, with `L(lr)` the final loss (L0 for a diverged run) and `L*` the best
   final loss over the grid. Lower is more robust; 0 means every LR reached the best loss.
+  The **headline** sensitivity is computed over a sub-grid (`sweep.headline_lrs`), e.g. without
+  an LR at which every method fails in warm-up and which would add a constant to every score.
+- with seeds (`sweep --seeds`), each statistic is computed per (method, seed) over that seed's
+  grid, then reported as the **mean and sample standard deviation over seeds**; a difference
+  between two methods is called **resolved** when it exceeds twice the larger of their two
+  standard deviations (`resolved`), and within noise otherwise.
 """
 
 from __future__ import annotations
 
 import csv
 import math
+import statistics
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -28,6 +35,7 @@ class SweepRun:
     method: str
     lr: float
     status: str  # one of STATUSES
+    seed: int | None = None  # train.seed of a seeded sweep
     run_dir: str = ""
     steps: int = 0  # the last step logged
     initial_loss: float | None = None
@@ -109,6 +117,175 @@ def summarise(runs: Sequence[SweepRun], methods: Sequence[str] | None = None
             complete=bool(mine) and len(finished) == len(mine),
         ))
     return out
+
+
+# ------------------------------------------------------------------------------ seeds
+
+
+@dataclass
+class Spread:
+    """Mean and sample standard deviation over seeds (std None for a single value)."""
+
+    mean: float
+    std: float | None
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float | None]) -> Spread | None:
+        values = [v for v in values if v is not None and math.isfinite(v)]
+        if not values:
+            return None
+        std = statistics.stdev(values) if len(values) > 1 else None
+        return cls(statistics.fmean(values), std, len(values))
+
+    def text(self, fmt: str = ".3f") -> str:
+        std = "" if self.std is None else f" ± {format(self.std, fmt)}"
+        return f"{format(self.mean, fmt)}{std}"
+
+
+@dataclass
+class SeededSummary:
+    """A method over several seeds: per seed, its summary on the full grid and its headline
+    LR sensitivity; over seeds, the spreads."""
+
+    method: str
+    seeds: list[int]
+    per_seed: list[MethodSummary]
+    headline_sensitivity: list[float | None]
+    complete: bool  # every run of every seed ended
+
+    @property
+    def sensitivity(self) -> Spread | None:
+        return Spread.of(self.headline_sensitivity)
+
+    @property
+    def full_sensitivity(self) -> Spread | None:
+        return Spread.of([s.lr_sensitivity for s in self.per_seed])
+
+    @property
+    def best_loss(self) -> Spread | None:
+        return Spread.of([s.best_loss for s in self.per_seed])
+
+    @property
+    def diverged(self) -> int:
+        return sum(s.diverged for s in self.per_seed)
+
+    @property
+    def runs(self) -> int:
+        return sum(s.runs for s in self.per_seed)
+
+
+def seeds_of(runs: Iterable[SweepRun]) -> list[int]:
+    return sorted({r.seed for r in runs if r.seed is not None})
+
+
+def summarise_seeds(runs: Sequence[SweepRun], methods: Sequence[str],
+                    headline_lrs: Sequence[float] | None = None) -> list[SeededSummary]:
+    """Per method: `summarise` for each seed alone, and the LR sensitivity of each seed over
+    `headline_lrs` (default: the whole grid)."""
+    out = []
+    for method in methods:
+        mine = [r for r in runs if r.method == method]
+        seeds = seeds_of(mine)
+        per_seed, headline = [], []
+        for seed in seeds:
+            rows = [r for r in mine if r.seed == seed]
+            summary = summarise(rows, [method])[0]
+            per_seed.append(summary)
+            if headline_lrs is not None:
+                rows = [r for r in rows if any(math.isclose(r.lr, x) for x in headline_lrs)]
+            part = summarise(rows, [method])[0] if rows else None
+            headline.append(part.lr_sensitivity if part else None)
+        out.append(SeededSummary(method, seeds, per_seed, headline,
+                                 complete=bool(per_seed) and all(s.complete for s in per_seed)))
+    return out
+
+
+def resolved(a: Spread | None, b: Spread | None) -> bool | None:
+    """|mean a - mean b| > 2 x the larger standard deviation; None without two spreads."""
+    if a is None or b is None or a.std is None or b.std is None:
+        return None
+    return abs(a.mean - b.mean) > 2 * max(a.std, b.std)
+
+
+def _versus(spread: Spread | None, reference: Spread | None) -> str:
+    if spread is None or reference is None or spread is reference:
+        return "-"
+    verdict = resolved(spread, reference)
+    mark = "" if verdict is None else (" (resolved)" if verdict else " (within noise)")
+    return f"{spread.mean - reference.mean:+.3f}{mark}"
+
+
+def seeded_table(summaries: Sequence[SeededSummary], reference: str | None = None) -> list[str]:
+    """Markdown: per method, mean ± std over seeds of the headline and full-grid LR
+    sensitivity and of the best final loss, each against `reference` (a method's name)."""
+    ref = next((s for s in summaries if s.method == reference), None)
+    against = f" vs {reference}" if ref else ""
+    lines = [f"| method | seeds | diverged runs | LR sensitivity (headline grid) | "
+             f"difference{against} | best final loss | difference{against} | "
+             f"LR sensitivity (full grid) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        flag = "" if s.complete else " (incomplete)"
+        sens, best, full = s.sensitivity, s.best_loss, s.full_sensitivity
+        lines.append(
+            f"| {s.method}{flag} | {len(s.seeds)} | {s.diverged}/{s.runs} | "
+            f"{sens.text() if sens else '-'} | "
+            f"{_versus(sens, ref.sensitivity) if ref and s is not ref else '-'} | "
+            f"{best.text() if best else '-'} | "
+            f"{_versus(best, ref.best_loss) if ref and s is not ref else '-'} | "
+            f"{full.text() if full else '-'} |")
+    return lines
+
+
+def seeded_cell(runs: Sequence[SweepRun]) -> str:
+    """Mean ± std of the final losses of a (method, lr) over seeds; a diverged run counts as
+    its initial loss and is marked (`k div`)."""
+    if not runs:
+        return ""
+    values = [r.final_loss if r.status == "done" else r.initial_loss
+              for r in runs if r.status in ("done", "diverged")]
+    spread = Spread.of(values)
+    if spread is None:
+        return "pending"
+    diverged = sum(r.status == "diverged" for r in runs)
+    pending = sum(r.status not in ("done", "diverged") for r in runs)
+    notes = ([f"{diverged} div"] if diverged else []) + ([f"{pending} pending"] if pending else [])
+    return spread.text() + (f" ({', '.join(notes)})" if notes else "")
+
+
+def seeded_loss_grid(runs: Sequence[SweepRun], methods: Sequence[str]) -> list[str]:
+    """Markdown table: methods x LRs, mean ± std of the final loss over seeds."""
+    lrs = sorted({r.lr for r in runs})
+    lines = ["| method | " + " | ".join(f"lr {_lr(lr)}" for lr in lrs) + " |",
+             "|---|" + "---|" * len(lrs)]
+    for method in methods:
+        cells = [seeded_cell([r for r in runs if r.method == method and r.lr == lr])
+                 for lr in lrs]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def seeded_extremes_grid(runs: Sequence[SweepRun], methods: Sequence[str]) -> list[str]:
+    """Markdown table: per (method, lr), the smallest and largest over seeds of the run's
+    largest attention logit / the mean over seeds of its last lowest normalised entropy."""
+    lrs = sorted({r.lr for r in runs})
+    lines = ["| method | " + " | ".join(f"lr {_lr(lr)}" for lr in lrs) + " |",
+             "|---|" + "---|" * len(lrs)]
+    for method in methods:
+        cells = []
+        for lr in lrs:
+            mine = [r for r in runs if r.method == method and r.lr == lr]
+            logits = [r.max_attn_logit for r in mine if r.max_attn_logit is not None]
+            entropy = Spread.of([r.min_attn_entropy for r in mine])
+            if not logits:
+                cells.append("-")
+                continue
+            low, high = min(logits), max(logits)
+            span = f"{low:.3g}" if len(logits) == 1 else f"{low:.3g}-{high:.3g}"
+            cells.append(f"{span} / {_num(entropy.mean if entropy else None, '.2f')}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
 
 
 # ------------------------------------------------------------------------------ output

@@ -33,12 +33,15 @@ The rules and their `stability.warning.*` thresholds (docs/stability.md, "Early 
   fitted to runs of ours.
 
 `logit_growth=0`, `entropy_floor=0`, `tev_growth=0`, `output_logit_growth=0` or
-`update_growth=0` turns a rule off. A non-finite value of a
-watched signal fires its rule at once. Each rule fires once per episode: after firing it stays
-quiet until its condition has been false on every metric record for `window` steps, then it is
-armed again. The state (histories and episodes) is plain Python (`state_dict()` /
-`load_state_dict()`) for checkpoints; a step that is not after the last one seen (a rollback)
-drops the history from that step on and re-arms the rules that fired since.
+`update_growth=0` turns a rule off. Two settings apply to every rule: `grace_steps` (no rule
+fires before that step: the warm-up, when every signal moves fast) and `persist` (a rule fires
+once its condition has held on that many metric records in a row, so that one noisy record
+does not). A non-finite value of a watched signal fires its rule at once, grace or not. Each
+rule fires once per episode: after firing it stays quiet until its condition has been false on
+every metric record for `window` steps, then it is armed again. The state (histories and
+episodes) is plain Python (`state_dict()` / `load_state_dict()`) for checkpoints; a step that is
+not after the last one seen (a rollback) drops the history from that step on and re-arms the
+rules that fired since.
 """
 
 from __future__ import annotations
@@ -92,9 +95,10 @@ class EarlyWarning(StepHook):
         self.events: list[WarningEvent] = []  # the firings at the last `after_step`
         # signal key -> [[step, value], ...] over the trailing window (finite values only)
         self.history: dict[str, list[list[float]]] = {}
-        # rule -> {"active": bool, "last_true": step the condition last held or None}
+        # rule -> {"active": bool, "last_true": step the condition last held or None,
+        #          "streak": metric records in a row on which the condition held}
         self.episodes: dict[str, dict[str, Any]] = {
-            rule: {"active": False, "last_true": None} for rule in RULES
+            rule: {"active": False, "last_true": None, "streak": 0} for rule in RULES
         }
         self.last_step: int | None = None
 
@@ -137,17 +141,23 @@ class EarlyWarning(StepHook):
             if math.isfinite(value):
                 self.history.setdefault(key, []).append([step, value])
         events = []
+        persist, grace = getattr(c, "persist", 1), getattr(c, "grace_steps", 0)
         for rule in RULES:
             finding = findings[rule]
             episode = self.episodes[rule]
             if finding is not None:
-                if not episode["active"]:
-                    signal, text = finding
-                    events.append(WarningEvent(step, rule, signal, f"step {step}: {text}"))
-                episode["active"] = True
+                signal, text = finding
+                episode["streak"] = episode.get("streak", 0) + 1
                 episode["last_true"] = step
-            elif episode["active"] and step - episode["last_true"] >= window:
-                episode["active"] = False
+                urgent = not math.isfinite(signals.get(signal, 0.0))
+                ready = episode["streak"] >= persist and step >= grace
+                if not episode["active"] and (ready or urgent):
+                    events.append(WarningEvent(step, rule, signal, f"step {step}: {text}"))
+                    episode["active"] = True
+            else:
+                episode["streak"] = 0
+                if episode["active"] and step - episode["last_true"] >= window:
+                    episode["active"] = False
         return events
 
     def state_dict(self) -> dict[str, Any]:
@@ -167,6 +177,7 @@ class EarlyWarning(StepHook):
             self.episodes[rule] = {
                 "active": bool(ep.get("active", False)),
                 "last_true": ep.get("last_true"),
+                "streak": int(ep.get("streak", 0)),
             }
         self.last_step = state.get("last_step")
 
@@ -322,7 +333,7 @@ class EarlyWarning(StepHook):
             hist[:] = [p for p in hist if p[0] < step]
         for episode in self.episodes.values():
             if episode["last_true"] is not None and episode["last_true"] >= step:
-                episode["active"], episode["last_true"] = False, None
+                episode["active"], episode["last_true"], episode["streak"] = False, None, 0
 
 
 def replay(cfg: Any, records: list[dict[str, Any]]) -> list[WarningEvent]:

@@ -335,3 +335,47 @@ def test_default_and_yaml_warning_settings_validate():
     validate(cfg, 1)
     assert cfg.stability.warning.logit_floor == 30.0
     assert EarlyWarning(cfg.stability.warning).update(1, healthy(1)) == []
+
+
+def test_grace_period_holds_a_warning_until_its_end():
+    def grow(step, record):
+        if step >= 100:
+            record["attn_logit_max/layer_01"] = 60.0 * 2 ** ((step - 100) // 10 + 1)
+
+    records = trace(range(10, 301, 10), grow)
+    assert run(records, tev_growth=0.0)[0] == (100, "logit_growth")
+    # the condition still holds at the end of the grace period: it fires then, not before
+    assert run(records, tev_growth=0.0, grace_steps=150)[0] == (150, "logit_growth")
+
+
+def test_persistence_needs_the_condition_on_consecutive_records():
+    def blip(step, record):
+        if step == 100:  # one record out of line, then back
+            record["attn_logit_max/layer_01"] = 500.0
+
+    records = trace(range(10, 301, 10), blip)
+    assert run(records, tev_growth=0.0) == [(100, "logit_growth")]
+    assert run(records, tev_growth=0.0, persist=2) == []
+
+    def grow(step, record):
+        if step >= 100:
+            record["attn_logit_max/layer_01"] = 60.0 * 2 ** ((step - 100) // 10 + 1)
+
+    assert run(trace(range(10, 301, 10), grow), tev_growth=0.0, persist=2)[0] == \
+        (110, "logit_growth")
+
+
+def test_non_finite_values_fire_despite_grace_and_persistence():
+    def nan(step, record):
+        if step == 60:
+            record["attn_logit_max/layer_02"] = float("nan")
+
+    records = trace(range(10, 301, 10), nan)
+    assert (60, "logit_growth") in run(records, grace_steps=200, persist=3)
+
+
+def test_grace_and_persist_are_validated():
+    for bad, match in (({"grace_steps": -1}, "grace_steps"), ({"persist": 0}, "persist")):
+        cfg = config_from_dict({"stability": {"warning": bad}})
+        with pytest.raises(ConfigError, match=match):
+            validate(cfg, 1)
