@@ -256,6 +256,20 @@ def mirror_run(run_dir: Path, mirror: Path) -> None:
     shutil.copyfile(run_dir / RESULT_FILE, mirror / RESULT_FILE)
 
 
+def sync_results(runs: list[RunSpec], out: Path, results: Path | None) -> int:
+    """Mirror every run that ended in its run directory and is missing from (or newer than)
+    the results mirror; returns how many were copied."""
+    copied = 0
+    for run in runs:
+        mirror = mirror_dir(run, out, results)
+        if mirror is None or not ended(run.run_dir, run):
+            continue
+        if read_result(mirror) != read_result(run.run_dir) or not (mirror / SERIES_FILE).is_file():
+            mirror_run(run.run_dir, mirror)
+            copied += 1
+    return copied
+
+
 def outcome(run_dir: Path, returncode: int, steps: int) -> tuple[str, str]:
     """(status, detail) of a run whose process has ended."""
     try:
@@ -463,13 +477,27 @@ def summarise(out: Path, runs: list[RunSpec], methods: list[str], header: list[s
                 "`div@N`: stopped by the divergence rule at step N.", "",
                 "## Largest attention logit / last lowest normalised entropy", "",
                 *sweep_table.extremes_grid(rows, methods), ""]
+    warning_lines = _warning_scores(results if results is not None else out)
     for folder in [out] + ([results] if results is not None else []):
         folder.mkdir(parents=True, exist_ok=True)
         sweep_table.write_csv(rows, folder / "sweep.csv")
         plot_note = _plot(rows, folder / "sweep.png")
-        lines = ["# LR sweep", "", *header, "", *body, plot_note, ""]
+        lines = ["# LR sweep", "", *header, "", *body, plot_note, "", *warning_lines]
         (folder / "sweep.md").write_text("\n".join(lines))
     return rows, table
+
+
+def _warning_scores(folder: Path) -> list[str]:
+    """The early-warning score section (analysis/warning_score.py) of the ended runs."""
+    from stable_megatron.analysis.warning_score import report_lines
+
+    try:
+        lines = report_lines(folder)
+    except RunLogError:
+        return []
+    return ["## Early warning, scored", "",
+            "Every rule replayed on every ended run (`stable-megatron report --warnings "
+            f"{folder}`; add `--seeds` / `--tune-seeds` to hold seeds out).", "", *lines]
 
 
 def _plot(rows: list[sweep_table.SweepRun], path: Path) -> str:
@@ -614,6 +642,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.summarise_only:
         header.append(f"This invocation: {elapsed / 60:.1f} min wall, {args.jobs} run(s) at a "
                       f"time, on {os.cpu_count()} CPU core(s) / visible device(s).")
+    copied = sync_results(runs, out, results)
+    if copied:
+        print(f"sweep: mirrored {copied} ended run(s) into {results}")
     rows, table = summarise(out, runs, names, header, results, headline_lrs)
     print("\n".join(table))
     failed = [r for r in rows if r.status in ("failed", "pending")]

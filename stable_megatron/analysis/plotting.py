@@ -224,24 +224,39 @@ def _finish_panels(grid, columns: int, zoom, margin: float) -> None:
 
 def plot_sweep(rows: list[dict[str, Any]], out: Path, title: str | None = None) -> None:
     """Final loss against LR (log x), a line per method. `rows`: dicts with `method`, `lr`,
-    `loss` (final loss, or None), `diverged` and `initial_loss`; a diverged run is drawn at
-    its initial loss with an 'x'; a run neither diverged nor with a loss is left out."""
+    `loss` (final loss, or None), `diverged`, `initial_loss` and optionally `seed`; a diverged
+    run is drawn at its initial loss with an 'x'; a run neither diverged nor with a loss is
+    left out. With several seeds the line is the mean over seeds, the band spans the smallest
+    to the largest seed, and each seed is a small dot."""
     plt = _pyplot()
     from matplotlib.lines import Line2D
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = _colors(plt)
     methods = list(dict.fromkeys(row["method"] for row in rows))
+    seeded = len({row.get("seed") for row in rows}) > 1
     for i, method in enumerate(methods):
         points = _sweep_points([r for r in rows if r["method"] == method])
         if not points:
             continue
         color = colors[i % len(colors)]
-        ax.plot([p[0] for p in points], [p[1] for p in points], color=color, lw=1.2,
-                label=method)
+        if not seeded:
+            ax.plot([p[0] for p in points], [p[1] for p in points], color=color, lw=1.2,
+                    label=method)
+            for lr, loss, diverged in points:
+                ax.plot(lr, loss, "x" if diverged else "o", color=color,
+                        ms=8 if diverged else 5, mew=2 if diverged else 1)
+            continue
+        lrs = sorted({p[0] for p in points})
+        at = {lr: [p for p in points if p[0] == lr] for lr in lrs}
+        means = [sum(p[1] for p in at[lr]) / len(at[lr]) for lr in lrs]
+        ax.plot(lrs, means, color=color, lw=1.2, label=method)
+        ax.fill_between(lrs, [min(p[1] for p in at[lr]) for lr in lrs],
+                        [max(p[1] for p in at[lr]) for lr in lrs], color=color, alpha=0.15,
+                        lw=0)
         for lr, loss, diverged in points:
-            ax.plot(lr, loss, "x" if diverged else "o", color=color, ms=8 if diverged else 5,
-                    mew=2 if diverged else 1)
+            ax.plot(lr, loss, "x" if diverged else ".", color=color, ms=6 if diverged else 3,
+                    mew=1.5 if diverged else 1)
     initial = [r["initial_loss"] for r in rows if finite(r.get("initial_loss"))]
     handles = ax.get_legend_handles_labels()[0]
     if initial:
@@ -250,11 +265,15 @@ def plot_sweep(rows: list[dict[str, Any]], out: Path, title: str | None = None) 
         handles.append(Line2D([], [], color="gray", ls=":", label=f"initial loss ({level:.2f})"))
     handles.append(Line2D([], [], color="gray", ls="", marker="x", mew=2,
                           label="diverged (drawn at its initial loss)"))
+    if seeded:
+        seeds = len({row.get("seed") for row in rows})
+        handles.append(Line2D([], [], color="gray", lw=6, alpha=0.3,
+                              label=f"mean over {seeds} seeds; band: min-max, dots: seeds"))
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("final loss")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(handles=handles, fontsize=8)
+    ax.legend(handles=handles, fontsize=7 if seeded else 8, ncol=2 if len(methods) > 6 else 1)
     if title:
         ax.set_title(title, fontsize=10)
     _save(plt, fig, out, dpi=90)

@@ -146,7 +146,8 @@ class Spread:
 @dataclass
 class SeededSummary:
     """A method over several seeds: per seed, its summary on the full grid and its headline
-    LR sensitivity; over seeds, the spreads."""
+    LR sensitivity; over seeds, the spreads of the seeds whose grid has ended (a seed with a
+    pending run counts in none of them)."""
 
     method: str
     seeds: list[int]
@@ -160,11 +161,15 @@ class SeededSummary:
 
     @property
     def full_sensitivity(self) -> Spread | None:
-        return Spread.of([s.lr_sensitivity for s in self.per_seed])
+        return Spread.of([s.lr_sensitivity for s in self.per_seed if s.complete])
 
     @property
     def best_loss(self) -> Spread | None:
-        return Spread.of([s.best_loss for s in self.per_seed])
+        return Spread.of([s.best_loss for s in self.per_seed if s.complete])
+
+    @property
+    def complete_seeds(self) -> int:
+        return sum(s.complete for s in self.per_seed)
 
     @property
     def diverged(self) -> int:
@@ -195,7 +200,7 @@ def summarise_seeds(runs: Sequence[SweepRun], methods: Sequence[str],
             if headline_lrs is not None:
                 rows = [r for r in rows if any(math.isclose(r.lr, x) for x in headline_lrs)]
             part = summarise(rows, [method])[0] if rows else None
-            headline.append(part.lr_sensitivity if part else None)
+            headline.append(part.lr_sensitivity if part and part.complete else None)
         out.append(SeededSummary(method, seeds, per_seed, headline,
                                  complete=bool(per_seed) and all(s.complete for s in per_seed)))
     return out
@@ -221,7 +226,7 @@ def seeded_table(summaries: Sequence[SeededSummary], reference: str | None = Non
     sensitivity and of the best final loss, each against `reference` (a method's name)."""
     ref = next((s for s in summaries if s.method == reference), None)
     against = f" vs {reference}" if ref else ""
-    lines = [f"| method | seeds | diverged runs | LR sensitivity (headline grid) | "
+    lines = [f"| method | seeds ended | diverged runs | LR sensitivity (headline grid) | "
              f"difference{against} | best final loss | difference{against} | "
              f"LR sensitivity (full grid) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -229,7 +234,7 @@ def seeded_table(summaries: Sequence[SeededSummary], reference: str | None = Non
         flag = "" if s.complete else " (incomplete)"
         sens, best, full = s.sensitivity, s.best_loss, s.full_sensitivity
         lines.append(
-            f"| {s.method}{flag} | {len(s.seeds)} | {s.diverged}/{s.runs} | "
+            f"| {s.method}{flag} | {s.complete_seeds}/{len(s.seeds)} | {s.diverged}/{s.runs} | "
             f"{sens.text() if sens else '-'} | "
             f"{_versus(sens, ref.sensitivity) if ref and s is not ref else '-'} | "
             f"{best.text() if best else '-'} | "
