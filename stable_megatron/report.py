@@ -6,6 +6,11 @@ well the early-warning rules did on a sweep's runs (analysis/warning_score.py): 
 labels, then precision, recall, false alarms and lead time per rule, for the previous and the
 current defaults and, with `--tune-seeds`, for the settings chosen on those seeds.
 
+`stable-megatron report --sweep-csv A.csv [B.csv ...] --out DIR` redraws a sweep's figure
+(`DIR/sweep.png`, final loss against LR) from committed `sweep.csv` files, for sweeps whose run
+directories are gone; several files are drawn together (e.g. a method beside a baseline run
+in another sweep with the same code).
+
 `DIR/report.md` has a table (one row per run: steps, final loss, final validation loss,
 spikes, early warnings, divergence) and the figures of `analysis.plotting.REPORT_FIGURES`, each
 with what to look for; spikes, early warnings (logged, and replayed from the records through the
@@ -115,6 +120,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="directory for report.md and the PNGs")
     parser.add_argument("--warnings", type=Path, metavar="SWEEP_DIR",
                         help="print the early-warning score table of a sweep's runs instead")
+    parser.add_argument("--sweep-csv", nargs="+", type=Path, metavar="CSV",
+                        help="draw DIR/sweep.png from these sweep.csv files instead")
     parser.add_argument("--seeds", help="with --warnings: score these seeds only (e.g. 2,3)")
     parser.add_argument("--tune-seeds", help="with --warnings: also choose the rules' settings "
                         "on these seeds (e.g. 1) and score them on --seeds")
@@ -145,10 +152,34 @@ def warnings_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def sweep_csv_main(paths: list[Path], out: Path | None) -> int:
+    from stable_megatron.analysis import sweep_table
+    from stable_megatron.analysis.plotting import plot_sweep
+
+    if out is None:
+        print("error: --sweep-csv needs --out DIR", file=sys.stderr)
+        return 2
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        print(f"error: no such file: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    rows = [row for path in paths for row in sweep_table.read_csv(path)]
+    points = sweep_table.plot_points(rows)
+    if not points:
+        print("error: no ended run in the CSV file(s)", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    plot_sweep(points, out / "sweep.png", title="final loss against learning rate")
+    print(f"wrote {out / 'sweep.png'} ({len(points)} runs)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.warnings is not None:
         return warnings_main(args)
+    if args.sweep_csv:
+        return sweep_csv_main(args.sweep_csv, args.out)
     if not args.run_dirs or args.out is None:
         print("error: give RUN_DIR... --out DIR (or --warnings SWEEP_DIR)", file=sys.stderr)
         return 2

@@ -501,9 +501,7 @@ def _warning_scores(folder: Path) -> list[str]:
 
 
 def _plot(rows: list[sweep_table.SweepRun], path: Path) -> str:
-    points = [{"method": r.method, "lr": r.lr, "loss": r.final_loss, "seed": r.seed,
-               "diverged": r.status == "diverged", "initial_loss": r.initial_loss}
-              for r in rows if r.status in ("done", "diverged")]
+    points = sweep_table.plot_points(rows)
     if not points:
         return "(no plot: no run has ended yet)"
     from stable_megatron.analysis.plotting import plot_sweep

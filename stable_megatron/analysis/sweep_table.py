@@ -296,6 +296,13 @@ def seeded_extremes_grid(runs: Sequence[SweepRun], methods: Sequence[str]) -> li
 # ------------------------------------------------------------------------------ output
 
 
+def plot_points(runs: Iterable[SweepRun]) -> list[dict]:
+    """The ended runs as the points `analysis.plotting.plot_sweep` draws."""
+    return [{"method": r.method, "lr": r.lr, "loss": r.final_loss, "seed": r.seed,
+             "diverged": r.status == "diverged", "initial_loss": r.initial_loss}
+            for r in runs if r.status in ("done", "diverged")]
+
+
 def write_csv(runs: Sequence[SweepRun], path: Path) -> None:
     names = [f.name for f in fields(SweepRun)] + ["final_loss"]
     with open(path, "w", newline="") as handle:

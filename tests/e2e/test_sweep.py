@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -98,3 +99,58 @@ def _running(run_dir: Path) -> bool:
         if marker.encode() in args:
             return True
     return False
+
+
+def test_seeded_sweep_differs_by_seed_mirrors_results_and_reruns_nothing(tmp_path, data_cache):
+    """`--seeds 1,2` at an LR too small to move a weight (1e-30): each run's final checkpoint
+    holds its initial weights, so the seeds' checkpoints differ in their initialisation; their
+    configs carry train.seed, which orders the data. A rerun, with the run directories and with
+    only the committed mirror (a fresh checkout), launches nothing."""
+    import torch
+
+    from stable_megatron.checkpoint.export import merged_state_dict, open_checkpoint
+    from stable_megatron.config import load_config
+    from stable_megatron.data.dataset import TokenWindowDataset
+    from stable_megatron.train import resolve_data
+
+    out, results = tmp_path / "sweep", tmp_path / "results"
+    cmd = [sys.executable, "-m", "stable_megatron.cli", "sweep", str(REPRO), "--methods",
+           "baseline", "--lrs", "1e-30", "--seeds", "1,2", "--out", str(out), "--results",
+           str(results), *SMALL, f"data.cache_dir={data_cache}"]
+    env = cpu_env()
+    first = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                           check=False)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    dirs = {seed: out / "baseline" / f"seed_{seed}" / "lr_1e-30" for seed in (1, 2)}
+    weights, orders = {}, {}
+    for seed, run_dir in dirs.items():
+        assert json.loads((run_dir / "sweep_run.json").read_text())["status"] == "done"
+        cfg = load_config(str(run_dir / "config.yaml"))
+        assert cfg.train.seed == seed
+        weights[seed] = merged_state_dict(open_checkpoint(run_dir / "checkpoints"))
+        dataset = TokenWindowDataset(resolve_data(cfg).train_prefix, cfg.model.seq_length,
+                                     seed=cfg.train.seed)
+        orders[seed] = [dataset[i][:8].tolist() for i in range(4)]
+    assert weights[1].keys() == weights[2].keys()
+    assert any(not torch.equal(weights[1][k], weights[2][k]) for k in weights[1])
+    assert orders[1] != orders[2]
+
+    # the mirror: each run's record and series, and the summary, written from them
+    for seed in (1, 2):
+        mirror = results / "baseline" / f"seed_{seed}" / "lr_1e-30"
+        assert {p.name for p in mirror.iterdir()} == {"sweep_run.json", "series.jsonl.gz"}
+    summary = (results / "sweep.md").read_text()
+    assert "mean ± standard deviation over seeds 1, 2" in summary
+    assert "| baseline | 2/2 | 0/2 |" in summary
+    assert (results / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    again = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           check=False)
+    assert again.returncode == 0 and "2 of 2 runs already ended" in again.stdout
+    shutil.rmtree(out)  # a fresh checkout: only the committed mirror is left
+    csv_before = (results / "sweep.csv").read_text()
+    fresh = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           check=False)
+    assert fresh.returncode == 0 and "2 of 2 runs already ended" in fresh.stdout
+    assert "started" not in fresh.stdout and not dirs[1].exists()
+    assert (results / "sweep.csv").read_text() == csv_before  # regenerated from the mirror

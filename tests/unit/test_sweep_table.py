@@ -155,3 +155,74 @@ def test_bad_sweeps_stop_with_one_line_before_running(args, message, tmp_path, c
     assert code == 2
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def seeded(method: str, seed: int, losses: dict[float, float | None]) -> list[SweepRun]:
+    return [SweepRun(method=method, lr=lr, status="done" if loss is not None else "diverged",
+                     seed=seed, initial_loss=L0, val_loss=loss) for lr, loss in losses.items()]
+
+
+def test_seeded_summary_means_stds_headline_grid_and_resolution():
+    from stable_megatron.analysis.sweep_table import (
+        Spread,
+        resolved,
+        seeded_loss_grid,
+        seeded_table,
+        summarise_seeds,
+    )
+
+    rows = [
+        # A: per seed, headline grid (1e-3, 1e-2) sensitivities 0.5, 0.7, 0.6; best 4.0-4.2;
+        # lr 1 diverges in every seed (adds (7 - best) / 3 to every full-grid sensitivity)
+        *seeded("A", 1, {1e-3: 4.5, 1e-2: 4.0, 1.0: None}),
+        *seeded("A", 2, {1e-3: 4.8, 1e-2: 4.1, 1.0: None}),
+        *seeded("A", 3, {1e-3: 4.8, 1e-2: 4.2, 1.0: None}),
+        # B: sensitivities 0.05 in every seed (resolved against A); best 4.2 in every seed
+        *seeded("B", 1, {1e-3: 4.3, 1e-2: 4.2, 1.0: None}),
+        *seeded("B", 2, {1e-3: 4.3, 1e-2: 4.2, 1.0: None}),
+        *seeded("B", 3, {1e-3: 4.3, 1e-2: 4.2, 1.0: None}),
+    ]
+    a, b = summarise_seeds(rows, ["A", "B"], headline_lrs=[1e-3, 1e-2])
+    assert a.seeds == [1, 2, 3] and a.complete and a.complete_seeds == 3
+    assert a.headline_sensitivity == pytest.approx([0.25, 0.35, 0.3])
+    assert a.sensitivity.mean == pytest.approx(0.3) and a.sensitivity.std == pytest.approx(0.05)
+    assert a.best_loss.mean == pytest.approx(4.1) and a.best_loss.std == pytest.approx(0.1)
+    # the full grid adds lr 1 (a diverged run: L0 - best) to each seed's mean
+    full = [(0.5 + 0 + 3.0) / 3, (0.7 + 0 + 2.9) / 3, (0.6 + 0 + 2.8) / 3]
+    assert a.full_sensitivity.mean == pytest.approx(sum(full) / 3)
+    assert b.sensitivity.mean == pytest.approx(0.05) and b.sensitivity.std == pytest.approx(0.0)
+    assert resolved(b.sensitivity, a.sensitivity) is True  # 0.25 > 2 x 0.05
+    assert resolved(b.best_loss, a.best_loss) is False  # 0.1 < 2 x 0.1
+    assert resolved(Spread(1.0, None, 1), a.sensitivity) is None
+    table = "\n".join(seeded_table([a, b], "A"))
+    assert "| A | 3/3 | 3/9 | 0.300 ± 0.050 | - | 4.100 ± 0.100 | - |" in table
+    assert "| B | 3/3 | 3/9 | 0.050 ± 0.000 | -0.250 (resolved) | 4.200 ± 0.000 | " \
+           "+0.100 (within noise) |" in table
+    grid = "\n".join(seeded_loss_grid(rows, ["A", "B"]))
+    assert "| A | 4.700 ± 0.173 | 4.100 ± 0.100 | 7.000 ± 0.000 (3 div) |" in grid
+
+
+def test_a_seed_with_a_pending_run_counts_in_no_spread():
+    from stable_megatron.analysis.sweep_table import summarise_seeds
+
+    rows = [*seeded("A", 1, {1e-3: 4.5, 1e-2: 4.0}), *seeded("A", 2, {1e-3: 4.8})]
+    rows.append(SweepRun(method="A", lr=1e-2, status="pending", seed=2))
+    (a,) = summarise_seeds(rows, ["A"])
+    assert not a.complete and a.complete_seeds == 1
+    assert a.headline_sensitivity[1] is None
+    assert a.sensitivity.n == 1 and a.sensitivity.std is None and a.best_loss.mean == 4.0
+
+
+def test_seeded_csv_round_trip_and_plot(tmp_path):
+    rows = [*seeded("A", 1, {1e-3: 4.5, 1e-2: 4.0, 1.0: None}),
+            *seeded("A", 2, {1e-3: 4.8, 1e-2: 4.1, 1.0: None})]
+    write_csv(rows, tmp_path / "sweep.csv")
+    back = read_csv(tmp_path / "sweep.csv")
+    assert [(r.seed, r.lr, r.final_loss) for r in back] == \
+        [(r.seed, r.lr, r.final_loss) for r in rows]
+    from stable_megatron.report import main as report_main
+
+    assert report_main(["--sweep-csv", str(tmp_path / "sweep.csv"), "--out",
+                        str(tmp_path / "fig")]) == 0
+    assert (tmp_path / "fig" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report_main(["--sweep-csv", str(tmp_path / "nope.csv"), "--out", "x"]) == 2
