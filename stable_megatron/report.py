@@ -9,7 +9,7 @@ current defaults and, with `--tune-seeds`, for the settings chosen on those seed
 `stable-megatron report --sweep-csv A.csv [B.csv ...] --out DIR` redraws a sweep's figure
 (`DIR/sweep.png`, final loss against LR) from committed `sweep.csv` files, for sweeps whose run
 directories are gone; several files are drawn together (e.g. a method beside a baseline run
-in another sweep with the same code).
+in another sweep with the same code), `--methods a,b` picks and orders the curves.
 
 `DIR/report.md` has a table (one row per run: steps, final loss, final validation loss,
 spikes, early warnings, divergence) and the figures of `analysis.plotting.REPORT_FIGURES`, each
@@ -122,6 +122,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="print the early-warning score table of a sweep's runs instead")
     parser.add_argument("--sweep-csv", nargs="+", type=Path, metavar="CSV",
                         help="draw DIR/sweep.png from these sweep.csv files instead")
+    parser.add_argument("--methods", help="with --sweep-csv: draw only these methods")
     parser.add_argument("--seeds", help="with --warnings: score these seeds only (e.g. 2,3)")
     parser.add_argument("--tune-seeds", help="with --warnings: also choose the rules' settings "
                         "on these seeds (e.g. 1) and score them on --seeds")
@@ -152,7 +153,7 @@ def warnings_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def sweep_csv_main(paths: list[Path], out: Path | None) -> int:
+def sweep_csv_main(paths: list[Path], out: Path | None, methods: str | None = None) -> int:
     from stable_megatron.analysis import sweep_table
     from stable_megatron.analysis.plotting import plot_sweep
 
@@ -164,6 +165,9 @@ def sweep_csv_main(paths: list[Path], out: Path | None) -> int:
         print(f"error: no such file: {', '.join(missing)}", file=sys.stderr)
         return 2
     rows = [row for path in paths for row in sweep_table.read_csv(path)]
+    if methods:
+        keep = [m.strip() for m in methods.split(",") if m.strip()]
+        rows = sorted((r for r in rows if r.method in keep), key=lambda r: keep.index(r.method))
     points = sweep_table.plot_points(rows)
     if not points:
         print("error: no ended run in the CSV file(s)", file=sys.stderr)
@@ -179,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.warnings is not None:
         return warnings_main(args)
     if args.sweep_csv:
-        return sweep_csv_main(args.sweep_csv, args.out)
+        return sweep_csv_main(args.sweep_csv, args.out, args.methods)
     if not args.run_dirs or args.out is None:
         print("error: give RUN_DIR... --out DIR (or --warnings SWEEP_DIR)", file=sys.stderr)
         return 2

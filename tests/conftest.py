@@ -7,6 +7,26 @@ import pytest
 import torch.distributed as dist
 
 
+def pytest_report_header(config) -> str:
+    """The machine's fp32 matrix rate, first in every test run's output (CI's included): these
+    machines differ several-fold from day to day, so a suite's time means little without it."""
+    import time
+
+    import torch
+
+    threads = torch.get_num_threads()
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        best = min(best, (time.perf_counter() - start) / 4)
+    return (f"fp32 matrix rate: {2 * 1024 ** 3 / best / 1e9:.0f} GFLOP/s "
+            f"(1024 x 1024 matmul, {threads} threads, best of 5)")
+
+
 @pytest.fixture(scope="module")
 def world_of_one():
     """A world-1 gloo process group and megatron-core's TP=1 groups, for single-process tests
