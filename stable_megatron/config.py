@@ -144,6 +144,10 @@ class TrainConfig:
     # false: no weight decay on the embeddings (word and position; the tied output layer with
     # them), as OLMo 2
     embedding_weight_decay: bool = True
+    # the LR of the linear layers' weight matrices (every matrix but the embedding tables) as a
+    # multiple of the schedule's; 1 keeps one schedule for all (an experiment's knob: the
+    # effective-LR control of sigma-reparam in docs/results.md)
+    linear_lr_scale: float = 1.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
@@ -520,6 +524,8 @@ def validate(cfg: Config, world_size: int) -> None:
         )
     if not 0 <= t.min_lr <= t.lr:
         raise ConfigError(f"train.min_lr={t.min_lr} must be between 0 and train.lr={t.lr}")
+    if not t.linear_lr_scale > 0:
+        raise ConfigError(f"train.linear_lr_scale={t.linear_lr_scale}: must be > 0")
     if t.warmup_steps < 0:
         raise ConfigError(f"train.warmup_steps={t.warmup_steps}: must be >= 0")
     if t.recompute not in RECOMPUTE_MODES:

@@ -72,26 +72,36 @@ def lr_at(cfg: Config, step: int) -> float:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float,
-                 decay_embeddings: bool = True) -> list[dict]:
+                 decay_embeddings: bool = True, linear_lr: float | None = None) -> list[dict]:
     """Weight decay on matrices only; biases and norm weights (1-D) are not decayed, nor, with
     `decay_embeddings=False`, the embedding tables (word and position: every `nn.Embedding`
-    and megatron-core `VocabParallelEmbedding`, so also a tied output layer)."""
+    and megatron-core `VocabParallelEmbedding`, so also a tied output layer). With `linear_lr`,
+    the matrices that are not embedding tables (the linear layers' weights) form a third group
+    of their own, with that LR."""
     from megatron.core.tensor_parallel import VocabParallelEmbedding
 
     tables = set()
-    if not decay_embeddings:
-        for module in model.modules():
-            if isinstance(module, (torch.nn.Embedding, VocabParallelEmbedding)):
-                tables.update(id(p) for p in module.parameters())
-    decay, no_decay = [], []
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Embedding, VocabParallelEmbedding)):
+            tables.update(id(p) for p in module.parameters())
+    decay, no_decay, linear = [], [], []
     for param in model.parameters():
-        if param.requires_grad:
-            matrix = param.dim() >= 2 and id(param) not in tables
-            (decay if matrix else no_decay).append(param)
-    return [
+        if not param.requires_grad:
+            continue
+        table = id(param) in tables
+        if param.dim() < 2 or (table and not decay_embeddings):
+            no_decay.append(param)
+        elif not table and linear_lr is not None:
+            linear.append(param)
+        else:
+            decay.append(param)
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if linear_lr is not None:
+        groups.append({"params": linear, "weight_decay": weight_decay, "lr": linear_lr})
+    return groups
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
@@ -104,8 +114,9 @@ def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
     (tests/unit/test_optimizer.py). The CPU results in docs/results.md were measured with the
     loop (`foreach=False`), the CPU kernel until issue 13."""
     t = cfg.train
+    linear_lr = t.lr * t.linear_lr_scale if t.linear_lr_scale != 1.0 else None
     return torch.optim.AdamW(
-        param_groups(model, t.weight_decay, t.embedding_weight_decay),
+        param_groups(model, t.weight_decay, t.embedding_weight_decay, linear_lr),
         lr=t.lr,
         betas=(t.adam_beta1, t.adam_beta2),
         eps=t.adam_eps,

@@ -54,3 +54,26 @@ def test_fused_and_loop_take_the_same_steps():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
         moved |= not torch.equal(a, start)
     assert moved
+
+
+def test_linear_lr_scale_gives_the_linear_matrices_their_own_lr():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 8),
+                                torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+    cfg = config_from_dict({"train": {"lr": 1e-2, "weight_decay": 0.1,
+                                      "linear_lr_scale": 0.25}})
+    opt = make_optimizer(model, cfg)
+    decay, no_decay, linear = opt.param_groups
+    assert [id(p) for p in decay["params"]] == [id(model[0].weight)]
+    assert [id(p) for p in linear["params"]] == [id(model[1].weight), id(model[3].weight)]
+    assert len(no_decay["params"]) == 4  # the biases and the norm's weight and bias
+    assert (decay["lr"], no_decay["lr"], linear["lr"]) == (1e-2, 1e-2, 2.5e-3)
+    assert linear["weight_decay"] == decay["weight_decay"] == 0.1
+    # the schedule scales every group alike, so the ratio holds at every step
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    assert linear["lr"] == 0.25 * decay["lr"] == 0.25 * 1e-2 * 0.5 ** 3
+    # at 1 (the default) there is no third group
+    assert len(make_optimizer(model, _cfg()).param_groups) == 2
