@@ -261,36 +261,24 @@ def seeded_cell(runs: Sequence[SweepRun]) -> str:
 
 def seeded_loss_grid(runs: Sequence[SweepRun], methods: Sequence[str]) -> list[str]:
     """Markdown table: methods x LRs, mean ± std of the final loss over seeds."""
-    lrs = sorted({r.lr for r in runs})
-    lines = ["| method | " + " | ".join(f"lr {_lr(lr)}" for lr in lrs) + " |",
-             "|---|" + "---|" * len(lrs)]
-    for method in methods:
-        cells = [seeded_cell([r for r in runs if r.method == method and r.lr == lr])
-                 for lr in lrs]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return lines
+    return seeds_grid(runs, methods, seeded_cell)
+
+
+def seeded_extremes_cell(runs: Sequence[SweepRun]) -> str:
+    """The smallest-largest over seeds of the runs' largest attention logit / the mean over
+    seeds of their last lowest normalised entropy."""
+    logits = [r.max_attn_logit for r in runs if r.max_attn_logit is not None]
+    if not logits:
+        return "-"
+    entropy = Spread.of([r.min_attn_entropy for r in runs])
+    low, high = min(logits), max(logits)
+    span = f"{low:.3g}" if len(logits) == 1 else f"{low:.3g}-{high:.3g}"
+    return f"{span} / {_num(entropy.mean if entropy else None, '.2f')}"
 
 
 def seeded_extremes_grid(runs: Sequence[SweepRun], methods: Sequence[str]) -> list[str]:
-    """Markdown table: per (method, lr), the smallest and largest over seeds of the run's
-    largest attention logit / the mean over seeds of its last lowest normalised entropy."""
-    lrs = sorted({r.lr for r in runs})
-    lines = ["| method | " + " | ".join(f"lr {_lr(lr)}" for lr in lrs) + " |",
-             "|---|" + "---|" * len(lrs)]
-    for method in methods:
-        cells = []
-        for lr in lrs:
-            mine = [r for r in runs if r.method == method and r.lr == lr]
-            logits = [r.max_attn_logit for r in mine if r.max_attn_logit is not None]
-            entropy = Spread.of([r.min_attn_entropy for r in mine])
-            if not logits:
-                cells.append("-")
-                continue
-            low, high = min(logits), max(logits)
-            span = f"{low:.3g}" if len(logits) == 1 else f"{low:.3g}-{high:.3g}"
-            cells.append(f"{span} / {_num(entropy.mean if entropy else None, '.2f')}")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return lines
+    """Markdown table: `seeded_extremes_cell` per (method, lr)."""
+    return seeds_grid(runs, methods, seeded_extremes_cell)
 
 
 # ------------------------------------------------------------------------------ output
@@ -358,13 +346,22 @@ def cell(run: SweepRun | None) -> str:
 def method_lr_grid(runs: Sequence[SweepRun], methods: Sequence[str],
                    cell_of: Callable[[SweepRun | None], str]) -> list[str]:
     """Markdown table: one row per method, one column per LR, `cell_of(run)` in each cell."""
+    return seeds_grid(runs, methods, lambda mine: cell_of(mine[-1] if mine else None))
+
+
+def seeds_grid(runs: Sequence[SweepRun], methods: Sequence[str],
+               cell_of: Callable[[list[SweepRun]], str]) -> list[str]:
+    """Markdown table: one row per method, one column per LR, `cell_of(the runs of that
+    method and LR, one per seed)` in each cell."""
     lrs = sorted({r.lr for r in runs})
-    at = {(r.method, r.lr): r for r in runs}
+    at: dict[tuple[str, float], list[SweepRun]] = {}
+    for r in runs:
+        at.setdefault((r.method, r.lr), []).append(r)
     lines = ["| method | " + " | ".join(f"lr {_lr(lr)}" for lr in lrs) + " |",
              "|---|" + "---|" * len(lrs)]
     for method in methods:
-        lines.append(f"| {method} | " + " | ".join(cell_of(at.get((method, lr))) for lr in lrs)
-                     + " |")
+        lines.append(f"| {method} | " + " | ".join(cell_of(at.get((method, lr), []))
+                                                   for lr in lrs) + " |")
     return lines
 
 
