@@ -510,9 +510,11 @@ def _draw_panel(ax, panel: PanelSpec, lines: list[_Line], runs: list[MarkedRun],
     from matplotlib.ticker import MaxNLocator
 
     for line in lines:
+        style = styles.get(_layer(line.key), {})
+        if len(line.steps) <= 3 and "marker" not in style:
+            style = {**style, "marker": "o", "ms": 4}  # a lone point (e.g. one evaluation)
         ax.plot(line.steps, line.values, color=colors[line.run % len(colors)], lw=1.1,
-                markevery=max(1, len(line.steps) // _MARKS_PER_LINE),
-                **styles.get(_layer(line.key), {}))
+                markevery=max(1, len(line.steps) // _MARKS_PER_LINE), **style)
     for i in sorted({line.run for line in lines}):
         _mark_steps(ax, runs[i], colors[i % len(colors)])
     ax.set_yscale(panel.yscale)

@@ -23,7 +23,7 @@ __all__ = ["KEEP", "SERIES_FILE", "compact", "write_series"]
 # The keys a series keeps: the losses and optimizer state per step, and the stability signals
 # of metric steps (what the early-warning rules read, TEV, sigma/gamma, QK-clip, z-loss).
 KEEP = re.compile(
-    r"^(step|loss|val_loss|lr|grad_norm|z_loss"
+    r"^(step|loss|val_loss|val_ppl|lr|grad_norm|z_loss"
     r"|attn_logit_max/layer_\d+|attn_entropy_norm/layer_\d+/min"
     r"|tev/mean|tev_out/mean|output_logit/(mean|max)|update_rms/[\w.]+"
     r"|(sigma|gamma|sigma_exact|sigma_lag)/[\w./]+|qk_clip/(max_logit|clipped_heads))$"
