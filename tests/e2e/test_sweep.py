@@ -115,8 +115,8 @@ def test_seeded_sweep_differs_by_seed_mirrors_results_and_reruns_nothing(tmp_pat
 
     out, results = tmp_path / "sweep", tmp_path / "results"
     cmd = [sys.executable, "-m", "stable_megatron.cli", "sweep", str(REPRO), "--methods",
-           "baseline", "--lrs", "1e-30", "--seeds", "1,2", "--out", str(out), "--results",
-           str(results), *SMALL, f"data.cache_dir={data_cache}"]
+           "baseline", "--lrs", "1e-30", "--seeds", "1,2", "--jobs", "2", "--out", str(out),
+           "--results", str(results), *SMALL, f"data.cache_dir={data_cache}"]
     env = cpu_env()
     first = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,
                            check=False)
