@@ -1,7 +1,8 @@
 """`stable-megatron sweep`: train every (method, learning rate) pair of a grid and summarise how
 robust each method is to the learning rate.
 
-    stable-megatron sweep RECIPE [--methods a,b,...] [--lrs 1e-3,3e-3,...] [--out DIR]
+    stable-megatron sweep RECIPE [--methods a,b,...] [--lrs 1e-3,3e-3,...] [--seeds 1,2,3]
+                                 [--out DIR] [--results DIR] [--headline-lrs ...]
                                  [--nproc N] [--jobs J] [--dry-run] [key=value ...]
 
 Each pair is an ordinary run directory, `OUT/<method>/lr_<lr>`, trained by the same command as
@@ -18,13 +19,22 @@ beside it records the outcome once the run has ended.
   `stability.stop_on_divergence=true`: a run stops early once its loss is not finite or has
   been above its first-step loss for `stability.divergence_patience` steps
   (stable_megatron/metrics/divergence.py).
+- `--seeds` runs the grid once per `train.seed` (initialisation and data order), in
+  `OUT/<method>/seed_<s>/lr_<lr>`, seed by seed; the summary then reports means and standard
+  deviations over seeds (analysis/sweep_table.py), with the headline LR sensitivity over
+  `--headline-lrs` (default: the whole grid).
+- `--results DIR` mirrors each ended run's `sweep_run.json` and compact series
+  (`series.jsonl.gz`, analysis/series.py) into `DIR/<same path>`, small enough to commit; the
+  summary is written there too, from the mirrored series.
 - Runs go one after another, or `--jobs J` at a time (each with cores / (J * nproc) threads).
 - Run again, the same command skips the runs that ended (done or diverged) with the same
-  overrides and relaunches the others, which resume from their latest checkpoint. (An edit of
-  the recipe file itself is not detected: sweep into a new `--out` after one.)
+  overrides, in OUT or in the results mirror (so a fresh checkout with committed results
+  relaunches nothing), and relaunches the others, which resume from their latest checkpoint.
+  (An edit of the recipe file itself is not detected: sweep into a new `--out` after one.)
 - At the end (and with `--summarise-only`) it writes `OUT/sweep.csv` (one row per run),
   `OUT/sweep.md` (loss grid, per-method summary, LR sensitivity; definitions in
-  stable_megatron/analysis/sweep_table.py) and `OUT/sweep.png` (final loss against LR).
+  stable_megatron/analysis/sweep_table.py; the early-warning scores of the ended runs,
+  analysis/warning_score.py) and `OUT/sweep.png` (final loss against LR).
 """
 
 from __future__ import annotations
