@@ -52,7 +52,7 @@ def test_plot_writes_a_png_with_warnings_and_divergence(tool, tmp_path, capsys):
     write_run(tmp_path / "healthy", diverge=False)
     write_run(tmp_path / "divergent", diverge=True)
     (tmp_path / "divergent" / "config.yaml").write_text(
-        "stability:\n  warning:\n    logit_floor: 40.0\n")
+        "stability:\n  warning:\n    logit_floor: 40.0\n    tev_growth: 2.0\n")
     out = tmp_path / "img" / "plot.png"
     assert tool.main([str(tmp_path / "healthy"), str(tmp_path / "divergent"), "--out",
                       str(out), "--labels", "healthy", "high LR", "--title", "demo"]) == 0
@@ -60,7 +60,8 @@ def test_plot_writes_a_png_with_warnings_and_divergence(tool, tmp_path, capsys):
     assert out.stat().st_size > 10_000
     text = capsys.readouterr().out
     assert "healthy: loss did not diverge" in text
-    # the run's config.yaml lowers the floor to 40: 20 * 1.1^8 = 42.9 at step 48
+    # the run's config.yaml lowers the floor to 40 (20 * 1.1^8 = 42.9 at step 48) and turns the
+    # TEV rule on (off by default)
     assert "warning (logit_growth) step 48:" in text
     assert "warning (entropy_collapse)" in text and "warning (tev_growth)" in text
     assert "high LR: loss diverged at step 71" in text  # 7.1 > 6.0 + 1 from step 71 on

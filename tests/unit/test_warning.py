@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from stable_megatron.analysis.warning_score import PREVIOUS_DEFAULTS
 from stable_megatron.config import ConfigError, WarningConfig, config_from_dict, validate
 from stable_megatron.metrics.warning import EarlyWarning, replay
 
@@ -30,8 +31,15 @@ def healthy(step: int) -> dict[str, float]:
     return record
 
 
+def base() -> WarningConfig:
+    """The settings the rules' mechanics are tested at (the defaults before issue 21 chose
+    new ones on a sweep: every rule on, 3 records before scoring); the current defaults are
+    tested at the end of this file."""
+    return dataclasses.replace(WarningConfig(), **PREVIOUS_DEFAULTS)
+
+
 def run(records, **overrides) -> list[tuple[int, str]]:
-    cfg = dataclasses.replace(WarningConfig(), **overrides)
+    cfg = dataclasses.replace(base(), **overrides)
     return [(e.step, e.rule) for e in replay(cfg, records)]
 
 
@@ -50,7 +58,7 @@ def test_silent_on_a_healthy_trace():
 
 
 def test_records_without_metrics_are_ignored():
-    warn = EarlyWarning(WarningConfig())
+    warn = EarlyWarning(base())
     before = warn.state_dict()
     assert warn.update(7, {"step": 7, "loss": float("nan"), "grad_norm": 3.0}) == []
     assert warn.update(8, {"event": "spike", "step": 8}) == []
@@ -67,7 +75,7 @@ def test_growing_max_logit_fires_at_the_expected_step():
     records = trace(range(10, 401, 10), change)
     # step 320: 55 >= the floor 50 and 55 / min(window) >= 2; at 310 25 is below the floor
     assert run(records) == [(320, "logit_growth")]
-    msg = EarlyWarning(WarningConfig())
+    msg = EarlyWarning(base())
     texts = [t for r in records for t in msg.update(r["step"], r)]
     assert texts[0].startswith("step 320: max attention logit 55 in layer 2 grew")
     assert "logit_growth" in texts[0] and len(texts) == 1  # once for the whole episode
@@ -95,7 +103,7 @@ def test_collapsing_entropy_fires_at_the_expected_step():
     records = trace(range(5, 301, 5), change)
     # 215: 0.15 < 0.2 and < 0.5 * 0.45 (the window's maximum), with logits >= logit_floor
     assert run(records, logit_growth=0) == [(215, "entropy_collapse")]
-    warn = EarlyWarning(dataclasses.replace(WarningConfig(), logit_growth=0))
+    warn = EarlyWarning(dataclasses.replace(base(), logit_growth=0))
     texts = [t for r in records for t in warn.update(r["step"], r)]
     assert texts == [texts[0]] and "layer 1" in texts[0] and "0.150 of log(keys)" in texts[0]
 
@@ -127,7 +135,7 @@ def test_growing_tev_fires_at_the_expected_step():
     # = 1.7x, step 120 0.0533 / 0.0247 (step 70) = 2.2x
     assert run(records) == [(120, "tev_growth")]
     out = dict(healthy(50), **{"tev_out/mean": 1.0})
-    assert "tev_out/mean" in EarlyWarning(WarningConfig())._signals(out)
+    assert "tev_out/mean" in EarlyWarning(base())._signals(out)
 
 
 def test_drifting_output_logits_fire_at_the_expected_step():
@@ -161,7 +169,7 @@ def test_an_update_spike_fires_at_its_step():
     assert run(trace(range(10, 201, 10), spike(4.0))) == [(150, "update_spike")]
     assert run(trace(range(10, 201, 10), spike(2.7))) == []
     assert run(trace(range(10, 201, 10), spike(4.0)), update_growth=0) == []
-    warn = EarlyWarning(WarningConfig())
+    warn = EarlyWarning(base())
     texts = [t for r in trace(range(10, 201, 10), spike(4.0)) for t in warn.update(r["step"], r)]
     assert texts == ["step 150: update of layer_01 spiked: RMS of the weight change / lr 1.2 is "
                      "4.0x its median over the last 50 steps (update_spike: >= 3x)"]
@@ -195,7 +203,7 @@ def test_no_rearm_while_the_condition_keeps_returning():
 def test_non_finite_metric_fires():
     records = trace(range(5, 51, 5), lambda s, r: None)
     records.append(dict(healthy(55), **{"attn_logit_max/layer_02": float("inf")}))
-    warn = EarlyWarning(WarningConfig())
+    warn = EarlyWarning(base())
     texts = [t for r in records for t in warn.update(r["step"], r)]
     assert texts == ["step 55: max attention logit is inf in layer 2"]
 
@@ -238,14 +246,14 @@ def test_state_dict_round_trip_resumes_identically():
             record["attn_logit_max/layer_02"] = 60.0  # a collapse needs large logits
 
     records = trace(range(5, 301, 5), change)
-    whole = EarlyWarning(WarningConfig())
+    whole = EarlyWarning(base())
     expected = [t for r in records for t in whole.update(r["step"], r)]
     assert len(expected) == 2
 
-    first = EarlyWarning(WarningConfig())
+    first = EarlyWarning(base())
     got = [t for r in records[:35] for t in first.update(r["step"], r)]
     state = json.loads(json.dumps(first.state_dict()))  # plain Python types only
-    second = EarlyWarning(WarningConfig())
+    second = EarlyWarning(base())
     second.load_state_dict(state)
     assert second.state_dict() == first.state_dict()
     got += [t for r in records[35:] for t in second.update(r["step"], r)]
@@ -259,7 +267,7 @@ def test_a_rollback_forgets_the_steps_after_it():
             record["attn_logit_max/layer_01"] = 10.0 * 1.1 ** (step - 100)
 
     records = trace(range(5, 161, 5), change)
-    warn = EarlyWarning(WarningConfig())
+    warn = EarlyWarning(base())
     fired = [r["step"] for r in records if warn.update(r["step"], r)]
     assert len(fired) == 1
     # back to step 100 (a rollback): history from 100 on is dropped, the episode re-arms
@@ -291,7 +299,7 @@ def first_divergence(records, margin=1.0):
 def test_replay_of_the_divergent_run_warns_before_the_loss_diverges():
     # recipes/tiny.yaml at train.lr=3e-1, 100 warmup steps, metrics every step (first 100)
     records = load_run("tiny_divergent")
-    events = [(e.step, e.rule) for e in replay(WarningConfig(), records)]
+    events = [(e.step, e.rule) for e in replay(base(), records)]
     assert events == [(7, "logit_growth"), (7, "entropy_collapse"), (8, "tev_growth")]
     assert first_divergence(records) == 8  # 8.15 > 7.13 (step 4) + 1
     assert next(r["step"] for r in records if r["loss"] > records[0]["loss"]) == 9
@@ -300,7 +308,7 @@ def test_replay_of_the_divergent_run_warns_before_the_loss_diverges():
 def test_replay_of_the_healthy_run_is_silent():
     records = load_run("tiny_healthy")
     assert first_divergence(records) is None
-    assert replay(WarningConfig(), records) == []
+    assert replay(base(), records) == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,3 +387,14 @@ def test_grace_and_persist_are_validated():
         cfg = config_from_dict({"stability": {"warning": bad}})
         with pytest.raises(ConfigError, match=match):
             validate(cfg, 1)
+
+
+def test_current_defaults_are_quiet_on_healthy_runs_and_warn_on_the_divergent_one():
+    """The defaults chosen on the sweep (config.WarningConfig): silent on the healthy trace and
+    on the healthy tiny run, and still ahead of the divergent tiny run's loss."""
+    cfg = WarningConfig()
+    assert replay(cfg, trace(range(5, 1001, 5), lambda s, r: None)) == []
+    assert replay(cfg, load_run("tiny_healthy")) == []
+    records = load_run("tiny_divergent")
+    first = min(e.step for e in replay(cfg, records))
+    assert first < first_divergence(records)

@@ -157,3 +157,16 @@ def test_load_sweep_reads_committed_series(tmp_path: Path):
     assert "tokens_per_sec" not in runs.records[0]  # not kept in a series
     with pytest.raises(ws.RunLogError, match="no ended run"):
         ws.load_sweep(tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_the_defaults_are_what_the_tuning_chose_on_seed_1():
+    """config.WarningConfig's defaults are `choose_config` on the committed seed-1 runs of
+    recipes/repro/seeds.yaml (a few minutes: every setting of the grid on 70 runs)."""
+    results = Path(__file__).resolve().parents[2] / "docs" / "results" / "seeds"
+    runs = [r for r in ws.load_sweep(results) if r.seed == 1]
+    assert len(runs) == 70
+    ws.label_runs(runs)
+    previous = dataclasses.replace(WarningConfig(), **ws.PREVIOUS_DEFAULTS)
+    chosen, _ = ws.choose_config(runs, previous)
+    assert chosen == WarningConfig()
