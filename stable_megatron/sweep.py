@@ -473,6 +473,12 @@ def summarise(out: Path, runs: list[RunSpec], methods: list[str], header: list[s
                 sensitivity_text + f" Headline grid: lr {grid}; the full grid is every LR "
                 "of the sweep. Each is computed per seed, then averaged. *Resolved*: the "
                 "difference exceeds twice the larger of the two standard deviations.", "",
+                "## Which differences are resolved", "",
+                "Headline LR sensitivity, row against column: `<` lower and `>` higher by more "
+                "than twice the larger seed spread, `~` within it:", "",
+                *sweep_table.resolution_matrix(summaries, lambda s: s.sensitivity), "",
+                "Best final loss, row against column:", "",
+                *sweep_table.resolution_matrix(summaries, lambda s: s.best_loss), "",
                 "## Final loss per LR (mean ± std over seeds)", "",
                 *sweep_table.seeded_loss_grid(rows, methods), "",
                 "A diverged run counts as its initial loss (`k div`: k seeds diverged).", "",

@@ -243,6 +243,23 @@ def seeded_table(summaries: Sequence[SeededSummary], reference: str | None = Non
     return lines
 
 
+def resolution_matrix(summaries: Sequence[SeededSummary],
+                      statistic: Callable[[SeededSummary], Spread | None]) -> list[str]:
+    """Markdown: for every pair of methods, `<` (the row's statistic is lower, resolved), `>`
+    (higher, resolved) or `~` (within twice the seed spread); `-` without two spreads."""
+    names = [s.method for s in summaries]
+    lines = ["| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for row in summaries:
+        cells = []
+        for col in summaries:
+            a, b = statistic(row), statistic(col)
+            verdict = None if row is col else resolved(a, b)
+            cells.append("-" if verdict is None else
+                         "~" if not verdict else ("<" if a.mean < b.mean else ">"))
+        lines.append(f"| {row.method} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def seeded_cell(runs: Sequence[SweepRun]) -> str:
     """Mean ± std of the final losses of a (method, lr) over seeds; a diverged run counts as
     its initial loss and is marked (`k div`)."""

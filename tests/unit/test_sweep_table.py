@@ -198,6 +198,12 @@ def test_seeded_summary_means_stds_headline_grid_and_resolution():
     assert "| A | 3/3 | 3/9 | 0.300 ± 0.050 | - | 4.100 ± 0.100 | - |" in table
     assert "| B | 3/3 | 3/9 | 0.050 ± 0.000 | -0.250 (resolved) | 4.200 ± 0.000 | " \
            "+0.100 (within noise) |" in table
+    from stable_megatron.analysis.sweep_table import resolution_matrix
+
+    matrix = resolution_matrix([a, b], lambda s: s.sensitivity)
+    assert matrix[2:] == ["| A | - | > |", "| B | < | - |"]
+    assert resolution_matrix([a, b], lambda s: s.best_loss)[2:] == ["| A | - | ~ |",
+                                                                      "| B | ~ | - |"]
     grid = "\n".join(seeded_loss_grid(rows, ["A", "B"]))
     assert "| A | 4.700 ± 0.173 | 4.100 ± 0.100 | 7.000 ± 0.000 (3 div) |" in grid
 
