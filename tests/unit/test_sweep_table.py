@@ -147,6 +147,12 @@ def test_parse_lrs():
      "method baseline at lr 0.001: model.hidden_size=128 is not divisible"),
     (["--methods", "baseline", "--lrs", "1e-3", "--nproc", "2", "parallel.tp=4"],
      "world size 2 is not divisible"),
+    (["--methods", "baseline", "--lrs", "1e-3", "--seeds", "1,one"], "--seeds 1,one"),
+    (["--methods", "baseline", "--lrs", "1e-3", "--seeds", "2,2"], "a seed is listed twice"),
+    (["--methods", "baseline", "--lrs", "1e-3,1e-2", "--headline-lrs", "1e-3,3e-3"],
+     "headline LRs 0.003 are not in the grid"),
+    (["--methods", "baseline", "--lrs", "1e-3", "--seeds", "1,2", "model.num_attention_heads=3"],
+     "method baseline seed 1 at lr 0.001"),
 ])
 def test_bad_sweeps_stop_with_one_line_before_running(args, message, tmp_path, capsys):
     out = tmp_path / "sweep"
