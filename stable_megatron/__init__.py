@@ -1,1 +1,18 @@
 """stable_megatron: stable LLM pre-training on megatron-core + DeepSpeed."""
+
+import torch as _torch
+
+# The oldest torch the project has run on: CI runs torch 2.13 (pyproject.toml's pin); 2.11, the
+# version of the GPU machines' images, was rehearsed on CPU (docs/gpu.md). Older releases are
+# refused here, in one line, rather than failing somewhere inside a step.
+MIN_TORCH = (2, 11)
+
+
+def _torch_version(text: str) -> tuple[int, int]:
+    major, minor = text.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+if _torch_version(_torch.__version__) < MIN_TORCH:
+    raise ImportError(f"stable_megatron needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]}; this "
+                      f"Python has torch {_torch.__version__}")

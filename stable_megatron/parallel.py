@@ -83,9 +83,11 @@ _NO_LAUNCHER = "STABLE_MEGATRON_NO_LAUNCHER"
 
 def _ensure_single_process_env() -> bool:
     """Let `python -m stable_megatron.train` run without a launcher (world size 1); True when
-    there is no launcher (no MASTER_PORT given, world size 1)."""
-    alone = os.environ.get(_NO_LAUNCHER) == "1" or (
-        "MASTER_PORT" not in os.environ and os.environ.get("WORLD_SIZE", "1") == "1")
+    there is no launcher (no MASTER_PORT given, world size 1). The mark left by an earlier
+    training in this process never outweighs a launcher's world size: a child of this process
+    that torchrun or deepspeed starts inherits the mark with a WORLD_SIZE of its own."""
+    one = os.environ.get("WORLD_SIZE", "1") == "1"
+    alone = one and (os.environ.get(_NO_LAUNCHER) == "1" or "MASTER_PORT" not in os.environ)
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")

@@ -84,6 +84,7 @@ class Shape:
     seq: int = 512
     batch: int = 4
     vocab: int = 8192
+    precision: str = "fp32"  # bf16: bf16 model, fp32 master weights and AdamW (Bf16Master)
 
     @property
     def tokens(self) -> int:
@@ -165,7 +166,8 @@ def method_config(method: str, shape: Shape, device: str = "auto"):
         "data": {"vocab_size": shape.vocab},
         "model": model,
         "parallel": {"tp": 1, "pp": 1, "device": device},
-        "train": {"micro_batch_size": shape.batch, "global_batch_size": shape.batch},
+        "train": {"micro_batch_size": shape.batch, "global_batch_size": shape.batch,
+                  "precision": shape.precision},
     })
     validate(cfg, 1)
     return cfg
@@ -176,6 +178,40 @@ def attention_path(method: str, on_cuda: bool) -> str:
 
     m = ALL_METHODS[method]
     return attention_kernel(m.get("attention_backend", "auto"), m.get("softmax_cap"), on_cuda)
+
+
+class Bf16Master:
+    """Mixed precision for a plain step, as megatron-core's Float16Module with its fp32-master
+    optimizer (and DeepSpeed's bf16 engine) do it: the model's parameters in bf16, `optimizer`
+    over fp32 copies of them. `step()` moves the bf16 gradients onto the copies, clips them,
+    steps and copies the weights back. (torch.autocast is no substitute: megatron-core's
+    linear layers run their backward outside the CPU autocast state.)"""
+
+    def __init__(self, model, optimizer) -> None:
+        import torch
+
+        self.optimizer, self.pairs = optimizer, []
+        for group in optimizer.param_groups:  # before any step: the optimizer has no state yet
+            masters = [p.detach().clone().float() for p in group["params"]]
+            self.pairs += list(zip(group["params"], masters, strict=True))
+            group["params"] = masters
+        model.to(torch.bfloat16)  # in place: the model's Parameter objects stay the same
+        self.masters = [m for _, m in self.pairs]
+
+    def step(self, clip: float | None = None):
+        """The optimizer step over the fp32 copies; the gradient norm if `clip`, else None."""
+        import torch
+
+        for p, m in self.pairs:
+            m.grad = None if p.grad is None else p.grad.float()
+            p.grad = None
+        norm = torch.nn.utils.clip_grad_norm_(self.masters, clip) if clip else None
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for p, m in self.pairs:
+                p.copy_(m)
+        return norm
 
 
 class Bench:
@@ -197,6 +233,8 @@ class Bench:
         self.params = count_parameters(self.model)
         self.reparam_linears = sum(1 for _ in sigma_reparam_layers(self.model))
         self.hooks = model_hooks(cfg, self.model)
+        self.bf16 = Bf16Master(self.model, self.optimizer) if cfg.train.precision == "bf16" \
+            else None
         self.times: list[float] = []
 
     def step(self, tokens, labels) -> float:
@@ -211,8 +249,11 @@ class Bench:
             hook.before_step(0)
         loss = self.model.loss_fn(self.model(tokens), labels)  # the training loss (z-loss)
         loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.bf16:
+            self.bf16.step()
+        else:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         for hook in reversed(self.hooks):
             hook.after_step(0, {})
         if cuda:
@@ -545,6 +586,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq", type=int, default=defaults.seq)
     p.add_argument("--batch", type=int, default=defaults.batch, help="micro-batch size")
     p.add_argument("--vocab", type=int, default=defaults.vocab)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=defaults.precision,
+                   help="bf16: the model in bf16, AdamW over fp32 master weights")
     p.add_argument("--steps", type=int, default=10, help="timed steps per method (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
     p.add_argument("--methods", default=",".join(METHODS),
@@ -564,7 +607,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _prepare(args.device)
-    shape = Shape(args.hidden, args.layers, args.heads, args.seq, args.batch, args.vocab)
+    shape = Shape(args.hidden, args.layers, args.heads, args.seq, args.batch, args.vocab,
+                  args.precision)
     if args.only:
         result = measure_one(args.only, shape, args.device)
         print(json.dumps(result))

@@ -51,6 +51,7 @@ TARGET = 0.03  # metrics on vs off, at the default interval
 RECIPE = ROOT / "recipes" / "tiny.yaml"
 # Shapes: config overrides on top of the recipe (then the command line's overrides).
 SHAPES: dict[str, list[str]] = {
+    "recipe": [],  # --recipe's own shape
     "tiny": [],  # the recipe: 4 layers, hidden 256, 4 heads, seq 128, 2 x 16 sequences
     "medium": [  # longer sequences (the attention statistics grow with seq^2): 2 x 2 x 512
         "model.num_layers=6", "model.hidden_size=384", "model.num_attention_heads=6",
@@ -352,8 +353,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides for every shape, e.g. parallel.tp=2 metrics.interval=5")
     p.add_argument("--recipe", default=str(RECIPE), help="base recipe (default: %(default)s)")
-    p.add_argument("--shapes", default=",".join(SHAPES),
-                   help=f"comma-separated subset of: {', '.join(SHAPES)} (default: all)")
+    p.add_argument("--shapes", default="tiny,medium",
+                   help=f"comma-separated subset of: {', '.join(SHAPES)} (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=8, help="timed rounds (one on + one off block)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",

@@ -60,10 +60,11 @@ ROOT = TOOLS.parent
 if str(TOOLS) not in sys.path:
     sys.path.insert(0, str(TOOLS))
 
-from bench_methods import METHODS, Progress, _iqr, _prepare, _table  # noqa: E402
+from bench_methods import METHODS, Bf16Master, Progress, _iqr, _prepare, _table  # noqa: E402
 from bench_metrics import RECIPE, SyntheticTokens  # noqa: E402
 
 SHAPES: dict[str, list[str]] = {
+    "recipe": [],  # --recipe's own shape
     "tiny": [],  # the recipe: 4 layers, hidden 256, 4 heads, seq 128, 2 x 16 sequences
     "medium": [  # matmul-bound: 8 layers x 512, seq 512, 2 micro-batches of 2 sequences
         "model.num_layers=8", "model.hidden_size=512", "model.num_attention_heads=8",
@@ -352,7 +353,8 @@ class Ours(Arm):
 class TorchStep(Arm):
     """A plain single-process step over `self.model` (`loss(tokens, labels)`): forward, loss,
     backward per micro-batch, clipping, AdamW (`train.make_optimizer`: our kernel,
-    hyper-parameters and groups), LR schedule."""
+    hyper-parameters and groups), LR schedule. With train.precision=bf16 the model is in bf16
+    and AdamW runs over fp32 master weights (bench_methods.Bf16Master), as ours does."""
 
     def _optimizer(self) -> None:
         import torch
@@ -363,6 +365,7 @@ class TorchStep(Arm):
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.model, self.cfg)  # ours: same kernel and groups
+        self.bf16 = Bf16Master(self.model, self.optimizer) if t.precision == "bf16" else None
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_at(self.cfg, s) / t.lr)
 
@@ -375,15 +378,18 @@ class TorchStep(Arm):
             loss = self.loss(tokens, labels) / accum
             loss.backward()
             total = loss.detach() if total is None else total + loss.detach()
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)
-        self.optimizer.step()
+        if self.bf16:
+            norm = self.bf16.step(self.cfg.train.grad_clip)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         if not math.isfinite(total.item()) or not math.isfinite(float(norm)):
             raise RuntimeError(f"{self.name}: non-finite loss or gradient norm")
 
     def close(self) -> None:
-        self.model = self.optimizer = self.scheduler = self.params = None
+        self.model = self.optimizer = self.scheduler = self.params = self.bf16 = None
 
 
 def _plain_gpt_class():

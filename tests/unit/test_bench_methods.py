@@ -101,3 +101,25 @@ def test_report_and_cli(bench, result):
     with pytest.raises(SystemExit) as exit_info:
         bench.parse_args(["--help"])
     assert exit_info.value.code == 0
+
+
+def test_bf16_master_steps_fp32_copies_and_keeps_the_model_in_bf16(bench):
+    """--precision bf16: the model's parameters become bf16 (the same Parameter objects), AdamW
+    steps fp32 copies, the gradient norm is clipped on the copies and the new weights are
+    copied back. Built on a plain module so that it runs without a process group."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    params = list(model.parameters())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    mixed = bench.Bf16Master(model, optimizer)
+    assert list(model.parameters()) == params  # identity kept
+    assert all(p.dtype == torch.bfloat16 for p in params)
+    assert all(m.dtype == torch.float32 for m in mixed.masters)
+    before = [m.clone() for m in mixed.masters]
+    model(torch.randn(4, 8, dtype=torch.bfloat16)).square().mean().backward()
+    norm = mixed.step(clip=1e-3)
+    assert norm is not None and float(norm) > 0
+    assert all(p.grad is None for p in params) and all(m.grad is None for m in mixed.masters)
+    for p, m, b in zip(params, mixed.masters, before, strict=True):
+        assert not torch.equal(m, b)  # the fp32 copy took the step
+        assert torch.equal(p, m.to(torch.bfloat16))  # and the model has its rounding
