@@ -1,10 +1,11 @@
 """stable_megatron: stable LLM pre-training on megatron-core + DeepSpeed."""
 
-import torch as _torch
+from importlib import metadata as _metadata
 
 # The oldest torch the project has run on: CI runs torch 2.13 (pyproject.toml's pin); 2.11, the
 # version of the GPU machines' images, was rehearsed on CPU (docs/gpu.md). Older releases are
-# refused here, in one line, rather than failing somewhere inside a step.
+# refused here, in one line, rather than failing somewhere inside a step. Read from the
+# installed distribution, so that importing the package does not import torch.
 MIN_TORCH = (2, 11)
 
 
@@ -13,6 +14,10 @@ def _torch_version(text: str) -> tuple[int, int]:
     return int(major), int(minor)
 
 
-if _torch_version(_torch.__version__) < MIN_TORCH:
+try:
+    _TORCH = _metadata.version("torch")
+except _metadata.PackageNotFoundError:  # importing torch will say so
+    _TORCH = None
+if _TORCH is not None and _torch_version(_TORCH) < MIN_TORCH:
     raise ImportError(f"stable_megatron needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]}; this "
-                      f"Python has torch {_torch.__version__}")
+                      f"Python has torch {_TORCH}")
