@@ -223,7 +223,7 @@ class MetricsConfig:
 class WarningConfig:
     """Early-warning rule on the stability metrics (docs/stability.md): reported before the
     loss diverges. Each rule compares the newest metric record with those of the trailing
-    `window` steps (stable_megatron/metrics/warning.py) and fires once per episode.
+    `window` steps (stable_megatron/stability/warning.py) and fires once per episode.
 
     The defaults marked (seed 1) were chosen by `analysis.warning_score.choose_config` on the
     70 runs of seed 1 of recipes/repro/seeds.yaml and scored on seeds 2 and 3 (docs/results.md,
@@ -275,7 +275,7 @@ class StabilityConfig:
     warning: WarningConfig = field(default_factory=WarningConfig)
     # Stop the run (exit 0, `{"event": "diverged"}` in metrics.jsonl) when the loss is not
     # finite, or has stayed above the run's first-step loss for `divergence_patience` steps in a
-    # row (stable_megatron/metrics/divergence.py). The LR sweep turns it on.
+    # row (stable_megatron/stability/divergence.py). The LR sweep turns it on.
     stop_on_divergence: bool = False
     divergence_patience: int = 10
 

@@ -18,7 +18,7 @@ beside it records the outcome once the run has ended.
 - Every run gets `train.lr=<lr>`, `train.min_lr` at the recipe's min_lr / lr ratio, and
   `stability.stop_on_divergence=true`: a run stops early once its loss is not finite or has
   been above its first-step loss for `stability.divergence_patience` steps
-  (stable_megatron/metrics/divergence.py).
+  (stable_megatron/stability/divergence.py).
 - `--seeds` runs the grid once per `train.seed` (initialisation and data order), in
   `OUT/<method>/seed_<s>/lr_<lr>`, seed by seed; the summary then reports means and standard
   deviations over seeds (analysis/sweep_table.py), with the headline LR sensitivity over

@@ -221,10 +221,10 @@ class Trainer:
         from stable_megatron.checkpoint import reshape
         from stable_megatron.data.dataset import TokenWindowDataset
         from stable_megatron.hooks import StepRunner, Throughput, model_hooks
-        from stable_megatron.metrics.divergence import DivergenceRule
         from stable_megatron.metrics.logits import ZLossLog
-        from stable_megatron.metrics.warning import EarlyWarning
-        from stable_megatron.spike_guard import SpikeGuard
+        from stable_megatron.stability.divergence import DivergenceRule
+        from stable_megatron.stability.guard import SpikeGuard
+        from stable_megatron.stability.warning import EarlyWarning
 
         self.cfg = cfg
         # Data and checkpoint problems surface here, before any process group exists.

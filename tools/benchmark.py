@@ -313,9 +313,9 @@ class Ours(Arm):
     def __init__(self, cfg, state, data, name: str = "ours") -> None:
         super().__init__(cfg, state, data)
         from stable_megatron.hooks import StepRunner, Throughput, model_hooks
-        from stable_megatron.metrics.divergence import DivergenceRule
-        from stable_megatron.metrics.warning import EarlyWarning
-        from stable_megatron.spike_guard import SpikeGuard
+        from stable_megatron.stability.divergence import DivergenceRule
+        from stable_megatron.stability.guard import SpikeGuard
+        from stable_megatron.stability.warning import EarlyWarning
         from stable_megatron.train import build_engine
 
         self.name = name

@@ -6,7 +6,7 @@
 Panels over steps: training loss, gradient norm, largest attention logit (maximum over
 layers), lowest normalised attention entropy (minimum over layers and heads; 1 is uniform),
 and TEV (`tev/mean`). Each run's records (`RUN_DIR/metrics.jsonl`) are replayed through the
-early-warning rules (`stable_megatron/metrics/warning.py`) with the run's own
+early-warning rules (`stable_megatron/stability/warning.py`) with the run's own
 `stability.warning` settings (from `RUN_DIR/config.yaml`, else the defaults), so any run's log
 can be plotted, including runs logged before the rules existed. Dashed vertical lines mark the
 steps where a rule fired; a dotted line marks where the loss diverged: the first step whose

@@ -2,24 +2,21 @@
 sweep (`plot_sweep`) and the figures of `stable-megatron report` (`report_figures`).
 
 Early warnings are replayed from the records through the rules of
-`stable_megatron/metrics/warning.py`, loaded from its file: importing it through its package
-would import torch, megatron-core and DeepSpeed. matplotlib is imported inside the functions
-that draw, so reading logs works without it.
+`stable_megatron/stability/warning.py` (plain Python: importing it imports no torch). matplotlib
+is imported inside the functions that draw, so reading logs works without it.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from stable_megatron.analysis.runs import RunLog, finite, read_records, read_run, run_config
+from stable_megatron.stability import warning as warning_rules
 
 RULE_MARKS = {"logit_growth": "^", "entropy_collapse": "v", "tev_growth": "s"}
 SLOTS = ("qkv", "proj", "fc1", "fc2")
@@ -31,19 +28,6 @@ MAX_LAYER_PANELS = 4  # more layers than this share one panel (a line style per 
 _MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*")
 _LINESTYLES = ("-", (0, (6, 2)))
 _MARKS_PER_LINE = 12
-
-
-def load_warning_module() -> ModuleType:
-    """`stable_megatron.metrics.warning`, loaded from its file (plain Python)."""
-    name = "_stable_megatron_warning_rules"
-    if name in sys.modules:
-        return sys.modules[name]
-    path = Path(__file__).resolve().parents[1] / "metrics" / "warning.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def warning_config(run_dir: str | Path):
@@ -137,7 +121,7 @@ def plot(run_dirs: list[Path], out: Path, labels: list[str] | None = None,
     `zoom=(first, last)` a second column shows those steps); returns, per run label, the
     warning events and the divergence step. A run without a log raises `RunLogError`."""
     plt = _pyplot()
-    rules = load_warning_module()
+    rules = warning_rules
     labels = labels or [Path(d).name for d in run_dirs]
     columns = 2 if zoom else 1
     fig, grid = plt.subplots(
@@ -315,7 +299,7 @@ class MarkedRun:
 def mark_run(run_dir: str | Path, label: str) -> MarkedRun:
     """Read a run (`RunLogError` without a log) and find the steps to mark."""
     log = read_run(run_dir)
-    replayed = load_warning_module().replay(warning_config(run_dir), log.records)
+    replayed = warning_rules.replay(warning_config(run_dir), log.records)
     warnings = {(int(e.step), str(e.rule)) for e in replayed}
     replayed_steps = {step for step, _ in warnings}
     for event in log.events_of("warning"):

@@ -21,7 +21,7 @@ For each rule and their union (`any`): precision (unstable runs among the warned
 recall (unstable runs warned at any step), recall before the loss, the false-alarm rate on
 healthy runs (and on slow ones), and the median lead time of the warned unstable runs.
 
-The warnings are replayed from each run's records through the rules (`metrics.warning.replay`)
+The warnings are replayed from each run's records through the rules (`stability.warning.replay`)
 with a given `stability.warning` config, so that old runs can be scored under new settings;
 `choose_config` picks settings on some seeds (`TUNING_GRID`, `OBJECTIVE`), to be reported on
 the others. The labels, the onset and both constants were fixed before any run of the
@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from stable_megatron.analysis.runs import RunLogError, read_run
-from stable_megatron.metrics.warning import RULES, replay
+from stable_megatron.stability.warning import RULES, replay
 
 MARGIN = 0.1  # nats: of the best final loss (labels), of the healthy trajectory (onset)
 SMOOTH = 10  # logged steps in the trailing mean of the training loss (onset)

@@ -28,7 +28,7 @@ def run_case(overrides: dict, out: Path) -> None:
     from stable_megatron.hooks import PowerIteration, StepRunner
     from stable_megatron.metrics import StabilityMetrics
     from stable_megatron.metrics.logits import ZLossLog
-    from stable_megatron.spike_guard import SpikeGuard
+    from stable_megatron.stability.guard import SpikeGuard
     from stable_megatron.train import build_engine, micro_batches
 
     steps = overrides.pop("steps", 2)

@@ -62,8 +62,8 @@ def reachable(start: str) -> set[str]:
     return seen - {start}
 
 
-LOWER = ("stable_megatron.model", "stable_megatron.metrics", "stable_megatron.data",
-         "stable_megatron.checkpoint")
+LOWER = ("stable_megatron.model", "stable_megatron.metrics", "stable_megatron.stability",
+         "stable_megatron.data", "stable_megatron.checkpoint")
 UPPER = ("stable_megatron.train", "stable_megatron.plan", "stable_megatron.cli",
          "stable_megatron.sweep", "stable_megatron.report", "tools")
 
@@ -78,6 +78,28 @@ def test_lower_layers_never_import_the_loop_the_planner_or_the_tools(layer):
     assert lower, f"no modules under {layer}"
     bad = {name: sorted(n for n in reachable(name) if under(n, UPPER)) for name in lower}
     assert not {k: v for k, v in bad.items() if v}
+
+
+def test_metrics_only_measure_they_never_import_the_stability_decisions():
+    metrics = [name for name in modules() if under(name, ("stable_megatron.metrics",))]
+    stability = [name for name in modules() if under(name, ("stable_megatron.stability",))]
+    assert len(metrics) > 5 and len(stability) >= 4
+    bad = {name: under_any(reachable(name), ("stable_megatron.stability",)) for name in metrics}
+    assert not {k: v for k, v in bad.items() if v}
+
+
+def test_the_plain_python_rules_load_without_torch():
+    """The early-warning, spike and divergence rules and the plots replay logs without torch."""
+    import subprocess
+
+    names = ("stable_megatron.stability.warning", "stable_megatron.stability.divergence",
+             "stable_megatron.stability.spikes", "stable_megatron.analysis.plotting")
+    code = (f"import sys; sys.path.insert(0, {str(PACKAGE.parent)!r}); "
+            + "; ".join(f"import {n}" for n in names)
+            + "; print(sorted(m for m in ('torch', 'deepspeed', 'megatron') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert proc.stdout.strip() == "[]"
 
 
 def test_training_imports_neither_the_planner_nor_the_export_code():

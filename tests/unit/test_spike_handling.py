@@ -13,8 +13,8 @@ import torch
 from stable_megatron import parallel
 from stable_megatron.checkpoint import safe_load
 from stable_megatron.config import load_config, validate
-from stable_megatron.metrics.spikes import SpikeDetector
 from stable_megatron.model.gpt import lm_loss
+from stable_megatron.stability.spikes import SpikeDetector
 from stable_megatron.train import Trainer, TrainingAborted
 
 ROOT = Path(__file__).resolve().parents[2]

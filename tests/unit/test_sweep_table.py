@@ -16,7 +16,7 @@ from stable_megatron.analysis.sweep_table import (
     summarise,
     write_csv,
 )
-from stable_megatron.metrics.divergence import DivergenceRule
+from stable_megatron.stability.divergence import DivergenceRule
 from stable_megatron.sweep import (
     SweepError,
     main,

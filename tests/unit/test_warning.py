@@ -1,4 +1,4 @@
-"""Early-warning rules (stable_megatron/metrics/warning.py) on synthetic metric records, on
+"""Early-warning rules (stable_megatron/stability/warning.py) on synthetic metric records, on
 the replay of real tiny-recipe runs (tests/unit/data/), and their config validation."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 
 from stable_megatron.analysis.warning_score import PREVIOUS_DEFAULTS
 from stable_megatron.config import ConfigError, WarningConfig, config_from_dict, validate
-from stable_megatron.metrics.warning import EarlyWarning, replay
+from stable_megatron.stability.warning import EarlyWarning, replay
 
 DATA = Path(__file__).parent / "data"
 LAYERS = 2

@@ -18,7 +18,7 @@ import torch
 
 from stable_megatron import ds_adapter, parallel
 from stable_megatron.hooks import StepHook
-from stable_megatron.metrics.spikes import SpikeDetector, SpikeVerdict
+from stable_megatron.stability.spikes import SpikeDetector, SpikeVerdict
 
 
 class SpikeGuard(StepHook):
