@@ -94,11 +94,10 @@ def test_the_plain_python_rules_load_without_torch():
 
     names = ("stable_megatron.stability.warning", "stable_megatron.stability.divergence",
              "stable_megatron.stability.spikes", "stable_megatron.analysis.plotting")
-    code = (f"import sys; sys.path.insert(0, {str(PACKAGE.parent)!r}); "
-            + "; ".join(f"import {n}" for n in names)
+    code = ("import sys; " + "; ".join(f"import {n}" for n in names)
             + "; print(sorted(m for m in ('torch', 'deepspeed', 'megatron') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120, check=True)
+                          cwd=PACKAGE.parent, timeout=120, check=True)  # -c: cwd comes first
     assert proc.stdout.strip() == "[]"
 
 
