@@ -132,12 +132,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def _seed_list(text: str | None, flag: str) -> list[int] | None:
+    from stable_megatron.sweep import SweepError, parse_seeds
+
     if not text:
         return None
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ReportError(f"{flag} {text}: expected comma-separated integers") from None
+        return parse_seeds(text, flag)
+    except SweepError as err:
+        raise ReportError(str(err)) from None
 
 
 def warnings_main(args: argparse.Namespace) -> int:

@@ -176,16 +176,17 @@ def run_dir_of(out: Path, method: str, lr: float, seed: int | None) -> Path:
     return folder / lr_dir_name(lr)
 
 
-def parse_seeds(text: str) -> list[int]:
+def parse_seeds(text: str, flag: str = "--seeds") -> list[int]:
+    """`1,2,3` as a list of seeds; `flag` names the option in the error."""
     try:
         seeds = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise SweepError(f"--seeds {text}: expected comma-separated integers, e.g. 1,2,3") \
+        raise SweepError(f"{flag} {text}: expected comma-separated integers, e.g. 1,2,3") \
             from None
     if not seeds or any(s < 0 for s in seeds):
-        raise SweepError(f"--seeds {text}: needs at least one seed, all >= 0")
+        raise SweepError(f"{flag} {text}: needs at least one seed, all >= 0")
     if len(set(seeds)) != len(seeds):
-        raise SweepError(f"--seeds {text}: a seed is listed twice")
+        raise SweepError(f"{flag} {text}: a seed is listed twice")
     return seeds
 
 
@@ -261,8 +262,14 @@ def is_finished(run: RunSpec, out: Path | None = None, results: Path | None = No
 
 
 def mirror_run(run_dir: Path, mirror: Path) -> None:
-    """Copy the ended run's outcome and its compact series (written now) into `mirror`."""
-    write_series(run_dir, mirror / SERIES_FILE)
+    """Copy the ended run's outcome and its compact series into `mirror` (the series is
+    written first where the run directory has none yet)."""
+    series = run_dir / SERIES_FILE
+    if series.is_file():
+        mirror.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(series, mirror / SERIES_FILE)
+    else:
+        write_series(run_dir, mirror / SERIES_FILE)
     shutil.copyfile(run_dir / RESULT_FILE, mirror / RESULT_FILE)
 
 
@@ -494,10 +501,13 @@ def summarise(out: Path, runs: list[RunSpec], methods: list[str], header: list[s
                 "## Largest attention logit / last lowest normalised entropy", "",
                 *sweep_table.extremes_grid(rows, methods), ""]
     warning_lines = _warning_scores(results if results is not None else out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_note = _plot(rows, out / "sweep.png")  # drawn once, copied to the mirror
     for folder in [out] + ([results] if results is not None else []):
         folder.mkdir(parents=True, exist_ok=True)
         sweep_table.write_csv(rows, folder / "sweep.csv")
-        plot_note = _plot(rows, folder / "sweep.png")
+        if folder != out and (out / "sweep.png").is_file():
+            shutil.copyfile(out / "sweep.png", folder / "sweep.png")
         lines = ["# LR sweep", "", *header, "", *body, plot_note, "", *warning_lines]
         (folder / "sweep.md").write_text("\n".join(lines))
     return rows, table

@@ -180,3 +180,13 @@ def test_plot_sweep_writes_a_png(tmp_path):
             for lr, div in ((1e-3, False), (1e-2, False), (1e-1, m == "baseline"))]
     plot_sweep(rows, tmp_path / "sweep" / "lr.png", title="sweep")
     assert (tmp_path / "sweep" / "lr.png").read_bytes()[:8] == PNG
+
+
+@pytest.mark.parametrize("flag, text, message", [
+    ("--seeds", "2,x", "--seeds 2,x: expected comma-separated integers, e.g. 1,2,3"),
+    ("--tune-seeds", "1,1", "--tune-seeds 1,1: a seed is listed twice"),
+])
+def test_bad_seed_lists_of_the_warning_score_are_one_line_naming_the_flag(tmp_path, capsys,
+                                                                          flag, text, message):
+    assert main(["--warnings", str(tmp_path), flag, text]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {message}"
