@@ -78,7 +78,7 @@ if ! "$PY" -c "import deepspeed, megatron.core" >/dev/null 2>&1; then
   "$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile \
     --no-cache-dir --upgrade --target .gpu/site .gpu/wheels/*.whl >>"$LOG" 2>&1 \
     || fail "installing .gpu/wheels failed (see $LOG)"
-  export PYTHONPATH="$ROOT/.gpu/site:$PYTHONPATH"
+  export PYTHONPATH="$ROOT/.gpu/site:$PYTHONPATH" PATH="$ROOT/.gpu/site/bin:$PATH"  # its deepspeed
 fi
 export PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
 
