@@ -1,6 +1,6 @@
 """The LR sweep's numbers: per run, its outcome; per method, how robust it is to the LR.
 
-Definitions (docs/results.md, README "LR sweep"):
+Definitions (docs/results.md, docs/training.md):
 - a run's **final loss** is its last validation loss (`val_loss`, evaluated at the end of the
   run), or its last training loss when the run has no validation data; a diverged run has none;
 - **initial loss** L0 is the first step's training loss (the untrained model's loss);

@@ -1,5 +1,5 @@
 """Stability metrics, computed every `metrics.interval` steps and reduced over all parallel
-ranks so that rank 0 logs the whole model's values (README, "Stability metrics").
+ranks so that rank 0 logs the whole model's values (docs/stability.md, "Stability metrics").
 
 `StabilityMetrics` is a step hook (stable_megatron/hooks.py). On a measured step,
 `before_step` switches on the attention statistics capture, the output-norm hooks and the
