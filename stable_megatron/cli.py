@@ -1,22 +1,41 @@
 """`stable-megatron` command: `stable-megatron train RECIPE [key=value ...]`, `plan`, `sweep`,
-`report`, `generate CHECKPOINT --prompt TEXT`."""
+`report`, `generate CHECKPOINT --prompt TEXT`, and the checkpoint, data and log tools
+`inspect`, `export`, `reshape`, `preprocess`, `plot` (`stable-megatron COMMAND --help`)."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 
+# name: (module with `main(argv) -> int`, one line of help)
 COMMANDS = {
-    "train": "train a model from a recipe (launch with deepspeed/torchrun for several processes)",
-    "plan": "dry run: validate at a world size; layout, sizes, memory, speed, launch commands",
-    "sweep": "train every (method, learning rate) pair of a grid; LR sensitivity table and plot",
-    "report": "Markdown page with plots of runs' stability metrics, spikes, warnings, divergence",
-    "generate": "continue a prompt with a checkpoint's model (any layout, one process, CPU)",
+    "train": ("stable_megatron.train",
+              "train a model from a recipe (launch with deepspeed/torchrun for several processes)"),
+    "plan": ("stable_megatron.plan",
+             "dry run: validate at a world size; layout, sizes, memory, speed, launch commands"),
+    "sweep": ("stable_megatron.sweep",
+              "train every (method, learning rate) pair of a grid; LR sensitivity table and plot"),
+    "report": ("stable_megatron.report",
+               "Markdown page with plots of runs' stability metrics, spikes, warnings, divergence"),
+    "generate": ("stable_megatron.generate",
+                 "continue a prompt with a checkpoint's model (any layout, one process, CPU)"),
+    "inspect": ("stable_megatron.commands.inspect_checkpoint",
+                "what a checkpoint holds: step, layout, model, parameters, tensors (read-only)"),
+    "export": ("stable_megatron.commands.export_checkpoint",
+               "a checkpoint's merged weights as safetensors or a Hugging Face GPT-2/Llama dir"),
+    "reshape": ("stable_megatron.commands.reshape_checkpoint",
+                "convert a checkpoint offline for a run at another TP x PP x DP layout"),
+    "preprocess": ("stable_megatron.commands.preprocess_data",
+                   "tokenize .jsonl/.txt files into indexed datasets (and train a tokenizer)"),
+    "plot": ("stable_megatron.commands.plot_metrics",
+             "plot runs' stability metrics with their early warnings and divergence (PNG)"),
 }
 
 
 def _usage() -> str:
-    lines = ["usage: stable-megatron COMMAND RECIPE [key=value ...]", "", "commands:"]
-    lines += [f"  {name:<8}{text}" for name, text in COMMANDS.items()]
+    lines = ["usage: stable-megatron COMMAND [ARGS ...]  (stable-megatron COMMAND --help)", "",
+             "commands:"]
+    lines += [f"  {name:<11}{text}" for name, (_, text) in COMMANDS.items()]
     return "\n".join(lines)
 
 
@@ -26,28 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0 if args else 2
     command, rest = args[0], args[1:]
-    if command == "train":
-        from stable_megatron.train import main as train_main
-
-        return train_main(rest)
-    if command == "plan":
-        from stable_megatron.plan import main as plan_main
-
-        return plan_main(rest)
-    if command == "sweep":
-        from stable_megatron.sweep import main as sweep_main
-
-        return sweep_main(rest)
-    if command == "generate":
-        from stable_megatron.generate import main as generate_main
-
-        return generate_main(rest)
-    if command == "report":
-        from stable_megatron.report import main as report_main
-
-        return report_main(rest)
-    print(f"error: unknown command {command!r}\n{_usage()}", file=sys.stderr)
-    return 2
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}\n{_usage()}", file=sys.stderr)
+        return 2
+    return importlib.import_module(COMMANDS[command][0]).main(rest)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Plots of runs' logs: the stability-metric panels of `tools/plot_metrics.py` (`plot`), the LR
+"""Plots of runs' logs: the stability-metric panels of `stable-megatron plot` (`plot`), the LR
 sweep (`plot_sweep`) and the figures of `stable-megatron report` (`report_figures`).
 
 Early warnings are replayed from the records through the rules of
@@ -109,7 +109,7 @@ def _colors(plt) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------
-# tools/plot_metrics.py: the five stability panels of one or more runs
+# stable-megatron plot: the five stability panels of one or more runs
 # ------------------------------------------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ directory per parameter with its whole (un-split) fp32 value and Adam moments:
    check and the conversion. `python -m deepspeed.checkpoint.ds_to_universal` writes into
    `.tmp-universal/universal`, renamed to `universal/` when complete (with a marker file,
    `stable_megatron_universal.json`); the optimizer copies are then dropped. Later loads by
-   this run reuse it; `tools/reshape_checkpoint.py TAG_DIR [--into CHECKPOINT_DIR]` converts
+   this run reuse it; `stable-megatron reshape TAG_DIR [--into CHECKPOINT_DIR]` converts
    offline.
 2. Loading: rank 0 reads every file of `universal/` with `weights_only=True` (DeepSpeed's
    universal loader uses `weights_only=False`), then every rank calls

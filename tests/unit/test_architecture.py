@@ -65,7 +65,7 @@ def reachable(start: str) -> set[str]:
 LOWER = ("stable_megatron.model", "stable_megatron.metrics", "stable_megatron.stability",
          "stable_megatron.data", "stable_megatron.checkpoint")
 UPPER = ("stable_megatron.train", "stable_megatron.plan", "stable_megatron.cli",
-         "stable_megatron.sweep", "stable_megatron.report", "tools")
+         "stable_megatron.commands", "stable_megatron.sweep", "stable_megatron.report", "tools")
 
 
 def under(name: str, roots: tuple[str, ...]) -> bool:
