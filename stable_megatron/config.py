@@ -204,7 +204,7 @@ class LoggingConfig:
 
 @dataclass
 class MetricsConfig:
-    """Stability metrics (docs/stability.md, "Stability metrics"), computed every `interval` steps."""
+    """Stability metrics (docs/stability.md, "Stability metrics"), every `interval` steps."""
 
     interval: int = 10  # 0: off
     attention: bool = True  # entropy and max logit (an extra no-grad attention pass)
@@ -261,7 +261,7 @@ class WarningConfig:
 
 @dataclass
 class StabilityConfig:
-    """Loss / grad-norm spike detection and what to do about a spike (docs/stability.md, "Spikes")."""
+    """Loss / grad-norm spike detection and what to do about a spike (docs/stability.md)."""
 
     # log: record the event; skip: drop that step's optimizer update on every rank;
     # rollback: reload the last checkpoint and skip the batches since it

@@ -38,30 +38,21 @@ import statistics
 import subprocess
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+from stable_megatron.bench import (  # noqa: F401  (METHODS etc. are this script's API too)
+    METHODS,
+    ROOT,
+    Bf16Master,
+    Progress,
+    iqr,
+    prepare,
+    quiet_imports,
+)
+from stable_megatron.bench import table as md_table
 
-# Config overrides (the `model` section) of each method.
-METHODS: dict[str, dict[str, Any]] = {
-    "baseline": {},
-    "qk_norm": {"norm_placement": "qk_norm"},
-    "qk_fc_norm": {"norm_placement": "qk_fc_norm"},
-    "qkv_norm": {"norm_placement": "qkv_norm"},
-    "soft_cap": {"softmax_cap": 50.0},
-    "qk_norm_cap": {"norm_placement": "qk_norm", "softmax_cap": 50.0},
-    "mlra": {"attention": "mlra"},  # targets q, k, v; rank d_head / 2 (the config defaults)
-    "mlra_qkvo": {"attention": "mlra", "mlra": {"targets": ["q", "k", "v", "o"]}},
-    "sigma_reparam": {"sigma_reparam": {"enabled": True}},
-    "z_loss": {"z_loss": 1e-4},
-    "embedding_norm": {"embedding_norm": True},
-    "scaled_embeddings": {"scale_embeddings": True},
-    "qk_clip": {"qk_clip": {"enabled": True}},
-    "gated_attention": {"attention_gate": True},
-}
 BASELINE = "baseline"
 # The baseline on the explicit-softmax attention path, to price the cap where it forces it.
 MATH_BASELINE = "baseline_math"
@@ -95,60 +86,15 @@ class Shape:
 # Progress (stderr)
 
 
-class Progress:
-    """One status line on stderr: rewritten in place on a terminal, one line per update else."""
-
-    def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled
-        self.tty = enabled and sys.stderr.isatty()
-        self.width = 0
-        self.start = time.perf_counter()
-
-    def __call__(self, message: str, detail: bool = False) -> None:
-        """Show `message`; a `detail` message only where it can be overwritten (a terminal)."""
-        if not self.enabled or (detail and not self.tty):
-            return
-        message = f"[bench {time.perf_counter() - self.start:4.0f}s] {message}"
-        if self.tty:
-            sys.stderr.write("\r" + message.ljust(self.width))
-            self.width = len(message)
-        else:
-            sys.stderr.write(message + "\n")
-        sys.stderr.flush()
-
-    def done(self) -> None:
-        if self.tty and self.width:
-            sys.stderr.write("\r" + " " * self.width + "\r")
-            sys.stderr.flush()
-        self.width = 0
-
-
 # --------------------------------------------------------------------------------------------
 # Models and steps
-
-
-def _quiet_imports() -> None:
-    """Import-time notices from megatron-core/torch about GPU packages we do not use."""
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
-    warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-    warnings.filterwarnings("ignore", message=".*full scope is deprecated.*")
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-
-
-def _prepare(device: str) -> None:
-    """Before DeepSpeed is imported: name its accelerator on CPU (it guesses, noisily)."""
-    from stable_megatron import parallel
-
-    _quiet_imports()
-    if parallel.select_device(device).type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def setup(device: str = "auto"):
     """A world-1 process group and megatron-core's TP=1 groups on the selected device."""
     from stable_megatron import parallel
 
-    _prepare(device)
+    prepare(device)
     return parallel.initialize(tp=1, pp=1, device=device)
 
 
@@ -178,40 +124,6 @@ def attention_path(method: str, on_cuda: bool) -> str:
 
     m = ALL_METHODS[method]
     return attention_kernel(m.get("attention_backend", "auto"), m.get("softmax_cap"), on_cuda)
-
-
-class Bf16Master:
-    """Mixed precision for a plain step, as megatron-core's Float16Module with its fp32-master
-    optimizer (and DeepSpeed's bf16 engine) do it: the model's parameters in bf16, `optimizer`
-    over fp32 copies of them. `step()` moves the bf16 gradients onto the copies, clips them,
-    steps and copies the weights back. (torch.autocast is no substitute: megatron-core's
-    linear layers run their backward outside the CPU autocast state.)"""
-
-    def __init__(self, model, optimizer) -> None:
-        import torch
-
-        self.optimizer, self.pairs = optimizer, []
-        for group in optimizer.param_groups:  # before any step: the optimizer has no state yet
-            masters = [p.detach().clone().float() for p in group["params"]]
-            self.pairs += list(zip(group["params"], masters, strict=True))
-            group["params"] = masters
-        model.to(torch.bfloat16)  # in place: the model's Parameter objects stay the same
-        self.masters = [m for _, m in self.pairs]
-
-    def step(self, clip: float | None = None):
-        """The optimizer step over the fp32 copies; the gradient norm if `clip`, else None."""
-        import torch
-
-        for p, m in self.pairs:
-            m.grad = None if p.grad is None else p.grad.float()
-            p.grad = None
-        norm = torch.nn.utils.clip_grad_norm_(self.masters, clip) if clip else None
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for p, m in self.pairs:
-                p.copy_(m)
-        return norm
 
 
 class Bench:
@@ -424,7 +336,7 @@ def run_benchmark(
             "params": bench.params,
             "param_ratio": bench.params / base.params,
             "time_s": t,
-            "spread": _iqr(bench.times) / t,
+            "spread": iqr(bench.times) / t,
             "time_ratio": t / base_time,
             "tokens_per_s": shape.tokens / t,
             "step_times": list(bench.times),
@@ -459,14 +371,6 @@ def run_benchmark(
     }
 
 
-def _iqr(values: list[float]) -> float:
-    """Interquartile range (0 for fewer than two values)."""
-    if len(values) < 2:
-        return 0.0
-    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return q3 - q1
-
-
 def _threads() -> int:
     import torch
 
@@ -483,18 +387,6 @@ def _mib(n: int | None) -> str:
 
 def _ratio(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}x"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        )
-
-    return [line(header), "  ".join("-" * w for w in widths), *[line(r) for r in rows]]
 
 
 def format_report(result: dict[str, Any]) -> str:
@@ -520,7 +412,7 @@ def format_report(result: dict[str, Any]) -> str:
             f"{r['tokens_per_s']:.0f}", f"{r['params']:,}", _ratio(r["param_ratio"]),
             _mib(r["peak_bytes"]), _ratio(r["mem_ratio"]),
         ])
-    out += _table(header, rows)
+    out += md_table(header, rows)
     if result["vs_math_baseline"]:
         ref = res[MATH_BASELINE]
         out += [
@@ -536,7 +428,7 @@ def format_report(result: dict[str, Any]) -> str:
             r = res[name]
             rows.append([name, f"{r['time_s'] * 1e3:.0f}", f"{r['spread']:.0%}",
                          _ratio(v["time_ratio"]), _mib(r["peak_bytes"]), _ratio(v["mem_ratio"])])
-        out += _table(["method", "step ms", "IQR", "time", "peak MiB", "mem x"], rows)
+        out += md_table(["method", "step ms", "IQR", "time", "peak MiB", "mem x"], rows)
     out += ["", "notes:"]
     out.append("- ratios are against the baseline measured in this run (pre-LN, SDPA attention"
                " unless noted); params x counts trainable parameters")
@@ -606,7 +498,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    _prepare(args.device)
+    prepare(args.device)
     shape = Shape(args.hidden, args.layers, args.heads, args.seq, args.batch, args.vocab,
                   args.precision)
     if args.only:
@@ -633,6 +525,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Benchmark the checkout this script belongs to, whatever the installed copy points at.
-    sys.path.insert(0, str(ROOT))
     sys.exit(main())

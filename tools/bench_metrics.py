@@ -40,15 +40,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-TOOLS = Path(__file__).resolve().parent
-ROOT = TOOLS.parent
-if str(TOOLS) not in sys.path:
-    sys.path.insert(0, str(TOOLS))
-
-from bench_methods import Progress, _iqr, _prepare, _table  # noqa: E402
+from stable_megatron.bench import (  # noqa: F401  (RECIPE, SyntheticTokens: the API too)
+    RECIPE,
+    ROOT,
+    Progress,
+    SyntheticTokens,
+    iqr,
+    prepare,
+)
+from stable_megatron.bench import table as md_table
 
 TARGET = 0.03  # metrics on vs off, at the default interval
-RECIPE = ROOT / "recipes" / "tiny.yaml"
 # Shapes: config overrides on top of the recipe (then the command line's overrides).
 SHAPES: dict[str, list[str]] = {
     "recipe": [],  # --recipe's own shape
@@ -59,18 +61,6 @@ SHAPES: dict[str, list[str]] = {
     ],
 }
 PHASES = ("before_step", "before_update", "after_step")
-
-
-class SyntheticTokens:
-    """Deterministic random token windows of `seq + 1` tokens (sample i depends on i only)."""
-
-    def __init__(self, vocab: int, seq: int, seed: int = 0) -> None:
-        self.vocab, self.seq, self.seed = vocab, seq, seed
-
-    def __getitem__(self, i: int):
-        import numpy as np
-
-        return np.random.default_rng(self.seed + i).integers(0, self.vocab, self.seq + 1)
 
 
 def shape_config(recipe: str | Path, shape: str, overrides: list[str], world: int):
@@ -213,8 +203,8 @@ def bench_shape(cfg, state, rounds: int, warmup: int, progress: Progress,
         "overhead": on / off - 1,
         "paired_ratio": statistics.median(a / b for a, b in zip(blocks["on"], blocks["off"],
                                                                  strict=True)),
-        "on_spread": _iqr(blocks["on"]) / on,
-        "off_spread": _iqr(blocks["off"]) / off,
+        "on_spread": iqr(blocks["on"]) / on,
+        "off_spread": iqr(blocks["off"]) / off,
         "metric_step_s": metric,
         "plain_step_s": plain,
         "metric_step_ratio": metric / plain,
@@ -297,7 +287,7 @@ def format_report(result: dict[str, Any]) -> str:
         rows.append([name, str(s["layers"]), str(s["hidden"]), str(s["heads"]), str(s["seq"]),
                      f"{s['global_batch'] // (s['micro_batch'] * s['dp'])} x {s['micro_batch']}"
                      f" x {s['dp']}", f"{s['tp']} x {s['pp']} x {s['dp']}"])
-    out += _table(header, rows)
+    out += md_table(header, rows)
     out.append("")
     header = ["shape", "interval", "off ms/step", "IQR", "on ms/step", "IQR", "on/off",
               "paired", "metric step ms", "plain step ms", "metric/plain", "implied"]
@@ -310,7 +300,7 @@ def format_report(result: dict[str, Any]) -> str:
             _ms(r["plain_step_s"]), f"{r['metric_step_ratio']:.3f}x",
             _pct(r["implied_overhead"]),
         ])
-    out += _table(header, rows)
+    out += md_table(header, rows)
     out += ["", "extra time of the metric step over a plain step (medians, ms):"]
     header = ["shape", "extra", "before_step", "grad/param/TEV", "after_step",
               "attention pass + hooks"]
@@ -321,7 +311,7 @@ def format_report(result: dict[str, Any]) -> str:
         rest = extra - sum(ph.values())
         rows.append([name, _ms(extra), _ms(ph["before_step"]), _ms(ph["before_update"]),
                      _ms(ph["after_step"]), _ms(rest)])
-    out += _table(header, rows)
+    out += md_table(header, rows)
     out += [
         "",
         "notes:",
@@ -367,7 +357,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    _prepare(args.device)
+    prepare(args.device)
     from stable_megatron import parallel
     from stable_megatron.config import ConfigError
 
@@ -396,6 +386,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Benchmark the checkout this script belongs to, whatever the installed copy points at.
-    sys.path.insert(0, str(ROOT))
     sys.exit(main())

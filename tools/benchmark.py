@@ -24,7 +24,7 @@ so load drift on a shared machine hits all alike):
 - `mcore-stock`: the same with the stock `DotProductAttention`, unchanged;
 - `bare`: our own model (`model.gpt.build_model`) with the plain step of the references, no
   DeepSpeed engine: ours / bare is the engine's share, bare / plain the model's.
-`--methods`: our step with each stability method's overrides (tools/bench_methods.METHODS).
+`--methods`: our step with each stability method's overrides (stable_megatron.bench.METHODS).
 
 Modes: `--parallel` (TP2, PP2, DP2 on 2 processes of 1 thread against world 1 with 2 threads,
 each in its own launch), `--growth` (step time against sequence length and hidden size beside
@@ -55,13 +55,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-TOOLS = Path(__file__).resolve().parent
-ROOT = TOOLS.parent
-if str(TOOLS) not in sys.path:
-    sys.path.insert(0, str(TOOLS))
-
-from bench_methods import METHODS, Bf16Master, Progress, _iqr, _prepare, _table  # noqa: E402
-from bench_metrics import RECIPE, SyntheticTokens  # noqa: E402
+from stable_megatron.bench import (
+    METHODS,
+    RECIPE,
+    ROOT,
+    Bf16Master,
+    Progress,
+    SyntheticTokens,
+    iqr,
+    prepare,
+)
+from stable_megatron.bench import table as md_table
 
 SHAPES: dict[str, list[str]] = {
     "recipe": [],  # --recipe's own shape
@@ -354,7 +358,7 @@ class TorchStep(Arm):
     """A plain single-process step over `self.model` (`loss(tokens, labels)`): forward, loss,
     backward per micro-batch, clipping, AdamW (`train.make_optimizer`: our kernel,
     hyper-parameters and groups), LR schedule. With train.precision=bf16 the model is in bf16
-    and AdamW runs over fp32 master weights (bench_methods.Bf16Master), as ours does."""
+    and AdamW runs over fp32 master weights (stable_megatron.bench.Bf16Master), as ours does."""
 
     def _optimizer(self) -> None:
         import torch
@@ -586,7 +590,7 @@ def summarize(arm: Arm, cfg, peak: dict[str, Any], base: Arm | None = None) -> d
     tflops = tps * flops_per_token(cfg) / arm.state.layout.world / 1e12
     out = {
         "time_s": t,
-        "spread": _iqr(arm.times) / t,
+        "spread": iqr(arm.times) / t,
         "tokens_per_s": tps,
         "tflops": tflops,
         "mfu": tflops / peak["tflops"] if peak.get("tflops") else None,
@@ -794,7 +798,7 @@ def run_parallel(args, overrides: list[str], progress: Progress) -> dict[str, An
         first = rs[0]
         merged[label] = {**first, "step_times": times, "data_times": data,
                          "time_s": statistics.median(times),
-                         "spread": _iqr(times) / statistics.median(times),
+                         "spread": iqr(times) / statistics.median(times),
                          "data_wait": sum(data) / sum(times)}
     ref = merged["world 1"]["time_s"]
     for r in merged.values():
@@ -825,7 +829,7 @@ def run_growth(args, overrides: list[str], progress: Progress) -> dict[str, Any]
         tokens = cfg.train.global_batch_size * cfg.model.seq_length
         flops = flops_per_token(cfg) * tokens
         points.append({"axis": axis, "value": value, "time_s": t,
-                       "spread": _iqr(arm.times) / t, "flops": flops, "tokens": tokens,
+                       "spread": iqr(arm.times) / t, "flops": flops, "tokens": tokens,
                        "step_times": list(arm.times), "tflops": flops / t / 1e12,
                        "params": sum(p.numel() for p in arm.engine.module.parameters())})
         arm.close()
@@ -890,7 +894,7 @@ def format_compare(result: dict[str, Any]) -> str:
             f"{r['data_wait']:.2%}", _mib(r["peak_bytes"]),
             "-" if r.get("faults_per_step") is None else f"{r['faults_per_step']:.0f}",
             f"{r['vs_ours']:.3f}x", f"{r['ours_over']:.3f}x"])
-    out += _table(header, rows)
+    out += md_table(header, rows)
     out.append("")
     refs = [n for n in arms if n in REFERENCES]
     for ref in refs:
@@ -915,7 +919,7 @@ def format_compare(result: dict[str, Any]) -> str:
         out.append(f"- {name}: {ARM_NOTES[name]}")
     if methods:
         out.append(f"- {', '.join(methods)}: ours with the method's overrides "
-                   "(tools/bench_methods.METHODS); baseline: a second engine of ours, built "
+                   "(stable_megatron.bench.METHODS); baseline: a second engine of ours, built "
                    "after it (an A/A control: its ratio to ours is this run's bias)")
     out += [
         "- vs ours: arm step time / ours (median / median); ours/arm: median over rounds of ours"
@@ -958,7 +962,7 @@ def format_parallel(result: dict[str, Any]) -> str:
                      f"{r['time_s'] * 1e3:.0f}", f"{r['spread']:.0%}",
                      f"{r['tokens_per_s']:.0f}",
                      f"{r['data_wait']:.2%}", _mib(r["peak_bytes"]), f"{r['efficiency']:.2f}"])
-    out += _table(header, rows)
+    out += md_table(header, rows)
     out += ["", "efficiency: world-1 step time (2 threads) / the layout's step time (2 processes "
             "x 1 thread): 1.00 = the same 2 cores used as well as by one process"]
     return "\n".join(out)
@@ -977,7 +981,7 @@ def format_growth(result: dict[str, Any]) -> str:
         rows = [[str(p["value"]), f"{p['flops'] / 1e9:.1f}", f"{p['time_s'] * 1e3:.0f}",
                  f"{p['spread']:.0%}", f"{p['tflops'] * 1e3:.1f}", f"{p['flop_ratio']:.2f}",
                  f"{p['time_ratio']:.2f}", f"{p['time_per_flop']:.2f}"] for p in pts]
-        out += _table(header, rows) + [""]
+        out += md_table(header, rows) + [""]
     out.append("FLOPs x / time x: against the smallest point of the sweep; time/FLOP x > 1: the "
                "step grows faster than its model FLOPs (model.size.flops_per_token)")
     return "\n".join(out)
@@ -1043,7 +1047,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    _prepare("auto")
+    prepare("auto")
     from stable_megatron import parallel
     from stable_megatron.config import ConfigError
     from stable_megatron.data import DataError
@@ -1097,6 +1101,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Benchmark the checkout this script belongs to, whatever the installed copy points at.
-    sys.path.insert(0, str(ROOT))
     sys.exit(main())

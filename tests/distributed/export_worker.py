@@ -12,8 +12,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # a source checkout without the package installed
-    sys.path.insert(0, str(ROOT))
 
 
 def main() -> None:

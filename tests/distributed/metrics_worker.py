@@ -15,9 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from tests.distributed.parity_worker import RandomTokens  # noqa: E402
+from parity_worker import RandomTokens  # the script's folder comes first on the import path
 
 
 def run_case(overrides: dict, out: Path) -> None:

@@ -65,7 +65,8 @@ def reachable(start: str) -> set[str]:
 LOWER = ("stable_megatron.model", "stable_megatron.metrics", "stable_megatron.stability",
          "stable_megatron.data", "stable_megatron.checkpoint")
 UPPER = ("stable_megatron.train", "stable_megatron.plan", "stable_megatron.cli",
-         "stable_megatron.commands", "stable_megatron.sweep", "stable_megatron.report", "tools")
+         "stable_megatron.commands", "stable_megatron.bench", "stable_megatron.sweep",
+         "stable_megatron.report", "tools")
 
 
 def under(name: str, roots: tuple[str, ...]) -> bool:
@@ -99,6 +100,19 @@ def test_the_plain_python_rules_load_without_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=PACKAGE.parent, timeout=120, check=True)  # -c: cwd comes first
     assert proc.stdout.strip() == "[]"
+
+
+def test_no_sys_path_edits_anywhere_in_the_repository():
+    """Scripts, workers and tests import the installed package (and a script its own folder);
+    none edits the import path."""
+    root = PACKAGE.parent
+    needles = ("sys.path." + "insert", "sys.path." + "append")
+    found = [f"{path.relative_to(root)}:{n}"
+             for folder in ("stable_megatron", "tools", "tests", "launch")
+             for path in sorted((root / folder).rglob("*.py"))
+             for n, line in enumerate(path.read_text().splitlines(), 1)
+             if any(needle in line for needle in needles)]
+    assert not found, found
 
 
 def test_training_imports_neither_the_planner_nor_the_export_code():

@@ -4,6 +4,7 @@ from made-up results. Checks that the report carries the fields and ratios, neve
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -105,10 +106,13 @@ def test_bad_override_is_one_line():
 
 
 def _tool():
-    sys.path.insert(0, str(TOOLS))
-    import benchmark
-
-    return benchmark
+    """The script as a module (tools/ is not a package), loaded once."""
+    if "benchmark" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # registered, as its dataclasses need
+        spec.loader.exec_module(module)
+    return sys.modules["benchmark"]
 
 
 def test_method_overrides_and_growth_points():
