@@ -1,7 +1,7 @@
 """`stable-megatron generate CHECKPOINT --prompt TEXT`: continue a prompt with a trained model.
 
 The quickest look at what a run learned. The checkpoint may come from any TP x PP x DP layout:
-its tensor-parallel shards are merged (`checkpoint.export`, read-only, `weights_only` loads)
+its tensor-parallel shards are merged (`checkpoint.view`, read-only, `weights_only` loads)
 and the model is built in this one process at TP = PP = 1 on the CPU (or `--device cuda`).
 Text goes through the run's own tokenizer: the built-in corpus's (rebuilt in the data cache
 if it is gone) or the recipe's `data.tokenizer_model`; `--tokenizer` overrides it.
@@ -75,7 +75,7 @@ def choose(logits: torch.Tensor, temperature: float, top_k: int | None,
 
 def run_tokenizer(cfg, override: str | None = None):
     """The tokenizer of the run `cfg` describes (or the file `override`)."""
-    from stable_megatron.checkpoint.export import tokenizer_model_of
+    from stable_megatron.checkpoint.view import tokenizer_model_of
     from stable_megatron.data.tokenizer import Tokenizer
 
     return Tokenizer(tokenizer_model_of(cfg, override))
@@ -86,17 +86,17 @@ def load(path: str, config: str | None = None, tokenizer: str | None = None,
     """The checkpoint at `path` (a tag, a checkpoint directory or a run directory) as a
     `Generator` in this process. Raises `CheckpointError` / `DataError` with the problem."""
     from stable_megatron import parallel
-    from stable_megatron.checkpoint import export, shards
+    from stable_megatron.checkpoint import shards, view
     from stable_megatron.model.gpt import build_model
 
-    ckpt = export.open_checkpoint(path, config)
+    ckpt = view.open_checkpoint(path, config)
     cfg = shards.reference_config(ckpt.config, ckpt.tp)
     tok = run_tokenizer(cfg, tokenizer)
-    state = export.merged_state_dict(ckpt)
+    state = view.merged_state_dict(ckpt)
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints its partitioning
         ps = parallel.initialize(1, 1, device)
         model = build_model(cfg, ps.topology, ps.device).to(ps.device)
-    export.load_into_model(model, state)
+    view.load_into_model(model, state)
     model.eval()
     return Generator(model=model, cfg=cfg, tokenizer=tok, device=ps.device)
 

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None, prog: str = "stable-megatron inspect") -
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     warnings.filterwarnings("ignore")  # import-time notices of megatron-core and torch
     from stable_megatron.checkpoint import CheckpointError
-    from stable_megatron.checkpoint.export import format_summary, summary
+    from stable_megatron.checkpoint.view import format_summary, summary
 
     try:
         # library log lines (DeepSpeed's, megatron-core's) go to stderr: stdout is the report

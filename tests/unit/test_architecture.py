@@ -115,6 +115,14 @@ def test_no_sys_path_edits_anywhere_in_the_repository():
     assert not found, found
 
 
+def test_reading_a_checkpoint_needs_no_writer():
+    """inspect and generate read through the view; the view imports no writer."""
+    for name in ("stable_megatron.checkpoint.view", "stable_megatron.generate",
+                 "stable_megatron.commands.inspect_checkpoint"):
+        assert "stable_megatron.checkpoint.export" not in reachable(name), name
+    assert "stable_megatron.checkpoint.view" in reachable("stable_megatron.checkpoint.export")
+
+
 def test_training_imports_neither_the_planner_nor_the_export_code():
     reached = reachable("stable_megatron.train")
     assert "stable_megatron.checkpoint" in reached  # the graph sees lazy imports
