@@ -1,4 +1,6 @@
 """The training loop: config -> data -> model -> DeepSpeed engine -> steps -> logs/checkpoints.
+The engine and optimizer live in `stable_megatron/engine.py`, the data and micro-batches in
+`stable_megatron/batches.py` (their names are re-exported here).
 
 Run with a launcher (`deepspeed --num_gpus N -m stable_megatron.train RECIPE k=v ...`,
 `torchrun`) or as a single process (`python -m stable_megatron.train RECIPE`).
@@ -9,202 +11,26 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-
+from stable_megatron.batches import (  # noqa: F401  (re-exported)
+    DataSources,
+    evaluate,
+    micro_batches,
+    resolve_data,
+)
 from stable_megatron.config import Config, ConfigError, dump_config, load_config, validate
 from stable_megatron.data import DataError
+from stable_megatron.engine import (  # noqa: F401  (re-exported)
+    DS_REDUCE_BUCKET,
+    build_engine,
+    deepspeed_config,
+    lr_at,
+    make_optimizer,
+    param_groups,
+    train_step,
+)
 from stable_megatron.logger import RunLogger
-
-
-@dataclass
-class DataSources:
-    train_prefix: str | None  # None: data.source=blended (data/blend.py)
-    val_prefix: str | None
-    tokenizer_model: str
-    vocab_size: int
-
-
-def resolve_data(cfg: Config) -> DataSources:
-    """Prepare (built-in corpus, cached) or check (user data) the data of a validated config."""
-    from stable_megatron.data.dataset import prepare_builtin_data
-    from stable_megatron.data.tokenizer import Tokenizer
-
-    d = cfg.data
-    if d.source == "builtin":
-        paths = prepare_builtin_data(d.cache_dir, vocab_size=d.vocab_size)
-        sources = DataSources(
-            str(paths.train_prefix), str(paths.val_prefix), str(paths.tokenizer_model),
-            paths.vocab_size,
-        )
-    elif d.source == "blended":
-        vocab = Tokenizer(d.tokenizer_model).vocab_size
-        sources = DataSources(None, None, d.tokenizer_model, vocab)
-    else:
-        vocab = Tokenizer(d.tokenizer_model).vocab_size
-        sources = DataSources(d.train_prefix, d.val_prefix, d.tokenizer_model, vocab)
-    if sources.vocab_size != cfg.tokenizer_vocab_size:
-        raise DataError(
-            f"{sources.tokenizer_model}: {sources.vocab_size} tokens, but the validated config "
-            f"says data.vocab_size={cfg.tokenizer_vocab_size}"
-        )
-    return sources
-
-
-def lr_at(cfg: Config, step: int) -> float:
-    """Learning rate after `step` optimizer steps: linear warmup, then decay to min_lr."""
-    t = cfg.train
-    if t.warmup_steps and step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    if t.lr_decay == "constant":
-        return t.lr
-    span = max(1, t.steps - t.warmup_steps)
-    progress = min(1.0, (step - t.warmup_steps) / span)
-    if t.lr_decay == "linear":
-        factor = 1.0 - progress
-    else:
-        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return t.min_lr + (t.lr - t.min_lr) * factor
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float,
-                 decay_embeddings: bool = True, linear_lr: float | None = None) -> list[dict]:
-    """Weight decay on matrices only; biases and norm weights (1-D) are not decayed, nor, with
-    `decay_embeddings=False`, the embedding tables (word and position: every `nn.Embedding`
-    and megatron-core `VocabParallelEmbedding`, so also a tied output layer). With `linear_lr`,
-    the matrices that are not embedding tables (the linear layers' weights) form a third group
-    of their own, with that LR."""
-    from megatron.core.tensor_parallel import VocabParallelEmbedding
-
-    tables = set()
-    for module in model.modules():
-        if isinstance(module, (torch.nn.Embedding, VocabParallelEmbedding)):
-            tables.update(id(p) for p in module.parameters())
-    decay, no_decay, linear = [], [], []
-    for param in model.parameters():
-        if not param.requires_grad:
-            continue
-        table = id(param) in tables
-        if param.dim() < 2 or (table and not decay_embeddings):
-            no_decay.append(param)
-        elif not table and linear_lr is not None:
-            linear.append(param)
-        else:
-            decay.append(param)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    if linear_lr is not None:
-        groups.append({"params": linear, "weight_decay": weight_decay, "lr": linear_lr})
-    return groups
-
-
-def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
-    """The AdamW of `cfg.train` over `param_groups(model)`, with torch's fused kernel
-    (`fused=True`) on CUDA and on CPU: one pass over each parameter with no temporaries, instead
-    of the per-parameter loop's half-dozen full-size temporaries per step. Under ZeRO-1 the
-    optimizer sees one flat fp32 partition per parameter group, so each temporary was the size
-    of the whole model (116 MB at the benchmark's medium shape): the loop took 430 ms of a 4.3 s
-    CPU step there, the fused kernel ~30 ms (docs/performance.md). The two agree to rounding
-    (tests/unit/test_optimizer.py). The CPU results in docs/results.md were measured with the
-    loop (`foreach=False`), the CPU kernel until issue 13."""
-    t = cfg.train
-    linear_lr = t.lr * t.linear_lr_scale if t.linear_lr_scale != 1.0 else None
-    return torch.optim.AdamW(
-        param_groups(model, t.weight_decay, t.embedding_weight_decay, linear_lr),
-        lr=t.lr,
-        betas=(t.adam_beta1, t.adam_beta2),
-        eps=t.adam_eps,
-        fused=True,
-    )
-
-
-# DeepSpeed's default for ZeRO's gradient bucket, in elements
-DS_REDUCE_BUCKET = 500_000_000
-
-
-def deepspeed_config(cfg: Config, dp: int, stage_params: int = DS_REDUCE_BUCKET) -> dict:
-    """The engine's config. `stage_params`, the number of parameters on this rank, caps ZeRO's
-    gradient bucket: with pipeline parallelism DeepSpeed allocates a fresh bucket of
-    `reduce_bucket_size` elements every step (2 GB of fp32 at its default of 5e8, for a model
-    of a few million parameters here), and the part the gradients fill is faulted in anew each
-    step on CPU and held by the caching allocator on GPU. A bucket as large as the stage's
-    parameters groups the reduction exactly as the default does for any stage under 5e8."""
-    t = cfg.train
-    return {
-        "train_batch_size": t.global_batch_size,
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * dp),
-        "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage,
-                              "reduce_bucket_size": max(1, min(stage_params, DS_REDUCE_BUCKET))},
-        # check_grad_overflow: drop (not apply) a bf16 step with inf/NaN gradients, as fp32 does
-        "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": True},
-        "steps_per_print": 10**12,
-        "wall_clock_breakdown": False,
-        "dump_state": False,
-    }
-
-
-def build_engine(cfg: Config, state, lr_scale=None):
-    """The DeepSpeed pipeline engine; `lr_scale()` (default 1) multiplies the LR schedule
-    (rollbacks lower it)."""
-    import deepspeed
-
-    from stable_megatron.model.gpt import build_model
-
-    model = build_model(cfg, state.topology, state.device).to(state.device)
-    t = cfg.train
-    optimizer = make_optimizer(model, cfg)
-    scale = lr_scale or (lambda: 1.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_at(cfg, s) / t.lr * scale()
-    )
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, state.layout.dp, sum(p.numel() for p in model.parameters())),
-    )
-    return engine
-
-
-def micro_batches(
-    dataset, first_sample: int, cfg: Config, layout, device: torch.device, count: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The `count` micro-batches this data-parallel rank trains on in one step.
-
-    Global sample `first_sample + m * (mbs * dp) + dp_rank * mbs + j` is row j of micro-batch m,
-    so the global batch is the same set of samples at every data-parallel size."""
-    mbs = cfg.train.micro_batch_size
-    for m in range(count):
-        start = first_sample + m * mbs * layout.dp + layout.dp_rank * mbs
-        rows = torch.from_numpy(np.stack([dataset[start + j] for j in range(mbs)])).to(device)
-        yield rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
-
-
-def train_step(engine, batches) -> torch.Tensor:
-    """One optimizer step over this rank's micro-batches with the model's own hook only
-    (sigma-reparam's power step; no metrics, no spike guard); returns the DP-averaged loss.
-    For tests and tools that drive an engine directly; the Trainer runs all its hooks."""
-    from stable_megatron.hooks import PowerIteration, StepRunner
-
-    return StepRunner(engine, [PowerIteration(engine.module)]).step(0, batches)
-
-
-def evaluate(engine, dataset, cfg: Config, layout, device) -> float:
-    accum = engine.gradient_accumulation_steps()
-    losses = []
-    for i in range(cfg.train.eval_iters):
-        first = i * cfg.train.global_batch_size
-        batches = micro_batches(dataset, first, cfg, layout, device, accum)
-        losses.append(engine.eval_batch(batches).item())
-    return sum(losses) / len(losses)
 
 
 class TrainingAborted(RuntimeError):

@@ -130,10 +130,10 @@ class Bench:
     """One method's model, optimizer and step."""
 
     def __init__(self, method: str, shape: Shape, state) -> None:
+        from stable_megatron.engine import make_optimizer
         from stable_megatron.hooks import model_hooks
         from stable_megatron.model.gpt import build_model, count_parameters
         from stable_megatron.model.sigma_reparam import sigma_reparam_layers
-        from stable_megatron.train import make_optimizer
 
         self.method, self.device = method, state.device
         cfg = method_config(method, shape, state.device.type)

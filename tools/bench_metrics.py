@@ -79,9 +79,9 @@ class Runner:
     """One shape's engine, data and metrics; `step()` is one training-loop step."""
 
     def __init__(self, cfg, state) -> None:
+        from stable_megatron.engine import build_engine
         from stable_megatron.hooks import PowerIteration, StepRunner
         from stable_megatron.metrics import StabilityMetrics
-        from stable_megatron.train import build_engine
 
         self.cfg, self.state = cfg, state
         with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints its setup
@@ -122,7 +122,7 @@ class Runner:
     def step(self, measure: bool) -> float:
         """One optimizer step (a metric step when `measure`), as `train.train` runs it,
         including the loss and grad-norm reads of its log record; returns the wall time."""
-        from stable_megatron.train import micro_batches
+        from stable_megatron.batches import micro_batches
 
         cfg, layout = self.cfg, self.state.layout
         self.phases = {}

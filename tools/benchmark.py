@@ -133,8 +133,8 @@ def make_config(recipe: str | Path, shape: str, overrides: list[str], world: int
 def dataset_for(cfg, kind: str):
     if kind == "synthetic":
         return SyntheticTokens(cfg.model.vocab_size, cfg.model.seq_length)
+    from stable_megatron.batches import resolve_data
     from stable_megatron.data.dataset import TokenWindowDataset
-    from stable_megatron.train import resolve_data
 
     sources = resolve_data(cfg)
     return TokenWindowDataset(sources.train_prefix, cfg.model.seq_length, seed=cfg.train.seed)
@@ -277,7 +277,7 @@ class Arm:
         return t.global_batch_size // (t.micro_batch_size * self.state.layout.dp)
 
     def batches(self) -> TimedBatches:
-        from stable_megatron.train import micro_batches
+        from stable_megatron.batches import micro_batches
 
         return TimedBatches(micro_batches(self.data, self.consumed, self.cfg, self.state.layout,
                                           self.state.device, self.accum))
@@ -316,11 +316,11 @@ class Ours(Arm):
 
     def __init__(self, cfg, state, data, name: str = "ours") -> None:
         super().__init__(cfg, state, data)
+        from stable_megatron.engine import build_engine
         from stable_megatron.hooks import StepRunner, Throughput, model_hooks
         from stable_megatron.stability.divergence import DivergenceRule
         from stable_megatron.stability.guard import SpikeGuard
         from stable_megatron.stability.warning import EarlyWarning
-        from stable_megatron.train import build_engine
 
         self.name = name
         with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints its setup
@@ -363,7 +363,7 @@ class TorchStep(Arm):
     def _optimizer(self) -> None:
         import torch
 
-        from stable_megatron.train import lr_at, make_optimizer
+        from stable_megatron.engine import lr_at, make_optimizer
 
         t = self.cfg.train
         self.model.train()

@@ -123,6 +123,12 @@ def test_reading_a_checkpoint_needs_no_writer():
     assert "stable_megatron.checkpoint.view" in reachable("stable_megatron.checkpoint.export")
 
 
+def test_the_engine_and_the_batches_sit_below_the_loop():
+    for name in ("stable_megatron.engine", "stable_megatron.batches"):
+        assert name in modules()
+        assert not under_any(reachable(name), UPPER), name
+
+
 def test_training_imports_neither_the_planner_nor_the_export_code():
     reached = reachable("stable_megatron.train")
     assert "stable_megatron.checkpoint" in reached  # the graph sees lazy imports

@@ -1,0 +1,139 @@
+"""The optimizer and the engine: AdamW's parameter groups, the LR schedule, DeepSpeed's config
+and its pipeline engine, and one bare optimizer step for tests and tools. The loop that drives
+the engine is `stable_megatron.train`."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from stable_megatron.config import Config
+
+
+def lr_at(cfg: Config, step: int) -> float:
+    """Learning rate after `step` optimizer steps: linear warmup, then decay to min_lr."""
+    t = cfg.train
+    if t.warmup_steps and step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.lr_decay == "constant":
+        return t.lr
+    span = max(1, t.steps - t.warmup_steps)
+    progress = min(1.0, (step - t.warmup_steps) / span)
+    if t.lr_decay == "linear":
+        factor = 1.0 - progress
+    else:
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return t.min_lr + (t.lr - t.min_lr) * factor
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float,
+                 decay_embeddings: bool = True, linear_lr: float | None = None) -> list[dict]:
+    """Weight decay on matrices only; biases and norm weights (1-D) are not decayed, nor, with
+    `decay_embeddings=False`, the embedding tables (word and position: every `nn.Embedding`
+    and megatron-core `VocabParallelEmbedding`, so also a tied output layer). With `linear_lr`,
+    the matrices that are not embedding tables (the linear layers' weights) form a third group
+    of their own, with that LR."""
+    from megatron.core.tensor_parallel import VocabParallelEmbedding
+
+    tables = set()
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Embedding, VocabParallelEmbedding)):
+            tables.update(id(p) for p in module.parameters())
+    decay, no_decay, linear = [], [], []
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        table = id(param) in tables
+        if param.dim() < 2 or (table and not decay_embeddings):
+            no_decay.append(param)
+        elif not table and linear_lr is not None:
+            linear.append(param)
+        else:
+            decay.append(param)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if linear_lr is not None:
+        groups.append({"params": linear, "weight_decay": weight_decay, "lr": linear_lr})
+    return groups
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
+    """The AdamW of `cfg.train` over `param_groups(model)`, with torch's fused kernel
+    (`fused=True`) on CUDA and on CPU: one pass over each parameter with no temporaries, instead
+    of the per-parameter loop's half-dozen full-size temporaries per step. Under ZeRO-1 the
+    optimizer sees one flat fp32 partition per parameter group, so each temporary was the size
+    of the whole model (116 MB at the benchmark's medium shape): the loop took 430 ms of a 4.3 s
+    CPU step there, the fused kernel ~30 ms (docs/performance.md). The two agree to rounding
+    (tests/unit/test_optimizer.py). The CPU results in docs/results.md were measured with the
+    loop (`foreach=False`), the CPU kernel until issue 13."""
+    t = cfg.train
+    linear_lr = t.lr * t.linear_lr_scale if t.linear_lr_scale != 1.0 else None
+    return torch.optim.AdamW(
+        param_groups(model, t.weight_decay, t.embedding_weight_decay, linear_lr),
+        lr=t.lr,
+        betas=(t.adam_beta1, t.adam_beta2),
+        eps=t.adam_eps,
+        fused=True,
+    )
+
+
+# DeepSpeed's default for ZeRO's gradient bucket, in elements
+DS_REDUCE_BUCKET = 500_000_000
+
+
+def deepspeed_config(cfg: Config, dp: int, stage_params: int = DS_REDUCE_BUCKET) -> dict:
+    """The engine's config. `stage_params`, the number of parameters on this rank, caps ZeRO's
+    gradient bucket: with pipeline parallelism DeepSpeed allocates a fresh bucket of
+    `reduce_bucket_size` elements every step (2 GB of fp32 at its default of 5e8, for a model
+    of a few million parameters here), and the part the gradients fill is faulted in anew each
+    step on CPU and held by the caching allocator on GPU. A bucket as large as the stage's
+    parameters groups the reduction exactly as the default does for any stage under 5e8."""
+    t = cfg.train
+    return {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * dp),
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage,
+                              "reduce_bucket_size": max(1, min(stage_params, DS_REDUCE_BUCKET))},
+        # check_grad_overflow: drop (not apply) a bf16 step with inf/NaN gradients, as fp32 does
+        "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": True},
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+        "dump_state": False,
+    }
+
+
+def build_engine(cfg: Config, state, lr_scale=None):
+    """The DeepSpeed pipeline engine; `lr_scale()` (default 1) multiplies the LR schedule
+    (rollbacks lower it)."""
+    import deepspeed
+
+    from stable_megatron.model.gpt import build_model
+
+    model = build_model(cfg, state.topology, state.device).to(state.device)
+    t = cfg.train
+    optimizer = make_optimizer(model, cfg)
+    scale = lr_scale or (lambda: 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_at(cfg, s) / t.lr * scale()
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, state.layout.dp, sum(p.numel() for p in model.parameters())),
+    )
+    return engine
+
+
+def train_step(engine, batches) -> torch.Tensor:
+    """One optimizer step over this rank's micro-batches with the model's own hook only
+    (sigma-reparam's power step; no metrics, no spike guard); returns the DP-averaged loss.
+    For tests and tools that drive an engine directly; the Trainer runs all its hooks."""
+    from stable_megatron.hooks import PowerIteration, StepRunner
+
+    return StepRunner(engine, [PowerIteration(engine.module)]).step(0, batches)
