@@ -1,7 +1,7 @@
 """The read-only view of a checkpoint: find it, read its files safely, merge the
 tensor-parallel shards into full tensors, load them into a model, summarise it, and find the
 run's tokenizer. Used by `stable-megatron inspect`, `generate` and the writers of
-`checkpoint/export.py`; it writes nothing.
+`checkpoint/export/`; it writes nothing.
 
 A DeepSpeed pipeline checkpoint of stable_megatron is a directory per save ("tag", e.g.
 `step00000020`) holding, per block of the `PipelineModule` (global index XX: 0 the embedding,
