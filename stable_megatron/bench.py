@@ -16,24 +16,17 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "tiny.yaml"  # the scripts' default recipe
 
-# Config overrides (the `model` section) of each method.
-METHODS: dict[str, dict[str, Any]] = {
-    "baseline": {},
-    "qk_norm": {"norm_placement": "qk_norm"},
-    "qk_fc_norm": {"norm_placement": "qk_fc_norm"},
-    "qkv_norm": {"norm_placement": "qkv_norm"},
-    "soft_cap": {"softmax_cap": 50.0},
-    "qk_norm_cap": {"norm_placement": "qk_norm", "softmax_cap": 50.0},
-    "mlra": {"attention": "mlra"},  # targets q, k, v; rank d_head / 2 (the config defaults)
-    "mlra_qkvo": {"attention": "mlra", "mlra": {"targets": ["q", "k", "v", "o"]}},
-    "sigma_reparam": {"sigma_reparam": {"enabled": True}},
-    "z_loss": {"z_loss": 1e-4},
-    "embedding_norm": {"embedding_norm": True},
-    "scaled_embeddings": {"scale_embeddings": True},
-    "qk_clip": {"qk_clip": {"enabled": True}},
-    "gated_attention": {"attention_gate": True},
-}
 
+
+def method_overrides() -> dict[str, dict[str, Any]]:
+    """Each benchmarked method's config overrides (the `model` section): the baseline, then
+    every registered method's variants (`Method.variants`)."""
+    from stable_megatron import methods
+
+    return {"baseline": {}, **methods.variants()}
+
+
+METHODS: dict[str, dict[str, Any]] = method_overrides()
 
 class Progress:
     """One status line on stderr: rewritten in place on a terminal, one line per update else."""

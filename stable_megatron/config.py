@@ -3,6 +3,11 @@
 Every user error (unknown key, wrong type, invalid combination) raises `ConfigError` with a
 single line naming the field and what would be valid. Validation happens before any process
 group is created so that a bad recipe costs nothing on a cluster.
+
+The stability methods' keys of the `model` section, and their rules, are each method's own
+(stable_megatron/methods/); this module keeps the loader, the sections and the rules that span
+them, the rules between two methods included (model.sigma_reparam with model.mlra; model.qk_clip
+with model.norm_placement or sigma-reparam on qkv).
 """
 
 from __future__ import annotations
@@ -24,42 +29,6 @@ RECOMPUTE_MODES = typing.get_args(RecomputeMode)
 
 class ConfigError(ValueError):
     """A recipe or override that cannot run; the message names the field."""
-
-
-@dataclass
-class MLRAConfig:
-    """Multi-head low-rank attention [A]; the factorisation is a project choice (methods.md)."""
-
-    rank: int | None = None  # default: head_dim // 2 (resolved_rank); 1 .. head_dim
-    targets: list[str] = field(default_factory=lambda: ["q", "k", "v"])  # any of q, k, v, o
-    # factor init stds: "paper" both at init_std (smaller initial outputs, the paper's
-    # variance argument); "balanced"/"input_side" keep the full-rank output scale
-    factor_init: Literal["paper", "balanced", "input_side"] = "paper"
-
-    def resolved_rank(self, head_dim: int) -> int:
-        """`rank`, or the default head_dim // 2 (the one place the default is written)."""
-        return self.rank if self.rank is not None else head_dim // 2
-
-
-@dataclass
-class SigmaReparamConfig:
-    """sigma-reparam [C]: W_hat = gamma / sigma(W) * W on the chosen linear layers."""
-
-    enabled: bool = False
-    targets: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])
-    power_iters: int = 1  # power-iteration steps per optimizer step
-    init_iters: int = 300  # power-iteration steps at initialisation (from a seeded vector)
-    gamma_init: Literal["sigma0", "one"] = "sigma0"
-
-
-@dataclass
-class QKClipConfig:
-    """QK-clip (MuonClip, arXiv 2507.20534): after each optimizer step, every head whose largest
-    attention logit in the step exceeded `tau` has its query and key weights scaled by
-    sqrt(tau / max logit) (model/qk_clip.py)."""
-
-    enabled: bool = False
-    tau: float = 100.0  # the logit bound; Kimi K2 used 100
 
 
 @dataclass
@@ -86,23 +55,16 @@ class ModelConfig:
     add_bias_linear: bool = True
     # auto: SDPA without a softmax cap; with one, FlexAttention on GPU, the math path on CPU
     attention_backend: Literal["auto", "sdpa", "flex", "math"] = "auto"
-    # Stability methods (methods.md); the defaults are the plain pre-LN GPT.
-    attention: Literal["standard", "mlra"] = "standard"
-    mlra: MLRAConfig = field(default_factory=MLRAConfig)
-    norm_placement: Literal["pre_ln", "qk_norm", "qk_fc_norm", "qkv_norm"] = "pre_ln"
-    softmax_cap: float | None = None  # c in c * tanh(s / c) on attention logits; e.g. 50
-    # z-loss coefficient: loss += z_loss * mean(logsumexp(output logits)^2); 0: off; e.g. 1e-4
-    z_loss: float = 0.0
-    # embedding options: a LayerNorm on the embedding output (after the learned positions, as
-    # BLOOM's); the token embeddings multiplied by sqrt(hidden_size) ("Spike No More",
-    # arXiv 2312.16903)
-    embedding_norm: bool = False
-    scale_embeddings: bool = False
-    # gated attention (arXiv 2505.06708): each head's attention output times
-    # sigmoid(x W_g + b_g), one gate per head and token, from the attention's input x
-    attention_gate: bool = False
-    sigma_reparam: SigmaReparamConfig = field(default_factory=SigmaReparamConfig)
-    qk_clip: QKClipConfig = field(default_factory=QKClipConfig)
+    # The stability methods' keys (model.norm_placement, model.sigma_reparam, ...) are not
+    # listed here: each method module of stable_megatron/methods/ declares its own, and they
+    # are set on every ModelConfig from the registry (the defaults: the plain pre-LN GPT).
+
+    def __post_init__(self) -> None:
+        from stable_megatron import methods
+
+        for f in methods.model_fields():
+            if f.name not in self.__dict__:
+                setattr(self, f.name, f.make_default())
 
     @property
     def ffn_size(self) -> int:
@@ -302,7 +264,34 @@ class Config:
         return self.data.vocab_size
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return as_dict(self)
+
+
+def base_model_keys() -> tuple[str, ...]:
+    """The `model.*` keys of ModelConfig itself (the methods' keys are added to these)."""
+    return tuple(f.name for f in dataclasses.fields(ModelConfig))
+
+
+def _method_keys(cls: type) -> dict[str, Any]:
+    """The keys the registered methods add to section `cls` (only to ModelConfig): name -> type."""
+    if cls is not ModelConfig:
+        return {}
+    from stable_megatron import methods
+
+    return {f.name: f.type for f in methods.model_fields()}
+
+
+def as_dict(obj: Any) -> Any:
+    """A config or a section as plain data (as `dataclasses.asdict`, with the methods' keys of
+    the model section, after ModelConfig's own)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        names = [f.name for f in dataclasses.fields(obj)] + list(_method_keys(type(obj)))
+        return {name: as_dict(getattr(obj, name)) for name in names}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(as_dict(v) for v in obj)
+    if isinstance(obj, dict):
+        return {k: as_dict(v) for k, v in obj.items()}
+    return obj
 
 
 # --------------------------------------------------------------------------------------------
@@ -360,7 +349,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'recipe'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    extra = _method_keys(cls)
+    hints.update(extra)
+    fields = [f.name for f in dataclasses.fields(cls)] + list(extra)
     unknown = sorted(str(k) for k in set(data) - set(fields))
     if unknown:
         where = f"{prefix}." if prefix else ""
@@ -376,7 +367,10 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
             kwargs[key] = _build(tp, {} if value is None else value, name)
         else:
             kwargs[key] = _coerce(name, value, tp)
-    return cls(**kwargs)
+    obj = cls(**{k: v for k, v in kwargs.items() if k not in extra})
+    for key in extra.keys() & kwargs.keys():  # the methods' keys: set after the defaults
+        setattr(obj, key, kwargs[key])
+    return obj
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -560,7 +554,7 @@ def validate(cfg: Config, world_size: int) -> None:
             raise ConfigError(f"data.tokenizer_model={d.tokenizer_model}: no such file")
     if d.source == "blended":
         _validate_blend(d)
-    _validate_methods(m, p.tp)
+    _validate_methods(cfg, world_size)
     if m.vocab_size is not None:
         positive("model.vocab_size", m.vocab_size)
     positive("model.vocab_pad_multiple", m.vocab_pad_multiple)
@@ -650,64 +644,35 @@ def _validate_warning(cfg: Config) -> None:
         raise ConfigError(f"{name}.entropy_drop={w.entropy_drop}: must be in (0, 1]")
 
 
-MLRA_TARGETS = ("q", "k", "v", "o")
-SIGMA_TARGETS = ("qkv", "proj", "fc1", "fc2")
+def _validate_methods(cfg: Config, world_size: int) -> None:
+    """The model keys no method owns, then every registered method's own rules (each checks
+    its keys whether or not it is switched on)."""
+    from stable_megatron import methods
+
+    m = cfg.model
+    if m.attention_dropout != 0:
+        raise ConfigError(
+            f"model.attention_dropout={m.attention_dropout}: must be 0 (no attention kernel "
+            f"applies dropout; see model/attention.py)"
+        )
+    for method in methods.methods():
+        method.validate(cfg, world_size)
+    _validate_combinations(m)
 
 
-def _validate_methods(m: ModelConfig, tp: int) -> None:
-    def check_targets(name: str, targets: list[str], valid: tuple[str, ...]) -> None:
-        bad = [t for t in targets if t not in valid]
-        if bad or len(set(targets)) != len(targets):
-            raise ConfigError(
-                f"{name}={targets}: each of {', '.join(valid)} at most once"
-            )
-
-    check_targets("model.mlra.targets", m.mlra.targets, MLRA_TARGETS)
-    if m.attention == "mlra":
-        if not m.mlra.targets:
-            raise ConfigError("model.mlra.targets is empty: name at least one of q, k, v, o")
-        rank = m.mlra.resolved_rank(m.head_dim)
-        if not 0 < rank <= m.head_dim:
-            raise ConfigError(
-                f"model.mlra.rank={rank}: must be between 1 and the head dim "
-                f"(hidden_size / num_attention_heads = {m.head_dim}) to be low rank"
-            )
+def _validate_combinations(m: ModelConfig) -> None:
+    """The rules between two built-in methods (each method's own rules are in its module)."""
     sr = m.sigma_reparam
-    check_targets("model.sigma_reparam.targets", sr.targets, SIGMA_TARGETS)
-    if sr.power_iters < 1 or sr.init_iters < 1:
-        raise ConfigError("model.sigma_reparam.power_iters and init_iters must be >= 1")
     if sr.enabled and m.attention == "mlra":
-        replaced = {
-            "qkv": bool(set(m.mlra.targets) & {"q", "k", "v"}),
-            "proj": "o" in m.mlra.targets,
-        }
+        replaced = {"qkv": bool(set(m.mlra.targets) & {"q", "k", "v"}),
+                    "proj": "o" in m.mlra.targets}
         clash = [t for t in sr.targets if replaced.get(t)]
         if clash:
             raise ConfigError(
                 f"model.sigma_reparam.targets has {', '.join(clash)}, which model.attention=mlra "
                 f"replaces with low-rank factors; remove it from the targets"
             )
-    if m.attention_dropout != 0:
-        raise ConfigError(
-            f"model.attention_dropout={m.attention_dropout}: must be 0 (no attention kernel "
-            f"applies dropout; see model/attention.py)"
-        )
-    if not (math.isfinite(m.z_loss) and m.z_loss >= 0):
-        raise ConfigError(f"model.z_loss={m.z_loss}: must be a finite number >= 0 (0: off)")
-    _validate_qk_clip(m)
-    if m.softmax_cap is not None and m.softmax_cap <= 0:
-        raise ConfigError(f"model.softmax_cap={m.softmax_cap}: must be > 0 (or null for off)")
-    if m.softmax_cap is not None and m.attention_backend == "sdpa":
-        raise ConfigError(
-            "model.softmax_cap needs model.attention_backend auto, flex or math (sdpa cannot cap)"
-        )
-
-
-def _validate_qk_clip(m: ModelConfig) -> None:
-    clip = m.qk_clip
-    if not (math.isfinite(clip.tau) and clip.tau > 0):
-        raise ConfigError(f"model.qk_clip.tau={clip.tau}: must be a finite number > 0")
-    if not clip.enabled:
+    if not m.qk_clip.enabled:
         return
     if m.norm_placement != "pre_ln":
         raise ConfigError(
@@ -715,7 +680,6 @@ def _validate_qk_clip(m: ModelConfig) -> None:
             f"normalise q and k, so scaling the weights before them cannot bound the logits "
             f"(the norm already does); use one of the two"
         )
-    sr = m.sigma_reparam
     if sr.enabled and "qkv" in sr.targets:
         raise ConfigError(
             "model.qk_clip with sigma-reparam on qkv: the layer's weight is gamma W / sigma(W), "

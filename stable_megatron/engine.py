@@ -130,10 +130,10 @@ def build_engine(cfg: Config, state, lr_scale=None):
     return engine
 
 
-def train_step(engine, batches) -> torch.Tensor:
-    """One optimizer step over this rank's micro-batches with the model's own hook only
-    (sigma-reparam's power step; no metrics, no spike guard); returns the DP-averaged loss.
-    For tests and tools that drive an engine directly; the Trainer runs all its hooks."""
-    from stable_megatron.hooks import PowerIteration, StepRunner
+def train_step(engine, batches, cfg: Config) -> torch.Tensor:
+    """One optimizer step over this rank's micro-batches with the model's own hooks only (its
+    methods' `model_hooks`; no metrics, no spike guard); returns the DP-averaged loss. For
+    tests and tools that drive an engine directly; the Trainer runs all its hooks."""
+    from stable_megatron.hooks import StepRunner, model_hooks
 
-    return StepRunner(engine, [PowerIteration(engine.module)]).step(0, batches)
+    return StepRunner(engine, model_hooks(cfg, engine.module)).step(0, batches)

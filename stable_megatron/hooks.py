@@ -4,7 +4,7 @@ A training step is `StepRunner.step` (the forwards and backwards of DeepSpeed's 
 then its optimizer step) followed by `StepRunner.after_step` once the loop has the step's
 record. A hook may act at four points, each optional (the base class does nothing):
 
-- `before_step(step)`: before the forwards (sigma-reparam's power step, the metrics' capture);
+- `before_step(step)`: before the forwards (a method's power step, the metrics' capture);
 - `before_update(step, grad_norm) -> bool`: inside the optimizer step, once the gradients are
   reduced and before the weights change, with the global gradient norm (inf when DeepSpeed
   found the gradients not finite); True drops the update (the spike guard). Every hook is
@@ -99,92 +99,14 @@ class StepRunner:
             self._gate.remove()
 
 
-class PowerIteration(StepHook):
-    """sigma-reparam's power step, once per optimizer step on every rank before the forwards,
-    so that its result does not depend on the number of micro-batches."""
-
-    def __init__(self, module) -> None:
-        self.module = module
-
-    def before_step(self, step: int) -> None:
-        from stable_megatron.model.sigma_reparam import refresh_spectral_norms
-
-        refresh_spectral_norms(self.module)
-
-
-class QKClip(StepHook):
-    """QK-clip after every optimizer step (`model.qk_clip`; the method: model/qk_clip.py).
-
-    `before_step` sets a `MaxLogitCollector` on every attention module of this rank;
-    `after_step`, once the optimizer has updated the weights, puts each head's maximum into a
-    [layers, heads] table (-inf where this rank holds no such head) and all-reduces it with
-    MAX over all ranks: data-parallel ranks of the same heads combine their batches, the
-    tensor- and pipeline-parallel ranks fill in the heads and layers they hold, and every rank
-    then knows every head's maximum. Each rank scales its own heads' q and k parameters and,
-    entry for entry, its part of ZeRO's fp32 master copy (`ds_adapter.scale_master_weights`:
-    scaling the module's weights alone would be undone by the next step, which writes the
-    master weights back into the module).
-    Cost per step: the collectors' q k^T (model/qk_clip.py) and one all-reduce of
-    layers x heads floats.
-
-    Logged every step: `qk_clip/max_logit`, the step's largest attention logit (before the
-    clip, over all layers and heads) and `qk_clip/clipped_heads`, how many heads were scaled.
-    """
-
-    def __init__(self, module, tau: float, num_layers: int, num_heads: int) -> None:
-        from stable_megatron.model.attention import SelfAttention
-
-        self.tau, self.shape = tau, (num_layers, num_heads)
-        self.device = next(module.parameters()).device
-        self.modules = {m.layer_number: m for m in module.modules()
-                        if isinstance(m, SelfAttention)}
-        self.collectors: dict = {}
-        self.last_max_logits = None  # the last step's [layers, heads] table, on every rank
-
-    def before_step(self, step: int) -> None:
-        from stable_megatron.model.qk_clip import CAPTURE_OWNER, MaxLogitCollector
-
-        for number, module in self.modules.items():
-            self.collectors[number] = MaxLogitCollector()
-            module.set_capture_hook(CAPTURE_OWNER, self.collectors[number])
-
-    def after_step(self, step: int, record: dict[str, Any]) -> None:
-        import torch
-        import torch.distributed as dist
-
-        from stable_megatron import ds_adapter, parallel
-        from stable_megatron.model.qk_clip import CAPTURE_OWNER, clip_factors, query_key_scales
-
-        table = torch.full(self.shape, -torch.inf, dtype=torch.float32, device=self.device)
-        for number, module in self.modules.items():
-            module.set_capture_hook(CAPTURE_OWNER, None)
-            found = self.collectors.pop(number).max_logits
-            if found is not None:
-                table[number - 1, module.first_head:module.first_head + found.numel()] = found
-        parallel.all_reduce_(table, op=dist.ReduceOp.MAX)
-        self.last_max_logits = table
-        with torch.no_grad():
-            for number, module in self.modules.items():
-                first = module.first_head
-                factors = clip_factors(table[number - 1, first:first + module.heads_local],
-                                       self.tau)
-                if bool((factors != 1).any()):
-                    for param, scale in query_key_scales(module, factors):
-                        param.mul_(scale)
-                        ds_adapter.scale_master_weights(param, scale)
-        record["qk_clip/max_logit"] = float(table.max())
-        record["qk_clip/clipped_heads"] = int((table > self.tau).sum())
-
-
 def model_hooks(cfg, module) -> list[StepHook]:
     """The step hooks that are part of the model's methods (not of monitoring), for `module`
     (an engine's `module`, or a bare model): every driver of a training step (the Trainer,
-    tests, tools) runs these for the model to be the configured one."""
-    hooks: list[StepHook] = [PowerIteration(module)]
-    if cfg.model.qk_clip.enabled:
-        m = cfg.model
-        hooks.append(QKClip(module, m.qk_clip.tau, m.num_layers, m.num_attention_heads))
-    return hooks
+    tests, tools) runs these for the model to be the configured one. The Trainer also passes
+    its state and engine (`methods.hooks`), for the methods that log through them."""
+    from stable_megatron import methods
+
+    return methods.hooks(cfg, module)
 
 
 class Throughput(StepHook):

@@ -43,11 +43,10 @@ class Trainer:
 
     def __init__(self, cfg: Config) -> None:
         from stable_megatron import checkpoint as ckpt
-        from stable_megatron import parallel
+        from stable_megatron import methods, parallel
         from stable_megatron.checkpoint import reshape
         from stable_megatron.data.dataset import TokenWindowDataset
-        from stable_megatron.hooks import StepRunner, Throughput, model_hooks
-        from stable_megatron.metrics.logits import ZLossLog
+        from stable_megatron.hooks import StepRunner, Throughput
         from stable_megatron.stability.divergence import DivergenceRule
         from stable_megatron.stability.guard import SpikeGuard
         from stable_megatron.stability.warning import EarlyWarning
@@ -92,8 +91,7 @@ class Trainer:
         # warning and divergence rules read the metrics, the guard's verdict and the loss
         self.hooks = StepRunner(self.engine, [
             Throughput(cfg, self.layout.world, self.device), self.warning, self.divergence,
-            *model_hooks(cfg, self.engine.module), self.guard,
-            *([ZLossLog(self.state, self.engine)] if cfg.model.z_loss > 0 else []),
+            *methods.hooks(cfg, self.engine.module, self.state, self.engine), self.guard,
             *([self.metrics] if self.metrics is not None else []),
         ])
         self.started_from = None

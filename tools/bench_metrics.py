@@ -80,7 +80,8 @@ class Runner:
 
     def __init__(self, cfg, state) -> None:
         from stable_megatron.engine import build_engine
-        from stable_megatron.hooks import PowerIteration, StepRunner
+        from stable_megatron.hooks import StepRunner
+        from stable_megatron.methods.sigma_reparam import PowerIteration
         from stable_megatron.metrics import StabilityMetrics
 
         self.cfg, self.state = cfg, state

@@ -1,11 +1,11 @@
 """A run's compact series: the part of its `metrics.jsonl` that the sweep's tables, figures and
 early-warning scores are computed from, small enough to commit for a whole sweep.
 
-`series.jsonl.gz` holds one JSON object per logged step with only the keys of `KEEP` (values
-exactly as logged, no rounding, so a table computed from it equals one computed from the full
-log), then the run's events (`{"event": ...}`: warnings, spikes, rollbacks, divergence) as
-logged. It is gzip with a zero timestamp, so the same run gives the same bytes.
-`analysis.runs.read_run` reads it when a run directory has no `metrics.jsonl`.
+`series.jsonl.gz` holds one JSON object per logged step with only the keys of
+`keep_pattern()` (values exactly as logged, no rounding, so a table computed from it equals one
+computed from the full log), then the run's events (`{"event": ...}`: warnings, spikes,
+rollbacks, divergence) as logged. It is gzip with a zero timestamp, so the same run gives the
+same bytes. `analysis.runs.read_run` reads it when a run directory has no `metrics.jsonl`.
 """
 
 from __future__ import annotations
@@ -18,23 +18,31 @@ from typing import Any
 
 from stable_megatron.analysis.runs import SERIES_FILE, RunLog, read_run
 
-__all__ = ["KEEP", "SERIES_FILE", "compact", "write_series"]
+__all__ = ["SERIES_FILE", "compact", "keep_pattern", "write_series"]
 
-# The keys a series keeps: the losses and optimizer state per step, and the stability signals
-# of metric steps (what the early-warning rules read, TEV, sigma/gamma, QK-clip, z-loss).
-KEEP = re.compile(
-    r"^(step|loss|val_loss|val_ppl|lr|grad_norm|z_loss"
+# The keys a series keeps: the losses and optimizer state per step, the stability signals of
+# metric steps (what the early-warning rules read, TEV), and what each stability method logs
+# (`Method.series_metrics`: sigma/gamma, QK-clip, z-loss, ...).
+BASE_KEYS = (
+    r"step|loss|val_loss|val_ppl|lr|grad_norm"
     r"|attn_logit_max/layer_\d+|attn_entropy_norm/layer_\d+/min"
     r"|tev/mean|tev_out/mean|output_logit/(mean|max)|update_rms/[\w.]+"
-    r"|(sigma|gamma|sigma_exact|sigma_lag)/[\w./]+|qk_clip/(max_logit|clipped_heads))$"
 )
+
+
+def keep_pattern() -> re.Pattern:
+    """The pattern of the kept keys, with the registered methods' metrics."""
+    from stable_megatron import methods
+
+    extra = [m.series_metrics for m in methods.methods() if m.series_metrics]
+    return re.compile("^(" + "|".join([BASE_KEYS, *extra]) + ")$")
 
 
 def compact(log: RunLog) -> list[dict[str, Any]]:
     """The series' lines: the kept keys of every step record, then the events."""
-    lines = []
+    lines, keep = [], keep_pattern()
     for record in log.records:
-        kept = {key: value for key, value in record.items() if KEEP.match(key)}
+        kept = {key: value for key, value in record.items() if keep.match(key)}
         if len(kept) > 1:  # more than the step
             lines.append(kept)
     return lines + list(log.events)

@@ -214,11 +214,9 @@ def check_compatible(meta: dict, cfg) -> None:
     is added with a default that leaves the model as it was: the checkpoint counts as having
     that default (a checkpoint from before `model.attention_gate` existed loads into a run
     without the gate and is refused by one with it)."""
-    import dataclasses
+    from stable_megatron.config import ModelConfig, as_dict
 
-    from stable_megatron.config import ModelConfig
-
-    defaults = _flatten(dataclasses.asdict(ModelConfig()), "model.")
+    defaults = _flatten(as_dict(ModelConfig()), "model.")
     saved = defaults | _flatten(meta["config"].get("model", {}), "model.")
     current = _flatten(cfg.to_dict()["model"], "model.")
     diffs = [

@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from stable_megatron import methods
 from stable_megatron.checkpoint import shards as sh
 from stable_megatron.checkpoint.format import (
     ENGINE_FILE,
@@ -343,8 +344,10 @@ def summary(path: str | os.PathLike | Checkpoint, config: str | os.PathLike | No
             "seq_length": m.seq_length, "vocab_size": m.vocab_size,
             "padded_vocab_size": m.padded_vocab_size(ckpt.tp),
             "tie_embeddings": m.tie_embeddings, "position_embedding": m.position_embedding,
-            "attention": m.attention, "norm_placement": m.norm_placement,
-            "softmax_cap": m.softmax_cap, "sigma_reparam": m.sigma_reparam.enabled,
+            **{key: value for method in methods.methods()
+               for key, value in method.summary(ckpt.config).items()},
+            "methods": [text for method in methods.methods()
+                        if (text := method.describe(ckpt.config)) is not None],
         },
         "total_params": sum(t.numel for t in infos if t.kind == "param"),
         "total_buffer_values": sum(t.numel for t in infos if t.kind == "buffer"),
@@ -369,13 +372,8 @@ def _bytes(n: int) -> str:
 
 def format_summary(info: dict[str, Any], tensors: bool = False) -> str:
     m, lay, disk = info["model"], info["layout"], info["disk"]
-    methods = [f"norms {m['norm_placement']}", f"{m['attention']} attention",
-               f"{m['position_embedding']} positions",
-               "tied embeddings" if m["tie_embeddings"] else "untied embeddings"]
-    if m["softmax_cap"] is not None:
-        methods.append(f"softmax cap {m['softmax_cap']}")
-    if m["sigma_reparam"]:
-        methods.append("sigma-reparam")
+    described = [*m["methods"], f"{m['position_embedding']} positions",
+                 "tied embeddings" if m["tie_embeddings"] else "untied embeddings"]
     lines = [
         f"checkpoint   {info['path']}",
         f"step         {info['step']}   consumed samples {info['consumed_samples']}",
@@ -383,7 +381,7 @@ def format_summary(info: dict[str, Any], tensors: bool = False) -> str:
         f"model        {m['num_layers']} layers, hidden {m['hidden_size']}, "
         f"{m['num_attention_heads']} heads, ffn {m['ffn_size']}, seq {m['seq_length']}, "
         f"vocab {m['vocab_size']} (padded {m['padded_vocab_size']})",
-        f"             {', '.join(methods)}",
+        f"             {', '.join(described)}",
         f"parameters   {info['total_params']:,}"
         + (f" (+ {info['total_buffer_values']:,} buffer values)"
            if info["total_buffer_values"] else "")

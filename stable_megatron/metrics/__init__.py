@@ -12,6 +12,7 @@ plain model: nothing is registered.
 
 from __future__ import annotations
 
+from stable_megatron import methods
 from stable_megatron.hooks import StepHook
 from stable_megatron.metrics import attention, logits, norms, tev, updates
 from stable_megatron.metrics.parts import model_parts
@@ -28,6 +29,7 @@ class StabilityMetrics(StepHook):
         self.cfg, self.state, self.engine = cfg, state, engine
         self.parts = model_parts(engine.module, state.layout.pp_rank)
         self.loss_fn = logits.loss_function(engine)
+        self.methods = methods.enabled(cfg)
         self._contrib: Contributions | None = None
         self._hooks: norms.OutputNormHooks | None = None
         self._updates: updates.UpdateSnapshot | None = None
@@ -72,8 +74,8 @@ class StabilityMetrics(StepHook):
             tev.add_tev(contrib, "tev_out", weight, layout.tp_rank * weight.size(0), vocab, owner)
         norms.add_norms(contrib, groups, norms.param_share(layout), "param_norm", "param_norm",
                         per_group=False)
-        norms.add_sigma_reparam(contrib, self.parts, num_layers,
-                                cfg.metrics.sigma_exact_iters)
+        for method in self.methods:  # the metrics the enabled stability methods add
+            method.add_metrics(contrib, self.parts, cfg)
         if cfg.metrics.grad_norms:
             shares = norms.grad_shares(self.engine.module, layout)
             norms.add_norms(contrib, groups, lambda p: shares.get(id(p)), "grad_norm",

@@ -1,5 +1,5 @@
-"""Norm metrics: sub-layer output norms, parameter and gradient norms, sigma-reparam's sigma
-and gamma (and, with `metrics.sigma_exact_iters`, a converged sigma and the estimate's lag).
+"""Norm metrics: sub-layer output norms, parameter and gradient norms (the sigma and gamma of
+sigma-reparam's layers are its method's metrics, stable_megatron/methods/).
 
 - `out_norm/layer_NN/{qkv,proj,fc1,fc2}`: mean over the step's tokens of the L2 norm of the
   linear layer's output vector (bias included; before the Proj/FC2 output norm when that
@@ -25,7 +25,6 @@ from torch import nn
 from stable_megatron import ds_adapter, parallel
 from stable_megatron.metrics.parts import SLOTS, ModelParts, is_tp_sharded, layer_name, output_slots
 from stable_megatron.metrics.reduce import Contributions
-from stable_megatron.model.sigma_reparam import sigma_reparam_layers
 
 
 class OutputNormHooks:
@@ -144,26 +143,3 @@ def _grad_share(param: nn.Parameter, layout) -> torch.Tensor | None:
     if kind == "fragment":  # every TP rank holds its own shard's fragment; replicas: TP rank 0
         return sum_of_squares(grad) if is_tp_sharded(param) or layout.tp_rank == 0 else None
     return sum_of_squares(grad) if owns(param, layout) else None
-
-
-def add_sigma_reparam(
-    contrib: Contributions, parts: ModelParts, num_layers: int, exact_iters: int = 0
-) -> None:
-    """`sigma/layer_NN/<slot>` (the spectral-norm estimate of the step's forward) and
-    `gamma/layer_NN/<slot>` of each sigma-reparam linear of this stage; with `exact_iters` > 0
-    also `sigma_exact/...` (`converged_sigma(exact_iters)` of the current weights: call before
-    the optimizer update, on every TP rank of the stage) and `sigma_lag/...` =
-    1 - sigma / sigma_exact. All TP- and DP-replicated."""
-    for number, layer in sorted(parts.layers.items()):
-        slots = {id(m): slot for slot, m in output_slots(layer).items()}
-        for _, module in sigma_reparam_layers(layer):
-            slot = slots.get(id(module))
-            if slot is None:
-                continue
-            name = f"{layer_name(number, num_layers)}/{slot}"
-            contrib.replicated(f"sigma/{name}", module.sigma)
-            contrib.replicated(f"gamma/{name}", module.gamma_value)
-            if exact_iters > 0:
-                exact = module.converged_sigma(exact_iters)
-                contrib.replicated(f"sigma_exact/{name}", exact)
-                contrib.replicated(f"sigma_lag/{name}", 1 - module.sigma.double() / exact.double())

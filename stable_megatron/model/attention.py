@@ -9,8 +9,9 @@ Proj is row-parallel; its bias is returned separately for megatron-core's bias-d
 Optional pieces:
 - `q_layernorm`, `k_layernorm` (qk_norm), plus `v_layernorm` (qkv_norm) on the QKV output (per
   head over d_head, parameters shared by the heads, TP-replicated);
-- the softmax cap c of the `core_attention` kernel: logits `s = q k^T / sqrt(d)` become
-  `capped(s, c) = c * tanh(s / c)` before the mask (the one place the formula is written);
+- the softmax cap c of the `core_attention` kernel (its `softmax_cap` parameter, set from
+  `model.softmax_cap`): logits `s = q k^T / sqrt(d)` become `capped(s, c) = c * tanh(s / c)`
+  before the mask (the one place the formula is written);
 - `linear_gate` (gated attention, Qiu et al. 2025, arXiv 2505.06708, head-wise): a
   column-parallel linear d -> H from the module's input; each head's context is multiplied by
   `sigmoid` of its gate before Proj. Its output columns are heads, so a TP rank computes the
@@ -33,12 +34,12 @@ causal context. What each supports is declared once, on its class, and checked a
 
 Attention statistics: every kernel alike, through the capture hook below (none computes
 them). `flex` without a cap runs SDPA. No kernel applies attention dropout: the config rejects
-`model.attention_dropout` > 0 (config.py, `_validate_methods`).
+`model.attention_dropout` > 0 (config.py, `validate`).
 
 Capture hooks: a part that needs to see the attention logits sets a capture hook on the module
-under its own name (the stability metrics, `metrics/attention.py`, on metric steps; QK-clip,
-`model/qk_clip.py`, on every step); every forward then hands each hook an `AttentionCapture`
-(the detached q and k the kernel saw, the cap, the rank's first head) after the kernel ran. The
+under its own name (the stability metrics, `metrics/attention.py`, on metric steps; QK-clip's
+per-head maxima, on every step); every forward then hands each hook an `AttentionCapture` (the
+detached q and k the kernel saw, the cap, the rank's first head) after the kernel ran. The
 kernel's output and gradients do not depend on whether hooks are set; the model computes no
 statistics.
 """
@@ -288,6 +289,29 @@ class MathAttention(CausalAttentionKernel):
 KERNELS: dict[str, type[CausalAttentionKernel]] = {
     kernel.name: kernel for kernel in (SdpaAttention, FlexAttention, MathAttention)
 }
+
+
+# `auto`: the first of these that supports the configuration and is fused on the device; else
+# the exact path.
+AUTO_KERNELS = (SdpaAttention, FlexAttention)
+
+
+def attention_kernel(requested: str, cap: float | None, on_cuda: bool) -> str:
+    """The kernel for `model.attention_backend`: `auto` takes the fused kernel that supports
+    the configuration (SDPA without a cap; FlexAttention with one on GPU, math on CPU)."""
+    if requested != "auto":
+        return requested
+    device = "cuda" if on_cuda else "cpu"
+    for kernel in AUTO_KERNELS:
+        if device in kernel.fused_on and (cap is None or kernel.supports_cap):
+            return kernel.name
+    return MathAttention.name
+
+
+def kernel_for(requested: str, params: dict, on_cuda: bool) -> type[CausalAttentionKernel]:
+    """The kernel class for `model.attention_backend` and the kernel's constructor `params`
+    (the methods' `attention_params`)."""
+    return KERNELS[attention_kernel(requested, params.get("softmax_cap"), on_cuda)]
 
 
 def causal_attention(

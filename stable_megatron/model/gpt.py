@@ -191,7 +191,7 @@ def build_model(cfg: Config, topology, device: torch.device) -> PipelineModule:
     """The GPT PipelineModule for `cfg` (with model.vocab_size resolved) on `topology`."""
     return PipelineModule(
         layers=layer_specs(cfg, device),
-        loss_fn=LMLoss(cfg.model.z_loss, cfg.tokenizer_vocab_size),
+        loss_fn=LMLoss.from_config(cfg),
         topology=topology,
         partition_method=cfg.parallel.partition_method,
         activation_checkpoint_interval=0,

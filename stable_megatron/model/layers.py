@@ -1,6 +1,7 @@
 """Small building blocks shared by the layer spec: the model's norm (`norm`: LayerNorm or RMSNorm,
 by `model.normalization`, for the norms outside megatron-core's slots), the Proj/FC2 output
-norm and the per-head q/k/v norm."""
+norm and the per-head q/k/v norm; per-head multipliers of a QKV layer's rows
+(`per_head_rows`, `scale_like`: QK-clip's scaling)."""
 
 from __future__ import annotations
 
@@ -70,3 +71,22 @@ class HeadLayerNorm(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}, {'rms' if self.rms else 'layer'}norm"
+
+
+def per_head_rows(factors: torch.Tensor, targets: list[str], head_dim: int,
+                   scaled: tuple[str, ...] = ("q", "k")) -> torch.Tensor:
+    """[heads * len(targets) * head_dim]: per head, per target, the head's factor on the
+    targets in `scaled`, 1 on the others."""
+    heads = factors.numel()
+    rows = torch.ones(heads, len(targets), head_dim, dtype=factors.dtype, device=factors.device)
+    for i, target in enumerate(targets):
+        if target in scaled:
+            rows[:, i, :] = factors[:, None]
+    return rows.reshape(-1)
+
+
+def scale_like(param: torch.nn.Parameter, rows: torch.Tensor) -> torch.Tensor:
+    """`rows` (one entry per row of `param`) broadcast to `param`'s shape, in fp32 (a bf16
+    weight rounds the product; ZeRO's fp32 master copy takes the exact factor)."""
+    shape = (-1,) + (1,) * (param.dim() - 1)
+    return rows.float().reshape(shape).expand_as(param)

@@ -65,6 +65,11 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 class LMLoss:
     """The pipeline module's loss function (see the module docstring)."""
 
+    @classmethod
+    def from_config(cls, cfg) -> LMLoss:
+        """The loss of `cfg`'s model (validated: the tokenizer's vocabulary resolved)."""
+        return cls(cfg.model.z_loss, cfg.tokenizer_vocab_size)
+
     def __init__(self, z_loss: float = 0.0, vocab: int | None = None) -> None:
         self.z_loss = float(z_loss)
         self.vocab = vocab  # the tokenizer's ids: the columns the logit statistics cover

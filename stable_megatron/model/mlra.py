@@ -58,7 +58,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.utils import get_pg_rank, get_pg_size, get_tensor_model_parallel_group_if_none
 from torch import nn
 
-from stable_megatron.config import MLRAConfig
+from stable_megatron.methods.mlra import MLRAConfig
+from stable_megatron.model.layers import per_head_rows, scale_like
 
 QKV_TARGETS = ("q", "k", "v")
 TARGETS = (*QKV_TARGETS, "o")
@@ -226,6 +227,26 @@ class MLRAQKV(nn.Module):
             self.bias.allreduce = True
         else:
             self.register_parameter("bias", None)
+
+    def head_scales(self, factors: torch.Tensor, scaled: tuple[str, ...]
+                    ) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """(parameter, fp32 multiplier of its shape) that scale the outputs `scaled` (of q, k,
+        v) of each local head h by `factors[h]` (the bias aside, laid out as the standard
+        layer's): for a low-rank target the head's second factor `lowrank_b[h, t]` (which
+        scales the product A B; A is left as it is), for a full-rank one the head's rows of
+        `full.weight`."""
+        out: list[tuple[nn.Parameter, torch.Tensor]] = []
+        if self.lowrank_b is not None:  # [heads, n_low, r, d_head]
+            per = torch.ones(self.lowrank_b.shape[:2], dtype=factors.dtype,
+                             device=factors.device)
+            for i, target in enumerate(self.lowrank_targets):
+                if target in scaled:
+                    per[:, i] = factors
+            out.append((self.lowrank_b, per.float()[:, :, None, None].expand_as(self.lowrank_b)))
+        if self.full is not None:
+            rows = per_head_rows(factors, self.full_targets, self.head_dim, scaled)
+            out.append((self.full.weight, scale_like(self.full.weight, rows)))
+        return out
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.tp_size > 1:  # identity forward, input-gradient all-reduce backward

@@ -1,4 +1,5 @@
-"""QK-clip (MuonClip, Kimi K2, arXiv 2507.20534; methods.md section 6): the model side.
+"""QK-clip (MuonClip, Kimi K2, arXiv 2507.20534; methods.md section 6; `model.qk_clip`): the
+model side.
 
 After an optimizer step, every attention head h whose largest logit in the step,
 `m_h = max over the step's tokens and visible pairs of q_i k_j / sqrt(d_head)` (before any
@@ -14,13 +15,12 @@ This module has the pieces that know the model:
 - `clip_factors(m, tau)`: the per-head factors, 1 where no clip is due;
 - `query_key_scales(attention, factors)`: for each parameter that produces q or k, the
   multiplier of every entry (the head's factor on its q and k entries, 1 elsewhere). The
-  standard QKV linear scales its q_h and k_h rows (weight and bias); MLRA scales, for each
-  low-rank target, the head's second factor `lowrank_b[h, t]` (which scales the product
-  A B; A is left as it is), and for full-rank targets the head's rows of `full.weight`; its
-  bias per head as in the standard layout.
+  standard QKV linear scales its q_h and k_h rows (weight and bias); a QKV layer with a layout
+  of its own says which of its entries feed a head's q and k (`head_scales(factors, targets)`,
+  the low-rank attention layer); its bias per head as in the standard layout.
 
 The step hook that collects, reduces, and applies the scales to the weights and to ZeRO's
-fp32 master copy is `hooks.QKClip`.
+fp32 master copy is `QKClipHook` (stable_megatron/methods/).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear
 from torch import nn
 
 from stable_megatron.model.attention import AttentionCapture, SelfAttention, future_keys
-from stable_megatron.model.mlra import MLRAQKV, QKV_TARGETS
+from stable_megatron.model.layers import per_head_rows, scale_like
 
 CAPTURE_OWNER = "qk_clip"  # the name of the collector on each SelfAttention
 BLOCK_ROWS = 128  # query rows per block of `head_max_logits`
@@ -75,25 +75,6 @@ def clip_factors(max_logits: torch.Tensor, tau: float) -> torch.Tensor:
     return torch.where(over, torch.sqrt(tau / safe), torch.ones_like(max_logits))
 
 
-def _per_head_rows(factors: torch.Tensor, targets: list[str], head_dim: int,
-                   scaled: tuple[str, ...] = ("q", "k")) -> torch.Tensor:
-    """[heads * len(targets) * head_dim]: per head, per target, the head's factor on the
-    targets in `scaled`, 1 on the others."""
-    heads = factors.numel()
-    rows = torch.ones(heads, len(targets), head_dim, dtype=factors.dtype, device=factors.device)
-    for i, target in enumerate(targets):
-        if target in scaled:
-            rows[:, i, :] = factors[:, None]
-    return rows.reshape(-1)
-
-
-def _scale_like(param: nn.Parameter, rows: torch.Tensor) -> torch.Tensor:
-    """`rows` (one entry per row of `param`) broadcast to `param`'s shape, in fp32 (a bf16
-    weight rounds the product; ZeRO's fp32 master copy takes the exact factor)."""
-    shape = (-1,) + (1,) * (param.dim() - 1)
-    return rows.float().reshape(shape).expand_as(param)
-
-
 def query_key_scales(
     attention: SelfAttention, factors: torch.Tensor
 ) -> list[tuple[nn.Parameter, torch.Tensor]]:
@@ -101,21 +82,13 @@ def query_key_scales(
     slot that feeds q or k, given this rank's per-head `factors` [heads_local]."""
     qkv, d = attention.linear_qkv, attention.head_dim
     out: list[tuple[nn.Parameter, torch.Tensor]] = []
-    qkv_rows = _per_head_rows(factors, list(QKV_TARGETS), d)
-    if isinstance(qkv, MLRAQKV):
-        if qkv.lowrank_b is not None:  # [heads, n_low, r, d_head]
-            per = torch.ones(qkv.lowrank_b.shape[:2], dtype=factors.dtype, device=factors.device)
-            for i, target in enumerate(qkv.lowrank_targets):
-                if target in ("q", "k"):
-                    per[:, i] = factors
-            out.append((qkv.lowrank_b, per.float()[:, :, None, None].expand_as(qkv.lowrank_b)))
-        if qkv.full is not None:
-            rows = _per_head_rows(factors, qkv.full_targets, d)
-            out.append((qkv.full.weight, _scale_like(qkv.full.weight, rows)))
+    qkv_rows = per_head_rows(factors, ["q", "k", "v"], d)
+    if hasattr(qkv, "head_scales"):  # a QKV layer of its own layout (MLRA's) scales itself
+        out += qkv.head_scales(factors, ("q", "k"))
     elif type(qkv) is ColumnParallelLinear:
-        out.append((qkv.weight, _scale_like(qkv.weight, qkv_rows)))
+        out.append((qkv.weight, scale_like(qkv.weight, qkv_rows)))
     else:  # config validation keeps sigma-reparam (and any other wrapper) off this path
         raise TypeError(f"QK-clip cannot scale the heads of a {type(qkv).__name__} QKV layer")
     if getattr(qkv, "bias", None) is not None:
-        out.append((qkv.bias, _scale_like(qkv.bias, qkv_rows)))
+        out.append((qkv.bias, scale_like(qkv.bias, qkv_rows)))
     return out

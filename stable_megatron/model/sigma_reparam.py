@@ -82,7 +82,7 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from torch import nn
 
 from stable_megatron import parallel
-from stable_megatron.config import SigmaReparamConfig
+from stable_megatron.methods.sigma_reparam import SigmaReparamConfig
 
 EPS = 1e-12
 GAMMA_INITS = ("sigma0", "one")

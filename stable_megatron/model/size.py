@@ -1,7 +1,8 @@
 """Parameter counts of the GPT of a config: by formula (any TP x PP layout, no torch needed) and by
 building the model's blocks on the meta device (shapes only, no memory) to check the formula.
 
-Blocks, in pipeline order: embedding (word, + learned positions), `num_layers` transformer layers,
+Blocks, in pipeline order: embedding (word, + learned positions, + a norm with
+`model.embedding_norm`), `num_layers` transformer layers,
 final LayerNorm, output layer (untied; with tied embeddings the last stage holds a copy of the
 word embedding when pp > 1). Per layer, with d = hidden, H heads of d_h, f = ffn, t = TP size:
 
@@ -20,6 +21,8 @@ word embedding when pp > 1). Per layer, with d = hidden, H heads of d_h, f = ffn
 | MLRA target o | H r (d_h + d) / t instead of d^2 / t |
 | attention gate (column-parallel, d -> H) | d H / t + H / t (bias) |
 
+The method rows are each method's `layer_params` (stable_megatron/methods/).
+
 Embedding: V_pad d / t (vocab-parallel) + s d (learned positions, replicated); output layer
 V_pad d / t; final norm 2d. V_pad is the vocabulary padded to a multiple of
 lcm(`vocab_pad_multiple`, t). Without `add_bias_linear` the linear biases are absent.
@@ -32,46 +35,29 @@ from dataclasses import dataclass
 from stable_megatron.config import Config, ModelConfig
 
 
-def _mlra_rank(m: ModelConfig) -> int:
-    return m.mlra.resolved_rank(m.head_dim)
-
-
 def norm_width(m: ModelConfig) -> int:
     """Parameters per normalised feature: 2 for LayerNorm (weight, bias), 1 for RMSNorm."""
     return 1 if m.normalization == "rmsnorm" else 2
 
 
 def layer_params(m: ModelConfig, tp: int = 1) -> int:
-    """Parameters of one transformer layer held by one of `tp` tensor-parallel ranks."""
-    d, heads, dh, f = m.hidden_size, m.num_attention_heads, m.head_dim, m.ffn_size
+    """Parameters of one transformer layer held by one of `tp` tensor-parallel ranks: the plain
+    pre-LN layer, plus what each enabled stability method adds (`Method.layer_params`)."""
+    from stable_megatron import methods
+    from stable_megatron.config import Config
+
+    d, f = m.hidden_size, m.ffn_size
     bias = m.add_bias_linear
-    placement = m.norm_placement
-    low = set(m.mlra.targets) if m.attention == "mlra" else set()
-    r = _mlra_rank(m)
     nw = norm_width(m)
-    n = 0
-    if placement != "qkv_norm":
-        n += nw * d  # input norm
-    for target in ("q", "k", "v"):  # QKV, column-parallel
-        n += heads * r * (d + dh) // tp if target in low else d * d // tp
-    n += 3 * d // tp if bias else 0
-    if placement != "pre_ln":
-        n += 2 * nw * dh  # q and k head norms
-    if placement == "qkv_norm":
-        n += nw * dh
-    n += heads * r * (dh + d) // tp if "o" in low else d * d // tp  # Proj, row-parallel
-    n += d if bias else 0
+    n = nw * d  # input norm
+    n += 3 * d * d // tp + (3 * d // tp if bias else 0)  # QKV, column-parallel
+    n += d * d // tp + (d if bias else 0)  # Proj, row-parallel
     n += nw * d  # pre-MLP norm
     glu = 2 if m.activation == "swiglu" else 1  # SwiGLU's FC1 holds gate and up
     n += glu * (d * f // tp + (f // tp if bias else 0))  # FC1
     n += f * d // tp + (d if bias else 0)  # FC2
-    if m.attention_gate:
-        n += d * heads // tp + (heads // tp if bias else 0)
-    if placement == "qk_fc_norm":
-        n += 2 * nw * d
-    if m.sigma_reparam.enabled:
-        n += len(m.sigma_reparam.targets)
-    return n
+    cfg = Config(model=m)
+    return n + sum(method.layer_params(cfg, tp) for method in methods.enabled(cfg))
 
 
 def embedding_params(m: ModelConfig, tp: int = 1, with_positions: bool = True) -> int:

@@ -1,8 +1,9 @@
 """Config -> megatron-core `TransformerConfig` and the `ModuleSpec` of one transformer layer.
 
-The one place methods are switched on: norms, sigma-reparam and MLRA linears, and the attention
-kernel in the `core_attention` slot (`core_attention_spec`; what each kernel supports is
-declared on its class in `model/attention.py`)."""
+The plain pre-LN layer is written here; each enabled stability method then edits its slots
+(`Method.edit_layer`, stable_megatron/methods/), and the attention kernel goes in the
+`core_attention` slot (`core_attention_spec`; what each kernel supports is declared on its class
+in `model/attention.py`)."""
 
 from __future__ import annotations
 
@@ -17,22 +18,17 @@ from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from stable_megatron import methods
 from stable_megatron.config import Config
+from stable_megatron.methods import LayerSlots
 from stable_megatron.model.attention import (
-    KERNELS,
-    FlexAttention,
-    MathAttention,
-    SdpaAttention,
+    AUTO_KERNELS,  # noqa: F401  (re-exported: the kernel choice lives with the kernels)
     SelfAttention,
     SelfAttentionSubmodules,
+    attention_kernel,  # noqa: F401
+    kernel_for,
 )
-from stable_megatron.model.layers import HeadLayerNorm, LinearWithOutputNorm
-from stable_megatron.model.mlra import mlra_linear_specs
 from stable_megatron.model.recompute import materialises_probabilities, recomputed_kernel
-from stable_megatron.model.sigma_reparam import (
-    SigmaReparamColumnParallelLinear,
-    SigmaReparamRowParallelLinear,
-)
 
 
 def transformer_config(cfg: Config) -> TransformerConfig:
@@ -69,111 +65,60 @@ def transformer_config(cfg: Config) -> TransformerConfig:
     )
 
 
-def _with_output_norm(linear: ModuleSpec | type) -> ModuleSpec:
-    return ModuleSpec(module=LinearWithOutputNorm, params={"linear": linear})
-
-
-def _sigma_reparam(cfg: Config, linear: type, layer_number: int, index: int) -> ModuleSpec:
-    """`linear`'s sigma-reparam counterpart; the power-iteration start vector is seeded per
-    layer and slot (the same at every layout)."""
-    sr = cfg.model.sigma_reparam
-    module = {
-        ColumnParallelLinear: SigmaReparamColumnParallelLinear,
-        RowParallelLinear: SigmaReparamRowParallelLinear,
-    }[linear]
-    seed = cfg.train.seed * 1000 + layer_number * 10 + index
-    return ModuleSpec(
-        module=module,
-        params={
-            "power_iters": sr.power_iters,
-            "init_iters": sr.init_iters,
-            "gamma_init": sr.gamma_init,
-            "seed": seed,
-        },
+def layer_slots(cfg: Config, layer_number: int = 1) -> LayerSlots:
+    """The slots of layer `layer_number`: the plain pre-LN GPT layer, then every enabled
+    method's edit, in registry order."""
+    slots = LayerSlots(
+        qkv=ColumnParallelLinear, proj=RowParallelLinear,
+        fc1=ColumnParallelLinear, fc2=RowParallelLinear,
+        input_norm=WrappedTorchNorm, q_norm=IdentityOp, k_norm=IdentityOp, v_norm=IdentityOp,
     )
+    for method in methods.methods():
+        slots.attention_params.update(method.attention_params(cfg))
+    for method in methods.enabled(cfg):
+        method.edit_layer(slots, cfg, layer_number)
+    return slots
 
 
-# `auto`: the first of these that supports the configuration and is fused on the device; else
-# the exact path.
-AUTO_KERNELS = (SdpaAttention, FlexAttention)
-
-
-def attention_kernel(requested: str, cap: float | None, on_cuda: bool) -> str:
-    """The kernel for `model.attention_backend`: `auto` takes the fused kernel that supports
-    the configuration (SDPA without a cap; FlexAttention with one on GPU, math on CPU)."""
-    if requested != "auto":
-        return requested
-    device = "cuda" if on_cuda else "cpu"
-    for kernel in AUTO_KERNELS:
-        if device in kernel.fused_on and (cap is None or kernel.supports_cap):
-            return kernel.name
-    return MathAttention.name
-
-
-def core_attention_spec(cfg: Config, device: torch.device) -> ModuleSpec:
-    """The `core_attention` slot: the configured kernel with the softmax cap; with
-    `train.recompute=selective`, recomputed in the backward if it materialises the
-    probabilities on `device` (model/recompute.py)."""
-    m = cfg.model
-    kernel = KERNELS[attention_kernel(m.attention_backend, m.softmax_cap, device.type == "cuda")]
+def core_attention_spec(cfg: Config, device: torch.device,
+                        params: dict | None = None) -> ModuleSpec:
+    """The `core_attention` slot: the configured kernel with the methods' kernel parameters
+    (`params`; default: those of `cfg`); with `train.recompute=selective`, recomputed in the
+    backward if it materialises the probabilities on `device` (model/recompute.py)."""
+    if params is None:
+        params = layer_slots(cfg).attention_params
+    kernel = kernel_for(cfg.model.attention_backend, params, device.type == "cuda")
     if cfg.train.recompute == "selective" and materialises_probabilities(kernel, device):
         kernel = recomputed_kernel(kernel)
-    return ModuleSpec(module=kernel, params={"softmax_cap": m.softmax_cap})
+    return ModuleSpec(module=kernel, params=dict(params))
 
 
 def layer_spec(cfg: Config, device: torch.device, layer_number: int = 1) -> ModuleSpec:
-    """One GPT layer: megatron-core's TransformerLayer, our attention, the configured norms.
-
-    | norm_placement | input LN | q/k LN | v LN | Proj/FC2 output LN |
-    | pre_ln         | yes      |        |      |                    |
-    | qk_norm        | yes      | yes    |      |                    |
-    | qk_fc_norm     | yes      | yes    |      | yes                |
-    | qkv_norm       |          | yes    | yes  |                    |
-    """
-    m = cfg.model
-    placement = m.norm_placement
-    head_norm = HeadLayerNorm if placement != "pre_ln" else IdentityOp
-    linears = {
-        "qkv": ColumnParallelLinear,
-        "proj": RowParallelLinear,
-        "fc1": ColumnParallelLinear,
-        "fc2": RowParallelLinear,
-    }
-    if m.sigma_reparam.enabled:
-        for index, name in enumerate(linears):
-            if name in m.sigma_reparam.targets:
-                linears[name] = _sigma_reparam(cfg, linears[name], layer_number, index)
-    qkv, proj, fc1, fc2 = linears.values()
-    if m.attention == "mlra":  # validation keeps sigma-reparam off the slots MLRA replaces
-        mlra_qkv, mlra_proj = mlra_linear_specs(
-            m.mlra.resolved_rank(m.head_dim), m.mlra.targets, m.mlra.factor_init
-        )
-        qkv = qkv if mlra_qkv is ColumnParallelLinear else mlra_qkv
-        proj = proj if mlra_proj is RowParallelLinear else mlra_proj
-    if placement == "qk_fc_norm":
-        proj, fc2 = _with_output_norm(proj), _with_output_norm(fc2)
+    """One GPT layer: megatron-core's TransformerLayer, our attention, the slots of
+    `layer_slots`."""
+    slots = layer_slots(cfg, layer_number)
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=IdentityOp if placement == "qkv_norm" else WrappedTorchNorm,
+            input_layernorm=slots.input_norm,
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=qkv,
-                    linear_proj=proj,
-                    core_attention=core_attention_spec(cfg, device),
-                    q_layernorm=head_norm,
-                    k_layernorm=head_norm,
-                    v_layernorm=HeadLayerNorm if placement == "qkv_norm" else IdentityOp,
-                    linear_gate=ColumnParallelLinear if m.attention_gate else None,
+                    linear_qkv=slots.qkv,
+                    linear_proj=slots.proj,
+                    core_attention=core_attention_spec(cfg, device, slots.attention_params),
+                    q_layernorm=slots.q_norm,
+                    k_layernorm=slots.k_norm,
+                    v_layernorm=slots.v_norm,
+                    linear_gate=slots.gate,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=WrappedTorchNorm,
             mlp=ModuleSpec(
                 module=MLP,
-                params={"ffn_hidden_size": m.ffn_size},
-                submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2),
+                params={"ffn_hidden_size": cfg.model.ffn_size},
+                submodules=MLPSubmodules(linear_fc1=slots.fc1, linear_fc2=slots.fc2),
             ),
             mlp_bda=get_bias_dropout_add,
         ),

@@ -23,7 +23,7 @@ The rules and their `stability.warning.*` thresholds (docs/stability.md, "Early 
   >= `output_logit_floor` (20) in absolute value and to >= `output_logit_growth` (2) times its
   smallest absolute value over the window: the output-logit divergence of Wortsman et al.
   (2023, arXiv 2309.14322), in which the logits drift (usually downwards) while the loss,
-  blind to a shift of all logits, still looks fine; z-loss (`model.z_loss`) prevents it. The
+  blind to a shift of all logits, still looks fine; the z-loss method prevents it. The
   floor is a choice, not a measurement: no run of ours has shown this divergence.
 
 - `update_spike`: the update of some part of the model (`update_rms/<group>`: the RMS of the

@@ -23,7 +23,8 @@ def run_case(overrides: dict, out: Path) -> None:
 
     from stable_megatron import parallel
     from stable_megatron.config import config_from_dict, validate
-    from stable_megatron.hooks import PowerIteration, StepRunner
+    from stable_megatron.hooks import StepRunner
+    from stable_megatron.methods.sigma_reparam import PowerIteration
     from stable_megatron.metrics import StabilityMetrics
     from stable_megatron.metrics.logits import ZLossLog
     from stable_megatron.stability.guard import SpikeGuard

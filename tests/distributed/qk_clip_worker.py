@@ -57,7 +57,8 @@ def qkv_params(module) -> dict[str, int]:
 def run_case(overrides: dict, out: Path) -> None:
     from stable_megatron import ds_adapter, parallel
     from stable_megatron.config import config_from_dict, validate
-    from stable_megatron.hooks import QKClip, StepRunner, model_hooks
+    from stable_megatron.hooks import StepRunner, model_hooks
+    from stable_megatron.methods.qk_clip import QKClipHook as QKClip
     from stable_megatron.train import build_engine, micro_batches
 
     overrides.pop("steps", None)  # the parity cases' step count: this runs two

@@ -63,7 +63,7 @@ def reachable(start: str) -> set[str]:
 
 
 LOWER = ("stable_megatron.model", "stable_megatron.metrics", "stable_megatron.stability",
-         "stable_megatron.data", "stable_megatron.checkpoint")
+         "stable_megatron.data", "stable_megatron.checkpoint", "stable_megatron.methods")
 UPPER = ("stable_megatron.train", "stable_megatron.plan", "stable_megatron.cli",
          "stable_megatron.commands", "stable_megatron.bench", "stable_megatron.sweep",
          "stable_megatron.report", "tools")
@@ -121,6 +121,29 @@ def test_reading_a_checkpoint_needs_no_writer():
                  "stable_megatron.commands.inspect_checkpoint"):
         assert "stable_megatron.checkpoint.export" not in reachable(name), name
     assert "stable_megatron.checkpoint.view" in reachable("stable_megatron.checkpoint.export")
+
+
+def test_method_modules_load_without_torch():
+    """The config loader reads the registry: the method modules reach the model code only
+    inside the functions that build things."""
+    import subprocess
+
+    code = ("import sys; from stable_megatron import methods; methods.methods(); "
+            "print(sorted(m for m in ('torch', 'deepspeed', 'megatron') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=PACKAGE.parent, timeout=120, check=True)
+    assert proc.stdout.strip() == "[]"
+
+
+def test_only_the_registry_wires_methods_into_the_loop_the_spec_and_the_exporters():
+    """The Trainer, the layer spec, the metrics and the exporters name no method module."""
+    for name in ("stable_megatron.train", "stable_megatron.model.spec",
+                 "stable_megatron.metrics", "stable_megatron.checkpoint.export.hf_gpt2",
+                 "stable_megatron.checkpoint.export.hf_llama", "stable_megatron.hooks"):
+        direct = {n for n in imports_of(modules()[name])
+                  if n.startswith("stable_megatron.methods.") and
+                  n not in ("stable_megatron.methods.base", "stable_megatron.methods.registry")}
+        assert not direct, (name, direct)
 
 
 def test_the_engine_and_the_batches_sit_below_the_loop():

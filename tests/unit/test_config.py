@@ -711,7 +711,7 @@ def test_mlra_rank_up_to_head_dim_is_accepted(rank):
 
 
 def test_mlra_rank_default_is_half_the_head_dim():
-    from stable_megatron.config import MLRAConfig
+    from stable_megatron.methods.mlra import MLRAConfig
     from stable_megatron.model.mlra import resolve_rank
 
     assert MLRAConfig().resolved_rank(64) == 32 and MLRAConfig(rank=5).resolved_rank(64) == 5

@@ -91,7 +91,8 @@ def batches(cfg, state, engine, step: int = 0):
 def run(request, state):
     """One measured step of a fresh engine; what the test-side hooks saw; the weights before
     the update; and an independent autograd backward of a second build of the same model."""
-    from stable_megatron.hooks import PowerIteration, StepRunner
+    from stable_megatron.hooks import StepRunner
+    from stable_megatron.methods.sigma_reparam import PowerIteration
     from stable_megatron.metrics import StabilityMetrics
     from stable_megatron.model.gpt import build_model, lm_loss
     from stable_megatron.train import build_engine
@@ -295,7 +296,8 @@ def test_sigma_and_gamma(run):
 def test_sigma_exact_and_lag(run):
     """`sigma_exact/...` is the 2-norm of the weights the step's forward used and `sigma_lag`
     = 1 - sigma / sigma_exact; with metrics.sigma_exact_iters = 0 neither is logged."""
-    from stable_megatron.metrics import Contributions, norms
+    from stable_megatron.methods.sigma_reparam import add_sigma_reparam
+    from stable_megatron.metrics import Contributions
 
     logged, before = run["logged"], run["before"]
     families = ("sigma_exact/", "sigma_lag/")
@@ -316,7 +318,7 @@ def test_sigma_exact_and_lag(run):
     assert len([k for k in logged if k.startswith(families)]) == 2 * 4 * LAYERS
 
     contrib = Contributions()  # the same layers with the reference off
-    norms.add_sigma_reparam(contrib, run["metrics"].parts, LAYERS, 0)
+    add_sigma_reparam(contrib, run["metrics"].parts, LAYERS, 0)
     assert {k.split("/")[0] for k in contrib.entries} == {"sigma", "gamma"}
 
 
@@ -332,7 +334,7 @@ def test_off_interval_steps_run_the_plain_model(run, state):
     for layer in metrics.parts.layers.values():
         for module in output_slots(layer).values():
             assert not module._forward_hooks
-    train_step(engine, iter(batches(run["cfg"], state, engine, step=1)))
+    train_step(engine, iter(batches(run["cfg"], state, engine, step=1)), run["cfg"])
     assert all(not m.capture_hooks for m in attention_modules(metrics.parts).values())
 
 

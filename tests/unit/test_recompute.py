@@ -150,7 +150,8 @@ def test_recompute_runs_the_forward_again_and_observers_see_it_once(
 def test_engine_step_and_metrics_equal_no_recompute(state):
     """One training step of the pipeline engine with the stability metrics: the same loss,
     updated weights and logged metrics with every mode."""
-    from stable_megatron.hooks import PowerIteration, StepRunner
+    from stable_megatron.hooks import StepRunner
+    from stable_megatron.methods.sigma_reparam import PowerIteration
     from stable_megatron.metrics import StabilityMetrics
     from stable_megatron.train import build_engine
 

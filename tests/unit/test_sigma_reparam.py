@@ -70,7 +70,7 @@ def full_forward(layer, x, weight, gamma, bias):
 def test_constructor_signatures_and_validation(mp):
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-    from stable_megatron.config import SigmaReparamConfig
+    from stable_megatron.methods.sigma_reparam import SigmaReparamConfig
     from stable_megatron.model.sigma_reparam import (
         SigmaReparamColumnParallelLinear,
         SigmaReparamRowParallelLinear,

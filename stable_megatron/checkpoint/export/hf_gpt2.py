@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from stable_megatron import methods
 from stable_megatron.checkpoint.export.common import (
     NotExpressibleError,
     _qkv_rows_to_blocks,
@@ -24,34 +25,18 @@ def hf_gpt2_blockers(cfg) -> list[str]:
     GPT-2 is our baseline: learned absolute positions, pre-LN LayerNorm (weight and bias, any
     eps), standard multi-head attention scaled by 1/sqrt(d_head), exact-erf GELU MLP of any
     width, linear biases (a model without them is written with zero biases), tied or untied
-    output layer."""
+    output layer. Every enabled stability method is asked what it blocks
+    (`Method.export_blockers`)."""
     m = cfg.model
     blockers = []
     if m.position_embedding != "learned":
         blockers.append(f"model.position_embedding={m.position_embedding} (GPT-2 has learned "
                         f"absolute positions)")
-    if m.attention != "standard":
-        blockers.append(f"model.attention={m.attention} (GPT-2 has full-rank QKV and output "
-                        f"projections)")
-    if m.norm_placement != "pre_ln":
-        blockers.append(f"model.norm_placement={m.norm_placement} (GPT-2 has pre-LN only, no "
-                        f"QK/V/Proj/FC2 norms)")
-    if m.softmax_cap is not None:
-        blockers.append(f"model.softmax_cap={m.softmax_cap} (GPT-2 has no attention logit cap)")
-    if m.sigma_reparam.enabled:
-        blockers.append("model.sigma_reparam.enabled=true (GPT-2 has plain linear weights; "
-                        "export --format safetensors keeps gamma, u and v)")
-    if m.embedding_norm:
-        blockers.append("model.embedding_norm=true (GPT-2 has no LayerNorm after the embedding)")
-    if m.scale_embeddings:
-        blockers.append("model.scale_embeddings=true (GPT-2 does not scale its embeddings)")
     if m.normalization != "layernorm":
         blockers.append(f"model.normalization={m.normalization} (GPT-2 has LayerNorm)")
     if m.activation != "gelu":
         blockers.append(f"model.activation={m.activation} (GPT-2 has a GELU MLP)")
-    if m.attention_gate:
-        blockers.append("model.attention_gate=true (GPT-2 has no gate on the attention output)")
-    return blockers
+    return blockers + methods.export_blockers(cfg, "hf_gpt2")
 
 
 def hf_gpt2_state_dict(cfg, merged: dict[str, torch.Tensor], tp: int = 1,

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from stable_megatron import methods
 from stable_megatron.checkpoint.export.common import (
     NotExpressibleError,
     _qkv_rows_to_blocks,
@@ -24,19 +25,10 @@ def hf_llama_blockers(cfg) -> list[str]:
     allowed (Llama's `attention_bias`, `mlp_bias`), tied or untied output layer."""
     m = cfg.model
     wanted = [("normalization", "rmsnorm"), ("activation", "swiglu"),
-              ("position_embedding", "rope"), ("norm_placement", "pre_ln"),
-              ("attention", "standard")]
+              ("position_embedding", "rope")]
     blockers = [f"model.{key}={getattr(m, key)} (Llama: {value})" for key, value in wanted
                 if getattr(m, key) != value]
-    if m.softmax_cap is not None:
-        blockers.append(f"model.softmax_cap={m.softmax_cap} (Llama has no logit cap)")
-    if m.sigma_reparam.enabled:
-        blockers.append("model.sigma_reparam.enabled=true (Llama has plain linear weights)")
-    if m.attention_gate:
-        blockers.append("model.attention_gate=true (Llama has no attention output gate)")
-    if m.embedding_norm or m.scale_embeddings:
-        blockers.append("model.embedding_norm / model.scale_embeddings (Llama has neither)")
-    return blockers
+    return blockers + methods.export_blockers(cfg, "hf_llama")
 
 
 def hf_llama_state_dict(cfg, merged: dict[str, torch.Tensor], tp: int = 1
