@@ -154,6 +154,10 @@ class CheckpointConfig:
     resume: bool = True
     keep: int = 3  # complete checkpoints kept in `dir` (older ones are deleted); 0: keep all
     finetune: bool = False  # with `load`: weights only (fresh optimizer, step 0, data start)
+    # a finished checkpoint of `dir` that fails verification (a file missing, truncated or with
+    # another checksum) is reported, marked and then: fallback: resume from the newest verified
+    # one (a relaunch makes progress); stop: exit with the error (checkpoint/format.py)
+    on_corrupt: Literal["fallback", "stop"] = "fallback"
 
 
 @dataclass

@@ -165,11 +165,13 @@ def checkpoint_pickle_classes() -> list:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
-def route_checkpoint_reads(engine, load) -> None:
-    """Make DeepSpeed read every checkpoint file through `load(path, map_location)`. Relies on:
-    the engine reading checkpoint files only through `engine.checkpoint_engine.load(path,
-    map_location=...)`, and that attribute being a plain `TorchCheckpointEngine` (no async
-    or Nebula engine configured) whose state is its `__dict__`."""
+def route_checkpoint_reads(engine, load, save=None) -> None:
+    """Make DeepSpeed read every checkpoint file through `load(path, map_location)` and, with
+    `save`, write every one through `save(state_dict, path, zipfile_serialization)`. Relies on:
+    the engine (and the pipeline module's layer files) reading and writing checkpoint files only
+    through `engine.checkpoint_engine.load(path, map_location=...)` / `.save(state_dict, path)`,
+    and that attribute being a plain `TorchCheckpointEngine` (no async or Nebula engine
+    configured) whose state is its `__dict__`, with `zipfile_serialization` among it."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import (
         TorchCheckpointEngine,
     )
@@ -177,6 +179,11 @@ def route_checkpoint_reads(engine, load) -> None:
     class SafeCheckpointEngine(TorchCheckpointEngine):
         def load(self, path: str, map_location=None):
             return load(path, map_location=map_location)
+
+        def save(self, state_dict, path: str):
+            if save is None:
+                return super().save(state_dict, path)
+            return save(state_dict, path, self.zipfile_serialization)
 
     current = engine.checkpoint_engine
     if type(current) is not TorchCheckpointEngine:

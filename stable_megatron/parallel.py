@@ -258,6 +258,15 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def all_gather_objects(obj) -> list:
+    """`obj` of every rank, in rank order, on every rank (`[obj]` without torch.distributed)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def tp_all_reduce_(tensor: torch.Tensor, group=None) -> torch.Tensor:
     """In-place sum over a tensor-parallel group (this rank's by default), through `all_reduce_`.
 

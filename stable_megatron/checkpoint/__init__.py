@@ -14,11 +14,15 @@ from stable_megatron.checkpoint.format import (
     CheckpointError,
     check_compatible,
     complete_checkpoints,
+    corrupt_reason,
+    file_checksum,
     layout_of,
+    mark_corrupt,
     newest_complete,
     read_meta,
     resolve,
     safe_load,
+    scan,
     tag_for,
     verify,
 )
@@ -32,6 +36,7 @@ from stable_megatron.checkpoint.save import (
 
 __all__ = [
     "ENGINE_FILE", "LATEST", "META_FILE", "CheckpointError", "SaveResult", "check_compatible",
-    "complete_checkpoints", "install_safe_loading", "layout_of", "load",
-    "newest_complete", "prune", "read_meta", "resolve", "safe_load", "save", "tag_for", "verify",
+    "complete_checkpoints", "corrupt_reason", "file_checksum", "install_safe_loading",
+    "layout_of", "load", "mark_corrupt", "newest_complete", "prune", "read_meta", "resolve",
+    "safe_load", "save", "scan", "tag_for", "verify",
 ]

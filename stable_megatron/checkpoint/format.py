@@ -7,7 +7,8 @@ Layout of a checkpoint directory (`checkpoint.dir`, default `<run_dir>/checkpoin
                             DeepSpeed's tools; never trusted over the scan below)
     step00000200/           one complete checkpoint ("tag" directory)
         stable_megatron.json    the manifest: step, data position, layout, resolved config,
-                                code version, and the size of every file (written last)
+                                code version, and the size and CRC-32 of every file (written
+                                last; each checksum computed as its file was written)
         rng/rank00000.pt        each rank's random-number generator states
         layer_XX-model_YY-model_states.pt   block XX's state dict on tensor-parallel rank YY
         mp_rank_YY_model_states.pt          DeepSpeed's engine state and our client state
@@ -20,7 +21,15 @@ Layout of a checkpoint directory (`checkpoint.dir`, default `<run_dir>/checkpoin
 
 A checkpoint is *complete* when its manifest reads and every file it lists is present with its
 recorded size. Resume, rollback, reshape, inspect and export all take the same one: the newest
-complete checkpoint (`newest_complete`), by step and then save time. A save killed after its
+complete checkpoint (`newest_complete`), by step and then save time.
+
+A tag directory without a manifest is an unfinished save and is passed over quietly. One with
+a manifest that fails verification (an unreadable manifest, a file missing, of another size, or
+whose CRC-32 differs from the recorded one) is *corrupt*: `scan` reports it with the file and
+the check that failed, and `mark_corrupt` leaves a `CORRUPT` file in it (one line: why) so that
+every later scan, `inspect` and pruning see it without reading its files again. Sizes are
+checked on every scan; checksums when a checkpoint is loaded (`verify(..., checksums=True)`),
+since that reads every byte. A save killed after its
 tag directory was renamed into place but before `latest` was rewritten leaves `latest` naming
 the previous checkpoint; the scan still finds the new one, for every reader alike.
 
@@ -37,6 +46,7 @@ import re
 import subprocess
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +60,8 @@ RUN_CONFIG = "config.yaml"  # the run directory's config (two levels above a tag
 ENGINE_FILE = "mp_rank_00_model_states.pt"
 LAYER_FILE_RE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
 RNG_DIR = "rng"
+CORRUPT_MARK = "CORRUPT"  # in a tag directory: it failed verification (one line: why)
+CHUNK = 1 << 24  # bytes per read when checksumming
 RESHAPE_DIR = ".reshape"  # under the loading run's checkpoint directory
 UNIVERSAL = "universal"
 UNIVERSAL_TMP = ".tmp-universal"
@@ -176,8 +188,11 @@ def read_meta(tag_dir: Path, missing_ok: bool = False) -> dict:
     return meta
 
 
-def verify(tag_dir: Path, meta: dict) -> None:
-    """Every file the manifest lists is present with its recorded size."""
+def verify(tag_dir: Path, meta: dict, checksums: bool = False,
+           only: list[str] | None = None) -> None:
+    """Every file the manifest lists is present with its recorded size; with `checksums`, also
+    with its recorded CRC-32 (of the files in `only`, default all; a manifest from before
+    checksums were recorded has none to compare)."""
     for rel, size in sorted(meta.get("files", {}).items()):
         path = Path(tag_dir) / rel
         if not path.is_file():
@@ -187,6 +202,73 @@ def verify(tag_dir: Path, meta: dict) -> None:
             raise CheckpointError(
                 f"{tag_dir}: shard {rel} is truncated or altered ({actual} bytes, saved {size})"
             )
+    if not checksums:
+        return
+    recorded = meta.get("checksums", {})
+    for rel in sorted(recorded if only is None else set(only) & set(recorded)):
+        actual = file_checksum(Path(tag_dir) / rel)
+        if actual != recorded[rel]:
+            raise CheckpointError(
+                f"{tag_dir}: shard {rel} fails its checksum ({actual}, saved {recorded[rel]}): "
+                f"altered on disk after the save"
+            )
+
+
+class ChecksumWriter:
+    """A binary file that keeps the CRC-32 of what was written to it (`checksum`), so that a
+    checkpoint file's checksum costs no second read. torch.save writes through it."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self._file = open(path, "wb")  # noqa: SIM115  (closed by close / the context manager)
+        self._crc = 0
+
+    def write(self, data) -> int:
+        self._crc = zlib.crc32(data, self._crc)
+        return self._file.write(data)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> ChecksumWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def checksum(self) -> str:
+        return f"crc32:{self._crc:08x}"
+
+
+def file_checksum(path: str | os.PathLike) -> str:
+    """The CRC-32 of a file's bytes, as `ChecksumWriter.checksum` writes it."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return f"crc32:{crc:08x}"
+
+
+def corrupt_reason(tag_dir: Path) -> str | None:
+    """Why `tag_dir` was marked corrupt, or None."""
+    try:
+        return (Path(tag_dir) / CORRUPT_MARK).read_text().strip() or "marked corrupt"
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError):
+        return "marked corrupt"
+
+
+def mark_corrupt(tag_dir: Path, reason: str) -> None:
+    """Leave the `CORRUPT` mark (best effort: a read-only directory stays unmarked, and is
+    found corrupt again by the next scan)."""
+    try:
+        (Path(tag_dir) / CORRUPT_MARK).write_text(reason.strip() + "\n")
+    except OSError:
+        pass
 
 
 def layout_of(meta: dict) -> tuple[int, int, int]:
@@ -235,23 +317,34 @@ def check_compatible(meta: dict, cfg) -> None:
 # Finding the checkpoint
 
 
-def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """Complete tag directories of `ckpt_dir` (manifest readable, every listed file present
-    with its size), oldest first (by step, then save time)."""
-    found = []
+def scan(ckpt_dir: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """(complete tag directories oldest first, by step and then save time; corrupt ones with
+    the reason, by name). Unfinished saves (no manifest) are in neither."""
+    found, corrupt = [], []
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
-        return []
-    for child in ckpt_dir.iterdir():
+        return [], []
+    for child in sorted(ckpt_dir.iterdir()):
         if child.name.startswith(".") or not (child / META_FILE).is_file():
             continue
-        try:
-            meta = read_meta(child)
-            verify(child, meta)
-        except CheckpointError:
+        reason = corrupt_reason(child)
+        if reason is None:
+            try:
+                meta = read_meta(child)
+                verify(child, meta)
+            except CheckpointError as err:
+                reason = str(err)
+        if reason is not None:
+            corrupt.append((child, reason))
             continue
         found.append((meta["step"], meta.get("saved_at", 0.0), child.name, child))
-    return [path for *_, path in sorted(found)]
+    return [path for *_, path in sorted(found)], corrupt
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Complete tag directories of `ckpt_dir` (manifest readable, every listed file present
+    with its size, not marked corrupt), oldest first (by step, then save time)."""
+    return scan(ckpt_dir)[0]
 
 
 def newest_complete(ckpt_dir: Path) -> Path | None:

@@ -5,6 +5,11 @@ writes the manifest, renames the tag directory into place, and only then rewrite
 (atomically, via a temporary file). A process killed at any point leaves the previous
 checkpoint intact and loadable, and `format.newest_complete` finds the newest one whatever
 `latest` says.
+
+Every file goes through `format.ChecksumWriter` (DeepSpeed's through its checkpoint engine,
+`install_safe_loading`), so the CRC-32 the manifest records is of the bytes as written, at no
+second read; rank 0 collects every rank's. Pruning counts complete checkpoints only: one marked
+corrupt is neither kept in their place nor deleted (it stays for a person to look at).
 """
 
 from __future__ import annotations
@@ -28,8 +33,10 @@ from stable_megatron.checkpoint.format import (
     RNG_DIR,
     TMP_PREFIX,
     CheckpointError,
+    ChecksumWriter,
     code_version,
     complete_checkpoints,
+    file_checksum,
     rng_file,
     safe_load,
     tag_for,
@@ -37,10 +44,22 @@ from stable_megatron.checkpoint.format import (
 
 
 def install_safe_loading(engine) -> None:
-    """Route DeepSpeed's own checkpoint reads through `safe_load`."""
+    """Route DeepSpeed's own checkpoint reads through `safe_load` and its writes through
+    `save_with_checksum`."""
     from stable_megatron import ds_adapter
 
-    ds_adapter.route_checkpoint_reads(engine, safe_load)
+    ds_adapter.route_checkpoint_reads(engine, safe_load, save_with_checksum)
+
+
+_WRITTEN: dict[str, str] = {}  # path -> CRC-32 of the files this process wrote (one save)
+
+
+def save_with_checksum(obj, path: str | os.PathLike, zipfile_serialization: bool = True) -> None:
+    """`torch.save(obj, path)`, recording the CRC-32 of the bytes written."""
+    with ChecksumWriter(path) as f:
+        torch.save(obj, f, _use_new_zipfile_serialization=zipfile_serialization)
+        checksum = f.checksum
+    _WRITTEN[str(Path(path).resolve())] = checksum
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,19 +137,23 @@ def save(engine, cfg, layout, ckpt_dir: Path, step: int, client_state: dict,
                 stale.unlink(missing_ok=True)
         staging.mkdir()
     _barrier()
+    from stable_megatron import parallel
+
+    _WRITTEN.clear()
     engine.save_checkpoint(str(staging), tag=tag, client_state=client_state, save_latest=False)
     work = staging / tag
     (work / RNG_DIR).mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(), work / rng_file(layout.rank))
-    _barrier()
+    save_with_checksum(rng_state(), work / rng_file(layout.rank))
+    written = parallel.all_gather_objects(dict(_WRITTEN))  # a collective: the barrier too
     removed: list[str] = []
     error = None
     if layout.rank == 0:
+        checksums = {path: crc for rank in written for path, crc in rank.items()}
         try:
-            removed = _publish(work, staging, ckpt_dir, cfg, layout, step, tag, client_state)
+            removed = _publish(work, staging, ckpt_dir, cfg, layout, step, tag, client_state,
+                               checksums)
         except (CheckpointError, OSError) as err:
             error = str(err)
-    from stable_megatron import parallel
 
     error = parallel.broadcast_object(error)  # every rank raises, none waits forever
     if error is not None:
@@ -139,12 +162,16 @@ def save(engine, cfg, layout, ckpt_dir: Path, step: int, client_state: dict,
 
 
 def _publish(work: Path, staging: Path, ckpt_dir: Path, cfg, layout, step: int, tag: str,
-             client_state: dict) -> list[str]:
-    """Rank 0: check, write the manifest, move into place, update `latest`, prune."""
+             client_state: dict, written: dict[str, str] | None = None) -> list[str]:
+    """Rank 0: check, write the manifest, move into place, update `latest`, prune. `written`:
+    the CRC-32 of the files as the ranks wrote them, by absolute path; a file missing there is
+    read once to checksum it."""
     _check_written(work, layout)
-    files = {
-        str(p.relative_to(work)): p.stat().st_size for p in sorted(work.rglob("*")) if p.is_file()
-    }
+    paths = [p for p in sorted(work.rglob("*")) if p.is_file()]
+    files = {str(p.relative_to(work)): p.stat().st_size for p in paths}
+    written = written or {}
+    checksums = {str(p.relative_to(work)): written.get(str(p.resolve())) or file_checksum(p)
+                 for p in paths}
     meta = {
         "format": FORMAT_VERSION,
         "tag": tag,
@@ -155,6 +182,7 @@ def _publish(work: Path, staging: Path, ckpt_dir: Path, cfg, layout, step: int, 
         "code_version": code_version(),
         "saved_at": time.time(),
         "files": files,
+        "checksums": checksums,
     }
     write_atomic(work / META_FILE, json.dumps(meta, indent=1))
     target = ckpt_dir / tag

@@ -53,12 +53,14 @@ from stable_megatron.checkpoint.format import (
     META_FILE,
     RUN_CONFIG,
     CheckpointError,
+    corrupt_reason,
     latest_pointer,
     layer_file,
     layer_files,
     read_meta,
     resolve,
     safe_load,
+    scan,
     verify,
 )
 
@@ -145,6 +147,12 @@ def open_checkpoint(path: str | os.PathLike, config: str | os.PathLike | None = 
     if meta:
         verify(tag_dir, meta)
     notes: list[str] = []
+    reason = corrupt_reason(tag_dir)
+    if reason is not None:
+        notes.append(f"marked corrupt: {reason}")
+    if tag_dir != Path(path):
+        notes += [f"{bad.name} is corrupt and was passed over: {why}"
+                  for bad, why in scan(tag_dir.parent)[1]]
     pointer = latest_pointer(tag_dir.parent)
     if tag_dir != Path(path) and pointer not in (None, tag_dir.name):
         notes.append(f"`latest` names {pointer}, not the newest complete checkpoint "

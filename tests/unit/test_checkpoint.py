@@ -120,6 +120,7 @@ def test_pickle_that_runs_code_is_refused(saved, tmp_path, data_cache, capsys):
     torch.save({"module": {}, "evil": _Payload(marker)}, target)
     meta = json.loads((tag / ckpt.META_FILE).read_text())
     meta["files"]["mp_rank_00_model_states.pt"] = target.stat().st_size  # passes the size check
+    meta["checksums"]["mp_rank_00_model_states.pt"] = ckpt.file_checksum(target)  # and the CRC
     (tag / ckpt.META_FILE).write_text(json.dumps(meta))
     code, err = load_from(tag, tmp_path, data_cache, capsys)
     assert code == 2 and "refused" in err and "mp_rank_00_model_states.pt" in err
