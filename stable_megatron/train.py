@@ -66,6 +66,7 @@ class Trainer:
         start = self._find_checkpoint()
         self.state = parallel.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.device)
         self.layout, self.device = self.state.layout, self.state.device
+        self._check_writable()
         start = self._verify_checksums(start)
         if self.train_ds is None:  # megatron-core's datasets: built (rank 0) after the groups
             from stable_megatron.data import blend
@@ -143,6 +144,27 @@ class Trainer:
         ckpt.verify(tag_dir, meta)
         ckpt.check_compatible(meta, self.cfg)
         return tag_dir, meta, weights_only
+
+    def _check_writable(self) -> None:
+        """The run and checkpoint directories can be written, on every rank (a probe file
+        written and removed), so that a read-only, full or missing mount stops the run now,
+        not at its first save; every rank gets the verdict."""
+        from stable_megatron import parallel
+
+        problems = []
+        for key, path in (("train.run_dir", Path(self.cfg.train.run_dir)),
+                          ("checkpoint.dir", self.cfg.checkpoint_dir)):
+            probe = path / f".write-test-{self.layout.rank}"
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                probe.write_bytes(b"stable_megatron")
+                probe.unlink()
+            except OSError as err:
+                cause = f"{err.strerror} (errno {err.errno})" if err.strerror else str(err)
+                problems.append(f"{key}={path}: cannot write there: {cause}")
+        found = [p for rank in parallel.all_gather_objects(problems) for p in rank]
+        if found:
+            raise ConfigError(found[0])
 
     def _corrupt(self, tag_dir: Path, reason: str, instead: Path | None) -> None:
         """Report a corrupt checkpoint of this run in one line (naming it, the file and the

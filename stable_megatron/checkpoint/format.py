@@ -221,16 +221,29 @@ class ChecksumWriter:
     def __init__(self, path: str | os.PathLike) -> None:
         self._file = open(path, "wb")  # noqa: SIM115  (closed by close / the context manager)
         self._crc = 0
+        self.error: OSError | None = None  # the file system's error, if a write failed
 
     def write(self, data) -> int:
         self._crc = zlib.crc32(data, self._crc)
-        return self._file.write(data)
+        try:
+            return self._file.write(data)
+        except OSError as err:
+            self.error = err
+            raise
 
     def flush(self) -> None:
-        self._file.flush()
+        try:
+            self._file.flush()
+        except OSError as err:
+            self.error = self.error or err
+            raise
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError as err:
+            self.error = self.error or err
+            raise
 
     def __enter__(self) -> ChecksumWriter:
         return self

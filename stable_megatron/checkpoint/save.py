@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from stable_megatron.checkpoint.format import (
     FORMAT_VERSION,
@@ -45,21 +44,41 @@ from stable_megatron.checkpoint.format import (
 
 def install_safe_loading(engine) -> None:
     """Route DeepSpeed's own checkpoint reads through `safe_load` and its writes through
-    `save_with_checksum`."""
+    `save_with_checksum`; a write that fails there is recorded for `save` to report after
+    DeepSpeed's collectives (raising inside them would leave the other ranks waiting)."""
     from stable_megatron import ds_adapter
 
-    ds_adapter.route_checkpoint_reads(engine, safe_load, save_with_checksum)
+    ds_adapter.route_checkpoint_reads(engine, safe_load, _engine_save)
 
 
 _WRITTEN: dict[str, str] = {}  # path -> CRC-32 of the files this process wrote (one save)
+_FAILED: list[str] = []  # "path: cause" of the writes that failed (one save)
 
 
 def save_with_checksum(obj, path: str | os.PathLike, zipfile_serialization: bool = True) -> None:
-    """`torch.save(obj, path)`, recording the CRC-32 of the bytes written."""
-    with ChecksumWriter(path) as f:
-        torch.save(obj, f, _use_new_zipfile_serialization=zipfile_serialization)
-        checksum = f.checksum
-    _WRITTEN[str(Path(path).resolve())] = checksum
+    """`torch.save(obj, path)`, recording the CRC-32 of the bytes written. A failed write raises
+    the file system's own error (no space, permission, I/O) when there is one."""
+    writer = ChecksumWriter(path)
+    try:
+        with writer:
+            torch.save(obj, writer, _use_new_zipfile_serialization=zipfile_serialization)
+    except (OSError, RuntimeError) as err:
+        raise (writer.error or err) from None
+    _WRITTEN[str(Path(path).resolve())] = writer.checksum
+
+
+def _engine_save(obj, path: str, zipfile_serialization: bool = True) -> None:
+    try:
+        save_with_checksum(obj, path, zipfile_serialization)
+    except (OSError, RuntimeError) as err:
+        _FAILED.append(f"{path}: {_cause(err)}")
+        Path(path).unlink(missing_ok=True)
+
+
+def _cause(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.strerror} (errno {err.errno})"
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,49 +135,69 @@ class SaveResult:
     removed: list[str]
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def save(engine, cfg, layout, ckpt_dir: Path, step: int, client_state: dict,
          tag: str | None = None) -> SaveResult:
     """Save atomically (see the module docstring); every rank calls this."""
+    from stable_megatron import parallel
+
     started = time.time()
     tag = tag or tag_for(step)
     ckpt_dir = Path(ckpt_dir)
     staging = ckpt_dir / f"{TMP_PREFIX}{tag}"
-    if layout.rank == 0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ckpt_dir.glob(f"{TMP_PREFIX}*"):  # interrupted earlier saves
-            if stale.is_dir():
-                shutil.rmtree(stale, ignore_errors=True)
-            else:
-                stale.unlink(missing_ok=True)
-        staging.mkdir()
-    _barrier()
-    from stable_megatron import parallel
-
-    _WRITTEN.clear()
-    engine.save_checkpoint(str(staging), tag=tag, client_state=client_state, save_latest=False)
-    work = staging / tag
-    (work / RNG_DIR).mkdir(parents=True, exist_ok=True)
-    save_with_checksum(rng_state(), work / rng_file(layout.rank))
-    written = parallel.all_gather_objects(dict(_WRITTEN))  # a collective: the barrier too
-    removed: list[str] = []
     error = None
     if layout.rank == 0:
-        checksums = {path: crc for rank in written for path, crc in rank.items()}
+        try:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            for stale in ckpt_dir.glob(f"{TMP_PREFIX}*"):  # interrupted earlier saves
+                if stale.is_dir():
+                    shutil.rmtree(stale, ignore_errors=True)
+                else:
+                    stale.unlink(missing_ok=True)
+            staging.mkdir()
+        except OSError as err:
+            error = f"{err.filename or staging}: {_cause(err)}"
+    error = parallel.broadcast_object(error)  # the barrier before the writes, too
+    if error is not None:
+        raise CheckpointError(_failed(ckpt_dir, step, error))
+    _WRITTEN.clear()
+    _FAILED.clear()
+    engine.save_checkpoint(str(staging), tag=tag, client_state=client_state, save_latest=False)
+    work = staging / tag
+    try:
+        (work / RNG_DIR).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        _FAILED.append(f"{work / RNG_DIR}: {_cause(err)}")
+    else:
+        _engine_save(rng_state(), str(work / rng_file(layout.rank)))
+    # every rank's checksums and failures; a collective, so the barrier after the writes too
+    gathered = parallel.all_gather_objects((dict(_WRITTEN), list(_FAILED)))
+    failures = [f for _, failed in gathered for f in failed]
+    removed: list[str] = []
+    error = None
+    if failures:
+        error = _failed(ckpt_dir, step, failures[0], len(failures) - 1)
+        if layout.rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+    elif layout.rank == 0:
+        checksums = {path: crc for written, _ in gathered for path, crc in written.items()}
         try:
             removed = _publish(work, staging, ckpt_dir, cfg, layout, step, tag, client_state,
                                checksums)
         except (CheckpointError, OSError) as err:
-            error = str(err)
-
+            error = _failed(ckpt_dir, step, str(err))
     error = parallel.broadcast_object(error)  # every rank raises, none waits forever
     if error is not None:
         raise CheckpointError(error)
     return SaveResult(ckpt_dir / tag, time.time() - started, removed)
+
+
+def _failed(ckpt_dir: Path, step: int, first: str, more: int = 0) -> str:
+    """The one line of a failed save: where, why, and that nothing older was touched."""
+    previous = complete_checkpoints(ckpt_dir)
+    kept = (f"the previous checkpoint {previous[-1].name} is intact and still the newest "
+            f"complete one" if previous else "there is no earlier checkpoint")
+    others = f" (and {more} more failed write{'s' * (more > 1)})" if more else ""
+    return f"checkpoint save at step {step} failed: {first}{others}; {kept}"
 
 
 def _publish(work: Path, staging: Path, ckpt_dir: Path, cfg, layout, step: int, tag: str,
