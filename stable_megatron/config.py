@@ -91,6 +91,15 @@ class ParallelConfig:
     zero_stage: int = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
     partition_method: str = "type:TransformerLayerPipe"
+    # how long a collective waits for the other ranks before it fails (torch.distributed)
+    timeout_minutes: float = 30.0
+    # the step watchdog (stable_megatron/watchdog.py): a step may take watchdog_factor times the
+    # slowest of the run's recent steps, and at least watchdog_floor_s, which also bounds
+    # start-up, saves, evaluations and rollbacks; past that, every rank dumps its Python stacks
+    # into <run_dir>/stacks/ and the job exits with code 4
+    watchdog: bool = True
+    watchdog_factor: float = 10.0
+    watchdog_floor_s: float = 900.0
 
 
 @dataclass
@@ -519,6 +528,13 @@ def validate(cfg: Config, world_size: int) -> None:
             f"train.global_batch_size={t.global_batch_size} is not a multiple of "
             f"train.micro_batch_size * data-parallel size = "
             f"{t.micro_batch_size} * {dp} = {per_step}"
+        )
+    if not p.timeout_minutes > 0:
+        raise ConfigError(f"parallel.timeout_minutes={p.timeout_minutes}: must be > 0")
+    if not (p.watchdog_factor > 1 and p.watchdog_floor_s > 0):
+        raise ConfigError(
+            f"parallel.watchdog_factor={p.watchdog_factor} must be > 1 and "
+            f"parallel.watchdog_floor_s={p.watchdog_floor_s} > 0"
         )
     if p.zero_stage != 1:
         raise ConfigError(

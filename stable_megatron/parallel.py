@@ -103,7 +103,8 @@ def _ensure_single_process_env() -> bool:
     return alone
 
 
-def initialize(tp: int, pp: int, device: str = "auto", timeout_minutes: int = 30) -> ParallelState:
+def initialize(tp: int, pp: int, device: str = "auto", timeout_minutes: float = 30
+               ) -> ParallelState:
     """Start torch.distributed (through DeepSpeed), megatron-core's TP groups, and the topology."""
     import deepspeed
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology

@@ -8,9 +8,11 @@ Run with a launcher (`deepspeed --num_gpus N -m stable_megatron.train RECIPE k=v
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 from stable_megatron.batches import (  # noqa: F401  (re-exported)
@@ -53,6 +55,7 @@ class Trainer:
 
         self.cfg = cfg
         self.pending_events: list[dict] = []  # found before the logger exists (corruption)
+        self.watchdog = None  # started by run()
         self._reported: set = set()  # corrupt checkpoints reported
         # Data and checkpoint problems surface here, before any process group exists.
         self.sources = resolve_data(cfg)
@@ -64,7 +67,8 @@ class Trainer:
         if self.sources.val_prefix and cfg.train.eval_interval:
             self.val_ds = TokenWindowDataset(self.sources.val_prefix, seq, seed=cfg.train.seed)
         start = self._find_checkpoint()
-        self.state = parallel.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.device)
+        self.state = parallel.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.device,
+                                         cfg.parallel.timeout_minutes)
         self.layout, self.device = self.state.layout, self.state.device
         self._check_writable()
         start = self._verify_checksums(start)
@@ -251,8 +255,9 @@ class Trainer:
     def save(self) -> None:
         from stable_megatron import checkpoint as ckpt
 
-        result = ckpt.save(self.engine, self.cfg, self.layout, self.cfg.checkpoint_dir,
-                           self.step, self.client_state())
+        with self._phase("checkpoint save"):
+            result = ckpt.save(self.engine, self.cfg, self.layout, self.cfg.checkpoint_dir,
+                               self.step, self.client_state())
         removed = f"; removed {', '.join(result.removed)}" if result.removed else ""
         self.log.info(f"saved checkpoint {result.tag_dir} in {result.seconds:.1f}s{removed}")
 
@@ -281,7 +286,8 @@ class Trainer:
             )
         meta = ckpt.read_meta(target)
         ckpt.verify(target, meta)
-        self._restore(target, meta)
+        with self._phase("rollback"):
+            self._restore(target, meta)
         self.rollbacks, self.lr_scale = rollbacks, lr_scale
         skipped = (self.consumed, data_position)
         self.consumed = data_position
@@ -364,6 +370,29 @@ class Trainer:
                       f"stability.stop_on_divergence)")
 
     def run(self) -> dict:
+        """Train to `train.steps` under the step watchdog (`parallel.watchdog`)."""
+        from stable_megatron.watchdog import StepWatchdog
+
+        p = self.cfg.parallel
+        if p.watchdog:
+            self.watchdog = StepWatchdog(self.cfg.train.run_dir, self.layout.rank,
+                                         self.layout.world, p.watchdog_factor,
+                                         p.watchdog_floor_s)
+            self.watchdog.step = self.step + 1
+            self.watchdog.start()
+        try:
+            return self._run()
+        finally:
+            if self.watchdog is not None:
+                self.watchdog.stop()
+
+    def _phase(self, name: str):
+        """A phase the watchdog bounds by its floor (a save, an evaluation, a rollback)."""
+        if self.watchdog is None:
+            return contextlib.nullcontext()
+        return self.watchdog.during(name)
+
+    def _run(self) -> dict:
         from stable_megatron.data.dataset import unigram_perplexity
 
         cfg, layout, log = self.cfg, self.layout, self.log
@@ -383,7 +412,10 @@ class Trainer:
             log.info(f"validation baseline: unigram perplexity {baseline:.1f}")
         last: dict = {}
         while self.step < cfg.train.steps:
+            started = time.monotonic()
             record = self.train_one_step()
+            if self.watchdog is not None:
+                self.watchdog.step_done(self.step, time.monotonic() - started)
             if self.last_verdict.is_spike and self._on_spike(record):
                 log.log(record)
                 continue
@@ -392,7 +424,8 @@ class Trainer:
                 step % cfg.train.eval_interval == 0 or step == cfg.train.steps
             )
             if evaluate_now:
-                val_loss = evaluate(self.engine, self.val_ds, cfg, layout, self.device)
+                with self._phase("evaluation"):
+                    val_loss = evaluate(self.engine, self.val_ds, cfg, layout, self.device)
                 record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
             reason = self.divergence.reason if cfg.stability.stop_on_divergence else None
             if evaluate_now or self.last_measured or step % cfg.train.log_interval == 0 or \
