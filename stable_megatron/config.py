@@ -246,6 +246,9 @@ class StabilityConfig:
     loss_k: float = 6.0  # a loss above mean + loss_k * std is a spike
     grad_norm_k: float = 0.0  # same for the grad norm; 0: only non-finite grad norms count
     max_rollbacks: int = 3  # give up (exit with an error) after this many rollbacks
+    # stop (exit 3) when more than this fraction of the last `window` steps dropped their update
+    # (overflow, spike or non-finite; stability/skips.py); 1: never
+    max_skipped_fraction: float = 0.25
     rollback_lr_factor: float = 1.0  # multiply the LR by this after each rollback
     warning: WarningConfig = field(default_factory=WarningConfig)
     # Stop the run (exit 0, `{"event": "diverged"}` in metrics.jsonl) when the loss is not
@@ -620,6 +623,10 @@ def _validate_stability(cfg: Config) -> None:
         )
     if s.loss_k <= 0 or s.grad_norm_k < 0:
         raise ConfigError("stability.loss_k must be > 0 and stability.grad_norm_k >= 0")
+    if not 0 < s.max_skipped_fraction <= 1:
+        raise ConfigError(
+            f"stability.max_skipped_fraction={s.max_skipped_fraction}: must be in (0, 1] (1: off)"
+        )
     if s.max_rollbacks < 0:
         raise ConfigError(f"stability.max_rollbacks={s.max_rollbacks}: must be >= 0")
     if not 0 < s.rollback_lr_factor <= 1:

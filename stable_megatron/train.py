@@ -51,6 +51,7 @@ class Trainer:
         from stable_megatron.hooks import StepRunner
         from stable_megatron.stability.divergence import DivergenceRule
         from stable_megatron.stability.guard import SpikeGuard
+        from stable_megatron.stability.skips import SkipCounter
         from stable_megatron.stability.warning import EarlyWarning
 
         self.cfg = cfg
@@ -86,6 +87,7 @@ class Trainer:
         ckpt.install_safe_loading(self.engine)
         reshape.attach_universal_checkpoint_info(self.engine, cfg)  # saved with checkpoints
         self.guard = SpikeGuard(cfg, self.state, self.engine)
+        self.skips = SkipCounter(cfg.stability.window, cfg.stability.max_skipped_fraction)
         self.warning = EarlyWarning(cfg.stability.warning)
         self.divergence = DivergenceRule(cfg.stability.divergence_patience)
         self.diverged: str | None = None  # why the run stopped, under stop_on_divergence
@@ -241,6 +243,7 @@ class Trainer:
         self.step, self.consumed = client["step"], client["consumed_samples"]
         self.rollbacks = client.get("rollbacks", 0)
         self.lr_scale = client.get("lr_scale", 1.0)
+        self.skips.load_state_dict(client.get(self.skips.state_key, {}))
         self.hooks.load_state_dict(client)
 
     def client_state(self) -> dict:
@@ -249,6 +252,7 @@ class Trainer:
             "consumed_samples": self.consumed,
             "rollbacks": self.rollbacks,
             "lr_scale": self.lr_scale,
+            self.skips.state_key: self.skips.state_dict(),
             **self.hooks.state_dict(),
         }
 
@@ -286,8 +290,10 @@ class Trainer:
             )
         meta = ckpt.read_meta(target)
         ckpt.verify(target, meta)
+        skips = self.skips.state_dict()  # the dropped updates stay counted across a rollback
         with self._phase("rollback"):
             self._restore(target, meta)
+        self.skips.load_state_dict(skips)
         self.rollbacks, self.lr_scale = rollbacks, lr_scale
         skipped = (self.consumed, data_position)
         self.consumed = data_position
@@ -333,10 +339,24 @@ class Trainer:
             "grad_norm": float(engine.get_global_grad_norm()),
             "consumed_tokens": self.consumed * cfg.model.seq_length,
         }
-        if engine.skipped_steps > skipped_before:
+        dropped = engine.skipped_steps > skipped_before
+        if dropped:
             record["update_skipped"] = 1
         self.hooks.after_step(step, record)
         self.last_verdict = self.guard.verdict
+        reason = None
+        if dropped:
+            verdict = self.last_verdict
+            if verdict is not None and verdict.is_spike and self.guard.enforce:
+                reason = "non_finite" if verdict.non_finite else "spike"
+            else:
+                reason = "overflow"
+            record["skip_reason"] = reason
+        self.skips.observe(reason)
+        record.update(self.skips.fields())
+        why = self.skips.too_many()
+        if why is not None:
+            raise TrainingAborted(f"step {step}: {why}")
         return record
 
     def _on_spike(self, record: dict) -> bool:

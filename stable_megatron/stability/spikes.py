@@ -32,6 +32,12 @@ class SpikeVerdict:
     def is_spike(self) -> bool:
         return bool(self.reasons)
 
+    @property
+    def non_finite(self) -> bool:
+        """The step's loss or gradient norm was inf or NaN."""
+        return not math.isfinite(self.loss) or (
+            self.grad_norm is not None and not math.isfinite(self.grad_norm))
+
     def record(self) -> dict[str, float]:
         """The fields logged with the step."""
         out = {}
