@@ -239,8 +239,14 @@ class StabilityConfig:
     """Loss / grad-norm spike detection and what to do about a spike (docs/stability.md)."""
 
     # log: record the event; skip: drop that step's optimizer update on every rank;
-    # rollback: reload the last checkpoint and skip the batches since it
-    on_spike: Literal["log", "skip", "rollback"] = "log"
+    # rollback: reload the last checkpoint and skip the batches since it; replay: drop the
+    # update, recompute the step from the same state on the same batch and compare: the same
+    # loss and grad norm (the data): skip the batch; different (a transient fault): apply the
+    # recomputed step and go on
+    on_spike: Literal["log", "skip", "rollback", "replay"] = "log"
+    # replay: loss and grad norm agree when within this relative difference (0: bit-exact, as
+    # on CPU; GPU kernels that are not deterministic need a little more)
+    replay_rtol: float = 0.0
     window: int = 50  # steps in the running mean / std of loss and grad norm
     min_history: int = 10  # steps of history before spikes are scored
     loss_k: float = 6.0  # a loss above mean + loss_k * std is a spike
@@ -627,6 +633,8 @@ def _validate_stability(cfg: Config) -> None:
         raise ConfigError(
             f"stability.max_skipped_fraction={s.max_skipped_fraction}: must be in (0, 1] (1: off)"
         )
+    if not s.replay_rtol >= 0:
+        raise ConfigError(f"stability.replay_rtol={s.replay_rtol}: must be >= 0")
     if s.max_rollbacks < 0:
         raise ConfigError(f"stability.max_rollbacks={s.max_rollbacks}: must be >= 0")
     if not 0 < s.rollback_lr_factor <= 1:

@@ -56,6 +56,7 @@ class Trainer:
 
         self.cfg = cfg
         self.pending_events: list[dict] = []  # found before the logger exists (corruption)
+        self._before_step = None  # (step, consumed, RNG states) before the step (replay)
         self.watchdog = None  # started by run()
         self._reported: set = set()  # corrupt checkpoints reported
         # Data and checkpoint problems surface here, before any process group exists.
@@ -324,6 +325,10 @@ class Trainer:
         """One optimizer step (or a dropped one); returns its log record."""
         cfg, engine = self.cfg, self.engine
         step = self.step + 1
+        if cfg.stability.on_spike == "replay":  # what a replay of this step starts from
+            from stable_megatron.checkpoint.save import rng_state
+
+            self._before_step = (self.step, self.consumed, rng_state())
         lr = engine.get_lr()[0]
         self.last_measured = self.metrics is not None and self.metrics.due(step)
         skipped_before = engine.skipped_steps
@@ -347,7 +352,11 @@ class Trainer:
         reason = None
         if dropped:
             verdict = self.last_verdict
-            if verdict is not None and verdict.is_spike and self.guard.enforce:
+            if self.guard.replaying is None and cfg.stability.on_spike == "replay" and \
+                    verdict is not None and verdict.is_spike:
+                reason = "replay"  # dropped to be recomputed
+            elif verdict is not None and verdict.is_spike and self.guard.enforce or \
+                    self.guard.replay_result == "reproducible":
                 reason = "non_finite" if verdict.non_finite else "spike"
             else:
                 reason = "overflow"
@@ -373,6 +382,34 @@ class Trainer:
             return False
         self.log.log(self.rollback())
         return True
+
+    def replay(self, first: dict) -> dict:
+        """Recompute the step of `first` (a spiked record whose update was dropped) from the
+        same state on the same batch: the weights and optimizer are as before it, and the
+        step, data position and RNG states are put back. Logs the verdict as a `replay` event;
+        returns the recomputed step's record. Every rank calls this."""
+        from stable_megatron.checkpoint.save import set_rng_state
+
+        step, consumed, rng = self._before_step
+        samples = [consumed, consumed + self.cfg.train.global_batch_size]
+        self.step, self.consumed = step, consumed
+        set_rng_state(rng)
+        self.guard.replaying, self.guard.replay_result = self.last_verdict, None
+        try:
+            record = self.train_one_step()
+        finally:
+            self.guard.replaying = None
+        verdict, self.guard.replay_result = self.guard.replay_result, None
+        event = {"step": self.step, "event": "replay", "verdict": verdict,
+                 "loss": first["loss"], "replay_loss": record["loss"],
+                 "grad_norm": first["grad_norm"], "replay_grad_norm": record["grad_norm"]}
+        if verdict == "reproducible":  # the data: the batch is skipped, as a rollback does
+            event["skipped_samples"] = samples
+        self.log.log(event)
+        self.log.info(f"step {self.step}: replayed: {verdict.replace('_', ' ')}"
+                      + (f"; samples {samples[0]}..{samples[1] - 1} skipped"
+                         if verdict == "reproducible" else "; the recomputed step goes on"))
+        return record
 
     def _early_warning(self) -> None:
         """Print and log the trend rules that fired at the last step."""
@@ -439,6 +476,9 @@ class Trainer:
             if self.last_verdict.is_spike and self._on_spike(record):
                 log.log(record)
                 continue
+            if self.last_verdict.is_spike and cfg.stability.on_spike == "replay":
+                log.log(record)  # the first attempt, its update dropped
+                record = self.replay(record)
             step = self.step
             evaluate_now = self.val_ds is not None and (
                 step % cfg.train.eval_interval == 0 or step == cfg.train.steps

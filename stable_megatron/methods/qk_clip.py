@@ -41,6 +41,8 @@ class QKClipHook(StepHook):
 
     Logged every step: `qk_clip/max_logit`, the step's largest attention logit (before the
     clip, over all layers and heads) and `qk_clip/clipped_heads`, how many heads were scaled.
+    A step whose update was dropped (`update_skipped`: an overflow, the spike guard) clips
+    nothing: it left the weights as they were.
     """
 
     def __init__(self, module, tau: float, num_layers: int, num_heads: int) -> None:
@@ -75,6 +77,10 @@ class QKClipHook(StepHook):
                 table[number - 1, module.first_head:module.first_head + found.numel()] = found
         parallel.all_reduce_(table, op=dist.ReduceOp.MAX)
         self.last_max_logits = table
+        if record.get("update_skipped"):  # no update, no clip: the step left the weights as
+            record["qk_clip/max_logit"] = float(table.max())  # they were (a replay needs that)
+            record["qk_clip/clipped_heads"] = 0
+            return
         with torch.no_grad():
             for number, module in self.modules.items():
                 first = module.first_head

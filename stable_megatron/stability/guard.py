@@ -1,6 +1,11 @@
 """The spike guard: a step hook that judges each step's loss and grad norm inside DeepSpeed's
 optimizer step, before the update, and drops the update when asked to
-(`stability.on_spike` skip/rollback).
+(`stability.on_spike` skip/rollback/replay).
+
+Replay: the Trainer re-runs a spiked step from the same state on the same batch with
+`replaying` set to the first attempt's verdict; `before_update` then compares the new loss and
+grad norm with it (`same_numbers`) and sets `replay_result`: *reproducible* drops the update
+again (the data), *not reproducible* lets the recomputed step through unless it spikes too.
 
 DeepSpeed's ZeRO optimizer already drops the update of a step whose gradients are not finite
 ("overflow": no optimizer step, no LR-scheduler step, `engine.skipped_steps += 1`) on every
@@ -26,7 +31,10 @@ class SpikeGuard(StepHook):
 
     def __init__(self, cfg, state, engine) -> None:
         self.detector = SpikeDetector.from_config(cfg)
-        self.enforce = cfg.stability.on_spike in ("skip", "rollback")
+        self.enforce = cfg.stability.on_spike in ("skip", "rollback", "replay")
+        self.replay_rtol = cfg.stability.replay_rtol
+        self.replaying: SpikeVerdict | None = None  # the first attempt's, during a replay
+        self.replay_result: str | None = None  # "reproducible" / "not_reproducible"
         self.engine, self.layout, self.device = engine, state.layout, state.device
         self._pending: SpikeVerdict | None = None
         self.verdict: SpikeVerdict | None = None  # the last step's, after `after_step`
@@ -43,6 +51,13 @@ class SpikeGuard(StepHook):
         verdict = self.detector.check_loss(self._step_loss())
         self.detector.check_grad_norm(verdict, grad_norm)
         self._pending = verdict
+        if self.replaying is not None:
+            first = self.replaying
+            same = (same_numbers(verdict.loss, first.loss, self.replay_rtol)
+                    and same_numbers(grad_norm, first.grad_norm, self.replay_rtol))
+            self.replay_result = "reproducible" if same else "not_reproducible"
+            if same:
+                return True
         return verdict.is_spike and self.enforce
 
     def after_step(self, step: int, record: dict) -> None:
@@ -59,3 +74,16 @@ class SpikeGuard(StepHook):
 
     def load_state_dict(self, state: dict) -> None:
         self.detector.load_state_dict(state)
+
+
+def same_numbers(a: float | None, b: float | None, rtol: float) -> bool:
+    """Equal within `rtol` (relative), NaN equal to NaN and inf to the same inf."""
+    import math
+
+    if a is None or b is None:
+        return a is b
+    if math.isnan(a) or math.isnan(b):
+        return math.isnan(a) and math.isnan(b)
+    if math.isinf(a) or math.isinf(b):
+        return a == b
+    return abs(a - b) <= rtol * max(abs(a), abs(b))

@@ -3,7 +3,9 @@ stops instead of silently not training.
 
 An update is dropped by DeepSpeed itself when the gradients overflow (`overflow`: an inf or NaN
 gradient norm under mixed precision) or by the spike guard (`stability.on_spike=skip` or
-`rollback`): `non_finite` when the step's loss or gradient norm is not finite, `spike` otherwise.
+`rollback`): `non_finite` when the step's loss or gradient norm is not finite, `spike` otherwise;
+with `replay`, the first attempt of a spiked step is dropped to be recomputed (`replay`), and
+the recomputation counts again if it is dropped too.
 `SkipCounter.fields()` are logged with every step (`skipped_steps`, the run's total, and
 `skipped_steps/<reason>`); `too_many()` is the stop rule: more than
 `stability.max_skipped_fraction` of the last `stability.window` steps dropped."""
@@ -13,7 +15,7 @@ from __future__ import annotations
 import collections
 from typing import Any
 
-REASONS = ("overflow", "spike", "non_finite")
+REASONS = ("overflow", "spike", "non_finite", "replay")
 
 
 class SkipCounter:

@@ -56,5 +56,35 @@ def test_the_stop_rule_counts_a_sliding_window():
     counter.observe("overflow")
     assert "3 of the last 4" in counter.too_many()
     assert counter.fields() == {"skipped_steps": 5, "skipped_steps/overflow": 4,
-                                "skipped_steps/spike": 1, "skipped_steps/non_finite": 0}
+                                "skipped_steps/spike": 1, "skipped_steps/non_finite": 0,
+                                "skipped_steps/replay": 0}
     assert SkipCounter(4, 1.0).too_many() is None
+
+
+def test_the_run_loop_replays_a_spiked_step(make_trainer, tmp_path):
+    """The loop drops a spiked step's update, recomputes it and logs the verdict."""
+    import json
+
+    from stable_megatron.model.gpt import lm_loss
+
+    trainer = make_trainer("stability.on_spike=replay", "train.steps=6")
+    original, module, faults = trainer.train_one_step, trainer.engine.module, []
+
+    def once_faulty():
+        if trainer.step + 1 == 5 and not faults:  # the first attempt of step 5 only
+            faults.append(5)
+            module.loss_fn = lambda logits, labels: lm_loss(logits, labels) * 100.0
+        try:
+            return original()
+        finally:
+            module.loss_fn = lm_loss
+
+    trainer.train_one_step = once_faulty
+    trainer.run()
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().split("\n")
+             if x]
+    replays = [r for r in lines if r.get("event") == "replay"]
+    assert [(r["step"], r["verdict"]) for r in replays] == [(5, "not_reproducible")]
+    steps = [r["step"] for r in lines if "loss" in r and "event" not in r]
+    assert steps == [1, 2, 3, 4, 5, 5, 6]  # step 5's first attempt, then its recomputation
+    assert lines[-1]["skipped_steps/replay"] == 1
