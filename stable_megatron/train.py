@@ -49,16 +49,16 @@ class Trainer:
         from stable_megatron.checkpoint import reshape
         from stable_megatron.data.dataset import TokenWindowDataset
         from stable_megatron.hooks import StepRunner
+        from stable_megatron.resume import StartFinder
         from stable_megatron.stability.divergence import DivergenceRule
         from stable_megatron.stability.guard import SpikeGuard
         from stable_megatron.stability.skips import SkipCounter
         from stable_megatron.stability.warning import EarlyWarning
 
         self.cfg = cfg
-        self.pending_events: list[dict] = []  # found before the logger exists (corruption)
         self._before_step = None  # (step, consumed, RNG states) before the step (replay)
         self.watchdog = None  # started by run()
-        self._reported: set = set()  # corrupt checkpoints reported
+        starts = StartFinder(cfg)
         # Data and checkpoint problems surface here, before any process group exists.
         self.sources = resolve_data(cfg)
         seq = cfg.model.seq_length
@@ -68,12 +68,12 @@ class Trainer:
                                                seed=cfg.train.seed)
         if self.sources.val_prefix and cfg.train.eval_interval:
             self.val_ds = TokenWindowDataset(self.sources.val_prefix, seq, seed=cfg.train.seed)
-        start = self._find_checkpoint()
+        start = starts.find()
         self.state = parallel.initialize(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.device,
                                          cfg.parallel.timeout_minutes)
         self.layout, self.device = self.state.layout, self.state.device
-        self._check_writable()
-        start = self._verify_checksums(start)
+        starts.check_writable(self.layout)
+        start = starts.verify_checksums(start, self.layout)
         if self.train_ds is None:  # megatron-core's datasets: built (rank 0) after the groups
             from stable_megatron.data import blend
             from stable_megatron.data.tokenizer import Tokenizer
@@ -105,7 +105,7 @@ class Trainer:
             self.started_from = start[0]
         self.start_step = self.step
         self.log = RunLogger(cfg, enabled=self.state.is_logging_rank, start_step=self.step)
-        for event in self.pending_events:
+        for event in starts.events:  # found before the logger existed (corruption)
             self.log.log({"step": self.step, **event})
         self.last_verdict, self.last_measured = None, False
 
@@ -125,103 +125,6 @@ class Trainer:
         ]
 
     # ---------------------------------------------------------------- checkpoints
-
-    def _find_checkpoint(self, skip: frozenset = frozenset()):
-        """(tag_dir, meta, weights_only) to start from, or None. A rerun continues from this
-        run's own newest complete checkpoint (not one in `skip`); `checkpoint.load` is used when
-        there is none yet. Corrupt checkpoints of this run newer than that are reported
-        (`_corrupt`), and with `checkpoint.on_corrupt=stop` end the run."""
-        from stable_megatron import checkpoint as ckpt
-
-        c = self.cfg.checkpoint
-        tag_dir, weights_only = None, False
-        if c.resume:
-            complete, corrupt = ckpt.scan(self.cfg.checkpoint_dir)
-            complete = [t for t in complete if t not in skip]
-            tag_dir = complete[-1] if complete else None
-            newest = ckpt.read_meta(tag_dir)["step"] if tag_dir is not None else -1
-            for bad, reason in corrupt:  # those that cost progress: newer than what we load
-                if _step_of(bad) > newest:
-                    self._corrupt(bad, reason, tag_dir)
-        if tag_dir is None and c.load:
-            tag_dir, weights_only = ckpt.resolve(c.load, label="checkpoint.load"), c.finetune
-        if tag_dir is None:
-            return None
-        meta = ckpt.read_meta(tag_dir)
-        ckpt.verify(tag_dir, meta)
-        ckpt.check_compatible(meta, self.cfg)
-        return tag_dir, meta, weights_only
-
-    def _check_writable(self) -> None:
-        """The run and checkpoint directories can be written, on every rank (a probe file
-        written and removed), so that a read-only, full or missing mount stops the run now,
-        not at its first save; every rank gets the verdict."""
-        from stable_megatron import parallel
-
-        problems = []
-        for key, path in (("train.run_dir", Path(self.cfg.train.run_dir)),
-                          ("checkpoint.dir", self.cfg.checkpoint_dir)):
-            probe = path / f".write-test-{self.layout.rank}"
-            try:
-                path.mkdir(parents=True, exist_ok=True)
-                probe.write_bytes(b"stable_megatron")
-                probe.unlink()
-            except OSError as err:
-                cause = f"{err.strerror} (errno {err.errno})" if err.strerror else str(err)
-                problems.append(f"{key}={path}: cannot write there: {cause}")
-        found = [p for rank in parallel.all_gather_objects(problems) for p in rank]
-        if found:
-            raise ConfigError(found[0])
-
-    def _corrupt(self, tag_dir: Path, reason: str, instead: Path | None) -> None:
-        """Report a corrupt checkpoint of this run in one line (naming it, the file and the
-        check that failed), mark it (`CORRUPT`), keep an event for metrics.jsonl, and stop
-        with `checkpoint.on_corrupt=stop`."""
-        from stable_megatron import checkpoint as ckpt
-
-        if tag_dir in self._reported:
-            return
-        self._reported.add(tag_dir)
-        if self.cfg.checkpoint.on_corrupt == "stop":
-            raise ckpt.CheckpointError(f"checkpoint {tag_dir} is corrupt: {reason} "
-                                       f"(checkpoint.on_corrupt=stop)")
-        action = (f"resuming from {instead.name} instead" if instead is not None
-                  else "no verified checkpoint left: starting")
-        line = f"checkpoint {tag_dir.name} is corrupt and passed over: {reason}; {action}"
-        if os.environ.get("RANK", "0") == "0":
-            if ckpt.corrupt_reason(tag_dir) is None:
-                ckpt.mark_corrupt(tag_dir, reason)
-            print(f"warning: {line}", file=sys.stderr, flush=True)
-        self.pending_events.append({"event": "corrupt_checkpoint", "tag": tag_dir.name,
-                                    "reason": reason, "instead": instead and instead.name})
-
-    def _verify_checksums(self, start):
-        """The starting checkpoint with every file's checksum verified (the files split over
-        the ranks, the verdicts gathered, so every rank agrees), falling back past corrupt ones
-        of this run; a corrupt `checkpoint.load` is an error."""
-        from stable_megatron import checkpoint as ckpt
-        from stable_megatron import parallel
-
-        skip: set = set()
-        while start is not None:
-            tag_dir, meta, _ = start
-            names = sorted(meta.get("checksums", {}))
-            mine = names[self.layout.rank::self.layout.world]
-            try:
-                ckpt.verify(tag_dir, meta, checksums=True, only=mine)
-                error = None
-            except ckpt.CheckpointError as err:
-                error = str(err)
-            errors = [e for e in parallel.all_gather_objects(error) if e is not None]
-            if not errors:
-                return start
-            own = self.cfg.checkpoint.resume and tag_dir.parent == self.cfg.checkpoint_dir
-            if not own:
-                raise ckpt.CheckpointError(errors[0])
-            skip.add(tag_dir)
-            start = self._find_checkpoint(frozenset(skip))
-            self._corrupt(tag_dir, errors[0], start[0] if start else None)
-        return None
 
     def _check_layout(self, tag_dir, meta, weights_only) -> None:
         from stable_megatron import checkpoint as ckpt
@@ -528,17 +431,6 @@ def strip_launcher_args(argv: list[str]) -> list[str]:
             continue
         out.append(arg)
     return out
-
-
-def _step_of(tag_dir: Path) -> float:
-    """A checkpoint's step from its manifest, else its name; inf when neither tells."""
-    from stable_megatron import checkpoint as ckpt
-
-    try:
-        return ckpt.read_meta(tag_dir)["step"]
-    except ckpt.CheckpointError:
-        digits = "".join(c for c in tag_dir.name if c.isdigit())
-        return int(digits) if digits else math.inf
 
 
 USAGE = "usage: stable-megatron train RECIPE [key=value ...]   e.g. train.steps=20 parallel.tp=2"

@@ -147,7 +147,8 @@ def test_only_the_registry_wires_methods_into_the_loop_the_spec_and_the_exporter
 
 
 def test_the_engine_and_the_batches_sit_below_the_loop():
-    for name in ("stable_megatron.engine", "stable_megatron.batches"):
+    for name in ("stable_megatron.engine", "stable_megatron.batches", "stable_megatron.resume",
+                 "stable_megatron.watchdog"):
         assert name in modules()
         assert not under_any(reachable(name), UPPER), name
 
@@ -199,17 +200,20 @@ def deepspeed_private_names() -> frozenset[str]:
     return frozenset(n for n in names if not n.endswith("__") and n not in torch_names)
 
 
+FOREIGN = frozenset({"megatron", "torch", *sys.stdlib_module_names})
+
+
 def foreign_aliases(tree: ast.AST) -> set[str]:
-    """Names bound to modules of other libraries (megatron, torch): their private attributes
-    are not DeepSpeed's."""
+    """Names bound to modules of other libraries (megatron, torch, Python's own, e.g.
+    `os._exit`): their private attributes are not DeepSpeed's."""
     out = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and \
-                node.module.split(".")[0] in ("megatron", "torch"):
+                node.module.split(".")[0] in FOREIGN:
             out.update(alias.asname or alias.name for alias in node.names)
         elif isinstance(node, ast.Import):
             out.update((alias.asname or alias.name).split(".")[0] for alias in node.names
-                       if alias.name.split(".")[0] in ("megatron", "torch"))
+                       if alias.name.split(".")[0] in FOREIGN)
     return out
 
 
