@@ -2,8 +2,8 @@
 CRC-32 writer against plain `torch.save`, and the read that verifies a shard on resume, here,
 then what that implies for the 830M recipe's checkpoint (recipes/rybakov_830m/baseline.yaml).
 
-Each round writes one shard of `--mb` MB of fp32 tensors both ways (the order alternating), and
-reads it back to checksum it; medians over rounds. The 830M extrapolation scales the measured
+After an untimed warm-up, each round writes one shard of `--mb` MB of fp32 tensors both ways
+(the order alternating) and reads it back to checksum it; medians over rounds. The 830M extrapolation scales the measured
 rates to its checkpoint (fp32 weights, fp32 master copy and two Adam moments: 16 bytes per
 parameter), spread over the ranks of its layout, which write and verify their parts at once.
 
@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     plain, checked, verify = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         a, b = Path(tmp) / "plain.pt", Path(tmp) / "checked.pt"
+        torch.save(state, a)  # an untimed warm-up round: the first writes of a file cost more
+        save_with_checksum(state, b)
         for r in range(args.rounds):
             arms = [("plain", lambda: torch.save(state, a)),
                     ("checked", lambda: save_with_checksum(state, b))]
