@@ -3,9 +3,10 @@ CRC-32 writer against plain `torch.save`, and the read that verifies a shard on 
 then what that implies for the 830M recipe's checkpoint (recipes/rybakov_830m/baseline.yaml).
 
 After an untimed warm-up, each round writes one shard of `--mb` MB of fp32 tensors both ways
-(the order alternating) and reads it back to checksum it; medians over rounds. The 830M extrapolation scales the measured
-rates to its checkpoint (fp32 weights, fp32 master copy and two Adam moments: 16 bytes per
-parameter), spread over the ranks of its layout, which write and verify their parts at once.
+(the order alternating) and reads it back to checksum it; medians over rounds. The 830M
+extrapolation scales the measured rates to its checkpoint (fp32 weights, fp32 master copy and
+two Adam moments: 16 bytes per parameter), spread over the ranks of its layout, which write
+and verify their parts at once.
 
     python tools/bench_checksum.py              # 256 MB shards, 5 rounds
     python tools/bench_checksum.py --mb 1024 --rounds 3
