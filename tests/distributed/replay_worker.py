@@ -1,6 +1,7 @@
-"""Worker for test_replay.py: one Trainer per rank (TP2), driven step by step.
+"""Worker for test_replay.py: one Trainer per rank (TP2) per mode, driven step by step, the
+megatron-core groups restarted between modes (one launch for all).
 
-    replay_worker.py OUT_DIR DATA_CACHE MODE
+    replay_worker.py OUT_DIR DATA_CACHE MODE [MODE ...]
 
 MODE `clean`: 8 steps. `transient`: step 5's first attempt has its loss times 100 (a one-time
 fault), then the Trainer's replay recomputes it without the fault. `poisoned`: step 5's batch
@@ -58,8 +59,12 @@ def main(out: Path, data_cache: str, mode: str) -> None:
                     if isinstance(v, torch.Tensor)},
         "consumed": trainer.consumed,
     }, out / f"{mode}-rank{os.environ['RANK']}.pt")
-    parallel.shutdown()
+    parallel.reset_groups()  # the next mode's Trainer starts them again
+
+
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3])
+    for name in sys.argv[3:]:
+        main(Path(sys.argv[1]), sys.argv[2], name)
+    parallel.shutdown()

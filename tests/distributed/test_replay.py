@@ -19,8 +19,7 @@ WORKER = Path(__file__).with_name("replay_worker.py")
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, data_cache) -> dict:
     out = tmp_path_factory.mktemp("replay")
-    for mode in ("clean", "transient", "poisoned"):
-        torchrun(WORKER, 2, [str(out), str(data_cache), mode])
+    torchrun(WORKER, 2, [str(out), str(data_cache), "clean", "transient", "poisoned"])
     return {mode: [torch.load(out / f"{mode}-rank{r}.pt") for r in range(2)]
             for mode in ("clean", "transient", "poisoned")}
 
