@@ -53,6 +53,8 @@ def test_deepspeed_launcher_two_processes_tp2(tmp_path, data_cache):
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step00000004"
 
 
+@pytest.mark.slow  # by default: bit-exact resume in tests/distributed/test_resume.py, the same
+# command resuming in tests/unit/test_checkpoint_corruption.py and test_storage_faults.py
 def test_rerun_resumes_and_matches_uninterrupted_run(tmp_path, data_cache):
     worker = ROOT / "stable_megatron" / "train.py"
     common = [str(TINY), "parallel.tp=2", f"data.cache_dir={data_cache}", *SMALL,
