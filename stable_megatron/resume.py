@@ -51,6 +51,7 @@ class StartFinder:
         written and removed), so that a read-only, full or missing mount stops the run now,
         not at its first save; every rank gets the verdict."""
         from stable_megatron import parallel
+        from stable_megatron.checkpoint.save import cause_of
 
         problems = []
         for key, path in (("train.run_dir", Path(self.cfg.train.run_dir)),
@@ -61,8 +62,7 @@ class StartFinder:
                 probe.write_bytes(b"stable_megatron")
                 probe.unlink()
             except OSError as err:
-                cause = f"{err.strerror} (errno {err.errno})" if err.strerror else str(err)
-                problems.append(f"{key}={path}: cannot write there: {cause}")
+                problems.append(f"{key}={path}: cannot write there: {cause_of(err)}")
         found = [p for rank in parallel.all_gather_objects(problems) for p in rank]
         if found:
             raise ConfigError(found[0])
@@ -87,7 +87,7 @@ class StartFinder:
                 ckpt.mark_corrupt(tag_dir, reason)
             print(f"warning: {line}", file=sys.stderr, flush=True)
         self.events.append({"event": "corrupt_checkpoint", "tag": tag_dir.name,
-                                    "reason": reason, "instead": instead and instead.name})
+                            "reason": reason, "instead": instead and instead.name})
 
     def verify_checksums(self, start, layout):
         """The starting checkpoint with every file's checksum verified (the files split over

@@ -253,16 +253,8 @@ class Trainer:
         self.hooks.after_step(step, record)
         self.last_verdict = self.guard.verdict
         reason = None
-        if dropped:
-            verdict = self.last_verdict
-            if self.guard.replaying is None and cfg.stability.on_spike == "replay" and \
-                    verdict is not None and verdict.is_spike:
-                reason = "replay"  # dropped to be recomputed
-            elif verdict is not None and verdict.is_spike and self.guard.enforce or \
-                    self.guard.replay_result == "reproducible":
-                reason = "non_finite" if verdict.non_finite else "spike"
-            else:
-                reason = "overflow"
+        if dropped:  # by the guard, or by DeepSpeed itself (non-finite gradients)
+            reason = self.guard.dropped_by or "overflow"
             record["skip_reason"] = reason
         self.skips.observe(reason)
         record.update(self.skips.fields())

@@ -223,27 +223,23 @@ class ChecksumWriter:
         self._crc = 0
         self.error: OSError | None = None  # the file system's error, if a write failed
 
+    def _io(self, call, *args):
+        """`call(*args)` on the file, keeping its first OSError in `error`."""
+        try:
+            return call(*args)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
     def write(self, data) -> int:
         self._crc = zlib.crc32(data, self._crc)
-        try:
-            return self._file.write(data)
-        except OSError as err:
-            self.error = err
-            raise
+        return self._io(self._file.write, data)
 
     def flush(self) -> None:
-        try:
-            self._file.flush()
-        except OSError as err:
-            self.error = self.error or err
-            raise
+        self._io(self._file.flush)
 
     def close(self) -> None:
-        try:
-            self._file.close()
-        except OSError as err:
-            self.error = self.error or err
-            raise
+        self._io(self._file.close)
 
     def __enter__(self) -> ChecksumWriter:
         return self

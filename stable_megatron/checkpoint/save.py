@@ -71,11 +71,12 @@ def _engine_save(obj, path: str, zipfile_serialization: bool = True) -> None:
     try:
         save_with_checksum(obj, path, zipfile_serialization)
     except (OSError, RuntimeError) as err:
-        _FAILED.append(f"{path}: {_cause(err)}")
+        _FAILED.append(f"{path}: {cause_of(err)}")
         Path(path).unlink(missing_ok=True)
 
 
-def _cause(err: BaseException) -> str:
+def cause_of(err: BaseException) -> str:
+    """A failed write's cause in a few words: the file system's message and errno."""
     if isinstance(err, OSError) and err.strerror:
         return f"{err.strerror} (errno {err.errno})"
     return str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -155,7 +156,7 @@ def save(engine, cfg, layout, ckpt_dir: Path, step: int, client_state: dict,
                     stale.unlink(missing_ok=True)
             staging.mkdir()
         except OSError as err:
-            error = f"{err.filename or staging}: {_cause(err)}"
+            error = f"{err.filename or staging}: {cause_of(err)}"
     error = parallel.broadcast_object(error)  # the barrier before the writes, too
     if error is not None:
         raise CheckpointError(_failed(ckpt_dir, step, error))
@@ -166,7 +167,7 @@ def save(engine, cfg, layout, ckpt_dir: Path, step: int, client_state: dict,
     try:
         (work / RNG_DIR).mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        _FAILED.append(f"{work / RNG_DIR}: {_cause(err)}")
+        _FAILED.append(f"{work / RNG_DIR}: {cause_of(err)}")
     else:
         _engine_save(rng_state(), str(work / rng_file(layout.rank)))
     # every rank's checksums and failures; a collective, so the barrier after the writes too

@@ -35,6 +35,10 @@ class SpikeGuard(StepHook):
         self.replay_rtol = cfg.stability.replay_rtol
         self.replaying: SpikeVerdict | None = None  # the first attempt's, during a replay
         self.replay_result: str | None = None  # "reproducible" / "not_reproducible"
+        self.replay_mode = cfg.stability.on_spike == "replay"
+        # why this step's update was dropped by the guard (None: it was not): "replay" (a first
+        # attempt, to be recomputed), "non_finite" or "spike"
+        self.dropped_by: str | None = None
         self.engine, self.layout, self.device = engine, state.layout, state.device
         self._pending: SpikeVerdict | None = None
         self.verdict: SpikeVerdict | None = None  # the last step's, after `after_step`
@@ -51,14 +55,20 @@ class SpikeGuard(StepHook):
         verdict = self.detector.check_loss(self._step_loss())
         self.detector.check_grad_norm(verdict, grad_norm)
         self._pending = verdict
+        drop = verdict.is_spike and self.enforce
         if self.replaying is not None:
             first = self.replaying
             same = (same_numbers(verdict.loss, first.loss, self.replay_rtol)
                     and same_numbers(grad_norm, first.grad_norm, self.replay_rtol))
             self.replay_result = "reproducible" if same else "not_reproducible"
-            if same:
-                return True
-        return verdict.is_spike and self.enforce
+            drop = drop or same
+        if not drop:
+            self.dropped_by = None
+        elif self.replay_mode and self.replaying is None:
+            self.dropped_by = "replay"
+        else:
+            self.dropped_by = "non_finite" if verdict.non_finite else "spike"
+        return drop
 
     def after_step(self, step: int, record: dict) -> None:
         """The verdict joins the record; a healthy step joins the history."""

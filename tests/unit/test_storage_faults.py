@@ -7,23 +7,16 @@ from __future__ import annotations
 
 import errno
 import os
-from pathlib import Path
 
 import pytest
 
 from stable_megatron import checkpoint as ckpt
 from stable_megatron.checkpoint import format as fmt
 from stable_megatron.train import main
+from tests.unit.test_checkpoint import SMALL as BASE
+from tests.unit.test_checkpoint import TINY
 
-ROOT = Path(__file__).resolve().parents[2]
-TINY = str(ROOT / "recipes" / "tiny.yaml")
-SMALL = [
-    "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
-    "model.seq_length=32", "data.vocab_size=1024", "train.micro_batch_size=2",
-    "train.global_batch_size=4", "train.warmup_steps=1", "train.eval_interval=0",
-    "metrics.interval=0", "logging.tensorboard=false", "logging.progress=false",
-    "checkpoint.interval=2", "checkpoint.keep=1",
-]
+SMALL = [*BASE, "checkpoint.interval=2", "checkpoint.keep=1"]
 
 
 def run(tmp_path, data_cache, *extra) -> int:
