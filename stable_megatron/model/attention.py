@@ -34,7 +34,7 @@ causal context. What each supports is declared once, on its class, and checked a
 
 Attention statistics: every kernel alike, through the capture hook below (none computes
 them). `flex` without a cap runs SDPA. No kernel applies attention dropout: the config rejects
-`model.attention_dropout` > 0 (config.py, `validate`).
+`model.attention_dropout` > 0 (config/rules.py, `validate`).
 
 Capture hooks: a part that needs to see the attention logits sets a capture hook on the module
 under its own name (the stability metrics, `metrics/attention.py`, on metric steps; QK-clip's

@@ -17,18 +17,18 @@ PACKAGE = Path(__file__).resolve().parents[2] / "stable_megatron"
 HOMES = {
     "sigma_reparam": ("methods/sigma_reparam.py", {
         "model/sigma_reparam.py": "the tensor-parallel layers and their power iteration",
-        "config.py": "the rules between two methods (with MLRA, with QK-clip)",
+        "config/rules.py": "the rules between two methods (with MLRA, with QK-clip)",
     }),
     "mlra": ("methods/mlra.py", {
         "model/mlra.py": "the low-rank layers and their tensor-parallel sharding",
-        "config.py": "the rule with sigma-reparam (the slots MLRA replaces)",
+        "config/rules.py": "the rule with sigma-reparam (the slots MLRA replaces)",
     }),
     "qk_clip": ("methods/qk_clip.py", {
         "model/qk_clip.py": "the per-head maxima and the scaling of q and k",
-        "config.py": "the rules with the head norms and with sigma-reparam on qkv",
+        "config/rules.py": "the rules with the head norms and with sigma-reparam on qkv",
     }),
     "norm_placement": ("methods/norms.py", {
-        "config.py": "QK-clip cannot bound logits that head norms normalise",
+        "config/rules.py": "QK-clip cannot bound logits that head norms normalise",
         "methods/softmax_cap.py": "[B]'s QK-norm + cap variant",
     }),
     "softmax_cap": ("methods/softmax_cap.py", {
