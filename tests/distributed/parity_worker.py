@@ -4,7 +4,7 @@ final weights (with their tensor-parallel partition dims) for the test to reasse
 
 usage: torchrun --nproc_per_node N parity_worker.py OUT_DIR CASES_JSON
 where CASES_JSON maps a case name to config overrides (plus "steps"); every case runs in the
-same processes, one after the other, and writes OUT_DIR/<case>/rank<r>.pt.
+same processes, one after the other (at its own layout), and writes OUT_DIR/<case>/rank<r>.pt.
 """
 
 from __future__ import annotations
@@ -92,13 +92,15 @@ def run_case(overrides: dict, out: Path) -> None:
 
 def run_cases_of_argv(run_case) -> None:
     """`run_case(overrides, OUT_DIR/<case>)` for every case of CASES_JSON (argv 1 and 2), in
-    these processes one after the other; the process groups are shut down at the end."""
+    these processes one after the other, each at its own layout (the model-parallel groups are
+    rebuilt between cases); the process groups are shut down at the end."""
     from stable_megatron import parallel
 
     out, cases = Path(sys.argv[1]), json.loads(sys.argv[2])
     try:
         for name, overrides in cases.items():
             run_case(overrides, out / name)
+            parallel.reset_groups()
     finally:
         parallel.shutdown()
 

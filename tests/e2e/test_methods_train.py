@@ -1,7 +1,9 @@
 """Every stability method trains the tiny recipe for 50 steps at TP=2 with a finite loss
 that goes down (fp32, and one combination in bf16): the slow target, since the default one
 checks each method at every layout against one process (tests/distributed/test_parity.py).
-The default target keeps a short bf16 run at TP=2, the only bf16 training on CPU."""
+A short bf16 run at TP=2 through the Trainer is here too (slow: bf16 matmuls are emulated on a
+CPU without bf16 instructions); the default target's bf16 training is
+tests/distributed/test_parity.py::test_bf16_follows_fp32_at_tp2."""
 
 from __future__ import annotations
 
@@ -58,6 +60,7 @@ def _common(steps: int, data_cache: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_bf16_trains_at_tp2(tmp_path, data_cache):
     """DeepSpeed's bf16 engine with sigma-reparam and QK-norm + cap, a few steps at TP=2."""
