@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import builtins
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +25,8 @@ import torch
 
 from stable_megatron.checkpoint import export, shards
 from stable_megatron.checkpoint import format as fmt
-from tests.distributed.launch import cpu_env, torchrun
+from tests.distributed.launch import torchrun
+from tests.scripts import run_script
 
 pytestmark = [pytest.mark.distributed,
               pytest.mark.filterwarnings("ignore:.*tp_group is None:DeprecationWarning")]
@@ -58,16 +57,8 @@ COMMON = [
 ]
 
 
-def tool_env() -> dict[str, str]:
-    env = cpu_env()
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    return env
-
-
 def run_tool(name: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "tools" / f"{name}.py"), *args],
-                          env=tool_env(), capture_output=True, text=True, timeout=600,
-                          check=False)
+    return run_script(ROOT / "tools" / f"{name}.py", *args)
 
 
 @pytest.fixture(scope="module")

@@ -228,13 +228,9 @@ def test_reshaped_run_checkpoint_reshapes_again(full):
 
 
 def run_tool(*args: str):
-    import subprocess
-    import sys
+    from tests.scripts import run_script
 
-    from tests.distributed.launch import cpu_env
-
-    return subprocess.run([sys.executable, str(ROOT / "tools" / "reshape_checkpoint.py"), *args],
-                          env=cpu_env(), capture_output=True, text=True, timeout=600, check=False)
+    return run_script(ROOT / "tools" / "reshape_checkpoint.py", *args)
 
 
 def test_offline_conversion_command(fast):
