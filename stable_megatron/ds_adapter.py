@@ -140,6 +140,38 @@ def master_fragment(param):
     return mapping.hp_fragment, mapping.lp_fragment_address.start
 
 
+def base_optimizer(engine):
+    """The optimizer DeepSpeed steps inside its ZeRO optimizer (the one passed to
+    `deepspeed.initialize`); relies on `DeepSpeedZeroOptimizer.optimizer`."""
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def zero_flat_layouts(engine) -> dict:
+    """id(this rank's flat fp32 partition of parameter group i) -> `muon.FlatLayout` of group
+    i: its parameters in flat order with their offsets, the partition size and the
+    data-parallel group. Relies on: the ZeRO stage-1/2 optimizer keeping, per group i, the
+    parameters in their flat order in `round_robin_bit16_groups[i]` and their element offsets
+    in `round_robin_bit16_offsets[i]` (each parameter padded to an alignment, the group to a
+    multiple of the data-parallel size), `partition_size[i]`, the group `real_dp_process_group[i]`,
+    and `single_partition_of_fp32_groups[i]`, the tensor the base optimizer steps: data-parallel
+    rank r's elements [r * partition_size, (r + 1) * partition_size) of the flat group."""
+    from stable_megatron.muon import FlatLayout
+
+    opt = engine.optimizer
+    for name in ("round_robin_bit16_groups", "round_robin_bit16_offsets", "partition_size",
+                 "real_dp_process_group", "single_partition_of_fp32_groups"):
+        if not hasattr(opt, name):
+            raise RuntimeError(f"DeepSpeed optimizer {type(opt).__name__} has no {name}: "
+                               f"train.optimizer=muon needs ZeRO stage 1 (parallel.zero_stage=1)")
+    return {
+        id(flat): FlatLayout(list(params), [int(o) for o in offsets], int(size), group)
+        for flat, params, offsets, size, group in zip(
+            opt.single_partition_of_fp32_groups, opt.round_robin_bit16_groups,
+            opt.round_robin_bit16_offsets, opt.partition_size, opt.real_dp_process_group,
+            strict=True)
+    }
+
+
 def disable_shm_comm() -> None:
     """Keep gloo's own all-reduce on CPU: DeepSpeed's shared-memory all-reduce op is compiled
     on first use; `deepspeed.ops.__compatible_ops__` is the table its comm layer consults."""

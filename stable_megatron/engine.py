@@ -80,6 +80,24 @@ def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
     )
 
 
+def make_muon(model: torch.nn.Module, cfg: Config):
+    """`train.optimizer=muon`: Muon on the transformer layers' matrices, with
+    `train.muon_lr` / `muon_weight_decay` (default: lr / weight_decay), and on every other
+    parameter the AdamW groups of `make_optimizer` (stable_megatron/muon.py)."""
+    from stable_megatron import parallel
+    from stable_megatron.muon import MuonAdamW, muon_groups
+
+    t = cfg.train
+    muon_lr = t.muon_lr if t.muon_lr is not None else t.lr
+    muon_wd = t.muon_weight_decay if t.muon_weight_decay is not None else t.weight_decay
+    groups, matrices = muon_groups(
+        model, param_groups(model, t.weight_decay, t.embedding_weight_decay), muon_lr, muon_wd
+    )
+    return MuonAdamW(groups, matrices, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
+                     eps=t.adam_eps, momentum=t.muon_momentum, nesterov=t.muon_nesterov,
+                     ns_steps=t.muon_ns_steps, tp_group=parallel.tp_group())
+
+
 # DeepSpeed's default for ZeRO's gradient bucket, in elements
 DS_REDUCE_BUCKET = 500_000_000
 
@@ -101,6 +119,9 @@ def deepspeed_config(cfg: Config, dp: int, stage_params: int = DS_REDUCE_BUCKET)
                               "reduce_bucket_size": max(1, min(stage_params, DS_REDUCE_BUCKET))},
         # check_grad_overflow: drop (not apply) a bf16 step with inf/NaN gradients, as fp32 does
         "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": True},
+        # ZeRO wraps any optimizer it knows; ours (Muon, stable_megatron/muon.py) it must be
+        # told to accept: it steps the flat partitions as AdamW does, plus the gathers
+        "zero_allow_untested_optimizer": t.optimizer == "muon",
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
         "dump_state": False,
@@ -116,7 +137,7 @@ def build_engine(cfg: Config, state, lr_scale=None):
 
     model = build_model(cfg, state.topology, state.device).to(state.device)
     t = cfg.train
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_muon(model, cfg) if t.optimizer == "muon" else make_optimizer(model, cfg)
     scale = lr_scale or (lambda: 1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_at(cfg, s) / t.lr * scale()
@@ -127,6 +148,10 @@ def build_engine(cfg: Config, state, lr_scale=None):
         lr_scheduler=scheduler,
         config=deepspeed_config(cfg, state.layout.dp, sum(p.numel() for p in model.parameters())),
     )
+    if t.optimizer == "muon":  # where each matrix lies in ZeRO's flat partitions
+        from stable_megatron import ds_adapter
+
+        ds_adapter.base_optimizer(engine).attach_flat_layouts(ds_adapter.zero_flat_layouts(engine))
     return engine
 
 

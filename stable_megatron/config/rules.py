@@ -84,6 +84,7 @@ def validate(cfg: Config, world_size: int) -> None:
         )
     if not 0 <= t.min_lr <= t.lr:
         raise ConfigError(f"train.min_lr={t.min_lr} must be between 0 and train.lr={t.lr}")
+    _validate_muon(cfg)
     if not t.linear_lr_scale > 0:
         raise ConfigError(f"train.linear_lr_scale={t.linear_lr_scale}: must be > 0")
     if t.warmup_steps < 0:
@@ -148,6 +149,25 @@ def resolve_vocab(cfg: Config) -> None:
         raise ConfigError(
             f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's vocabulary "
             f"({d.vocab_size}, data.vocab_size)"
+        )
+
+
+def _validate_muon(cfg: Config) -> None:
+    t = cfg.train
+    if t.optimizer != "muon":
+        return
+    if t.muon_lr is not None and not t.muon_lr > 0:
+        raise ConfigError(f"train.muon_lr={t.muon_lr}: must be > 0 (unset: train.lr)")
+    if t.muon_weight_decay is not None and t.muon_weight_decay < 0:
+        raise ConfigError(f"train.muon_weight_decay={t.muon_weight_decay}: must be >= 0")
+    if not 0 <= t.muon_momentum < 1:
+        raise ConfigError(f"train.muon_momentum={t.muon_momentum}: must be in [0, 1)")
+    if t.muon_ns_steps < 1:
+        raise ConfigError(f"train.muon_ns_steps={t.muon_ns_steps}: must be >= 1")
+    if t.linear_lr_scale != 1.0:
+        raise ConfigError(
+            f"train.linear_lr_scale={t.linear_lr_scale} with train.optimizer=muon: the linear "
+            f"layers' matrices take Muon, whose LR is train.muon_lr; leave linear_lr_scale at 1"
         )
 
 

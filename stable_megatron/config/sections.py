@@ -114,6 +114,15 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
+    # muon: Muon on the transformer layers' matrices, AdamW (the keys above) on the rest
+    # (stable_megatron/muon.py); the Muon group's LR and weight decay default to lr and
+    # weight_decay and follow the same schedule
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    muon_lr: float | None = None
+    muon_weight_decay: float | None = None
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5
     grad_clip: float = 1.0
     precision: Literal["fp32", "bf16"] = "fp32"
     seed: int = 1234

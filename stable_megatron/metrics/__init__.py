@@ -33,6 +33,7 @@ class StabilityMetrics(StepHook):
         self._contrib: Contributions | None = None
         self._hooks: norms.OutputNormHooks | None = None
         self._updates: updates.UpdateSnapshot | None = None
+        self.muon = muon_optimizer(engine)
 
     def due(self, step: int) -> bool:
         return due(self.cfg.metrics.interval, step)
@@ -80,8 +81,13 @@ class StabilityMetrics(StepHook):
             shares = norms.grad_shares(self.engine.module, layout)
             norms.add_norms(contrib, groups, lambda p: shares.get(id(p)), "grad_norm",
                             "grad_norm/total")
+        lr_of = None
+        if self.muon is not None:
+            self.muon.record_next_step()  # the Newton-Schulz residuals of this step
+            lr_of = self.muon.lr_of
         if cfg.metrics.updates:  # the step's LR: DeepSpeed steps its scheduler after the update
-            self._updates = updates.UpdateSnapshot(groups, layout, self.engine.get_lr()[0])
+            self._updates = updates.UpdateSnapshot(groups, layout, self.engine.get_lr()[0],
+                                                   lr_of)
 
     def _finish(self) -> dict[str, float]:
         contrib, self._contrib = self._contrib, None
@@ -94,6 +100,8 @@ class StabilityMetrics(StepHook):
             self._hooks.contribute(contrib, self.state.layout.tp_rank)
             self._hooks = None
         logits.add_logit_stats(contrib, self.loss_fn, self.state.layout)
+        if self.muon is not None:
+            add_muon_residuals(contrib, self.muon)
         snapshot, self._updates = self._updates, None
         if snapshot is not None:
             snapshot.contribute(contrib)
@@ -102,6 +110,26 @@ class StabilityMetrics(StepHook):
         if snapshot is not None and metrics:
             updates.derive(metrics, snapshot.lr)
         return metrics
+
+
+def muon_optimizer(engine):
+    """The engine's Muon optimizer (`train.optimizer=muon`), else None."""
+    from stable_megatron import ds_adapter
+    from stable_megatron.muon import MuonAdamW
+
+    opt = ds_adapter.base_optimizer(engine)
+    return opt if isinstance(opt, MuonAdamW) else None
+
+
+def add_muon_residuals(contrib: Contributions, opt) -> None:
+    """`muon/ns_residual` (mean) and `muon/ns_residual_max` over the matrices Muon
+    orthogonalised in this step: ||X X^T - I|| / sqrt(k) of each Newton-Schulz result X
+    (muon.orthogonality_residual). Every rank of a stage orthogonalises all of the stage's
+    matrices, so the mean weighs the stages alike. A dropped update logs none."""
+    residuals = opt.take_residuals()
+    if residuals:
+        contrib.mean("muon/ns_residual", sum(residuals), len(residuals))
+        contrib.max("muon/ns_residual_max", max(residuals))
 
 
 __all__ = ["StabilityMetrics", "Contributions", "due", "reduce_metrics"]

@@ -6,7 +6,9 @@
 - `update_rms/<group>`: the root mean square of (W_after - W_before) / lr over the group's
   entries: Adam's normalised update (m / (sqrt(v) + eps), about 1 in size when the gradients'
   signs are consistent), plus the decoupled weight decay `weight_decay * W` where it applies.
-  Dividing by the step's LR takes the schedule (warmup, decay) out of the signal.
+  Dividing by the step's LR takes the schedule (warmup, decay) out of the signal; under
+  `train.optimizer=muon` each parameter is divided by its own group's LR (Muon's matrices by
+  `muon_lr`'s, where the update's RMS is about 0.2 by construction).
 
 On a metric step `snapshot` copies this rank's owned parameters (`norms.owns`: each parameter
 counted once over TP, DP and the tied copy) inside the optimizer step, before the update, and
@@ -19,6 +21,7 @@ logs ratios of 0.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -32,8 +35,9 @@ _PREFIX = "_upd"  # the raw parts, replaced by the derived keys after the reduct
 class UpdateSnapshot:
     """The weights before one optimizer step, for the groups of this rank's stage."""
 
-    def __init__(self, groups: dict[str, nn.Module], layout, lr: float) -> None:
-        self.lr = lr
+    def __init__(self, groups: dict[str, nn.Module], layout, lr: float,
+                 lr_of: Callable[[nn.Parameter], float] | None = None) -> None:
+        self.lr, self.lr_of = lr, lr_of
         self.before: dict[str, list[tuple[nn.Parameter, torch.Tensor]]] = {
             name: [(p, p.detach().clone()) for p in module.parameters() if owns(p, layout)]
             for name, module in groups.items()
@@ -43,14 +47,19 @@ class UpdateSnapshot:
         """Per group: the sums of squares of the update and of the old weights (`norm`
         parts) and the update's mean square over the entries (`mean` parts)."""
         for name, pairs in self.before.items():
-            delta_sq, weight_sq, count = 0.0, 0.0, 0
+            delta_sq, weight_sq, scaled_sq, count = 0.0, 0.0, 0.0, 0
             for param, old in pairs:
-                delta_sq = delta_sq + sum_of_squares(param.detach() - old)
+                step_sq = sum_of_squares(param.detach() - old)
+                delta_sq = delta_sq + step_sq
                 weight_sq = weight_sq + sum_of_squares(old)
+                # in units of the LR `derive` divides by: a parameter with an LR of its own
+                # (Muon's matrices) is brought to it
+                scale = 1.0 if self.lr_of is None else self.lr / self.lr_of(param)
+                scaled_sq = scaled_sq + step_sq * scale**2
                 count += old.numel()
             contrib.norm(f"{_PREFIX}/delta/{name}", delta_sq)
             contrib.norm(f"{_PREFIX}/weight/{name}", weight_sq)
-            contrib.mean(f"{_PREFIX}/delta_ms/{name}", delta_sq, count)
+            contrib.mean(f"{_PREFIX}/delta_ms/{name}", scaled_sq, count)
         self.before.clear()
 
 

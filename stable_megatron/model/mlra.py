@@ -161,6 +161,10 @@ class MLRAQKV(nn.Module):
     d_head]; all split over TP on dim 0. `targets` may contain "o" (ignored here).
     """
 
+    # its weights are factors of the per-head projections: an optimizer that updates each
+    # weight as a whole matrix (Muon, stable_megatron/muon.py) leaves them to AdamW
+    factorised = True
+
     def __init__(
         self,
         input_size: int,
@@ -284,6 +288,10 @@ class MLRAProj(RowParallelLinear):
     Per head: `context_h @ lowrank_b[h]` (d_head -> r, local), then this module's row-parallel
     `weight` [d_model, H_local * r] (the A's, split on dim 1 like a standard proj) and `bias`.
     """
+
+    # its weights are factors of the per-head projections: an optimizer that updates each
+    # weight as a whole matrix (Muon, stable_megatron/muon.py) leaves them to AdamW
+    factorised = True
 
     def __init__(
         self,

@@ -65,6 +65,17 @@ METHODS = {
                      "mlra": {"targets": ["q", "v"], "rank": 4}},
 }
 
+# Muon (train.optimizer=muon; stable_megatron/muon.py), alone and with QK-clip and sigma-reparam,
+# at TP2, PP2, DP2, TP2 x PP2 and TP2 x DP2: the orthogonalised update of the whole matrices
+# (gathered over TP, and over DP from ZeRO's partitions) must be TP1's
+MUON = {"train": {"optimizer": "muon", "muon_lr": 0.02}}
+MUON_CASES = {
+    "muon": MUON,
+    "muon_qk_clip": {**METHODS["qk_clip"], **MUON},
+    "muon_sigma_reparam": {**METHODS["sigma_reparam"], **MUON},
+}
+MUON_LAYOUTS = ("tp2", "pp2", "dp2", "tp2_pp2", "tp2_dp2")
+
 
 def case(parallel: dict, model: dict | None = None) -> dict:
     overrides = json.loads(json.dumps(BASE))
@@ -112,6 +123,8 @@ def reference(tmp_path_factory):
     """Single-process results: the baseline, every method in METHODS and BF16_MODEL (fp32)."""
     cases = {"baseline": case({})} | {n: case({}, m) for n, m in METHODS.items()}
     cases["bf16_model"] = case({}, BF16_MODEL)  # in fp32
+    cases.update({n: case({}, m) for n, m in MUON_CASES.items()})
+    cases["muon_one_step"] = {**case({}, MUON), "steps": 1}
     return run_cases(tmp_path_factory.mktemp("ref"), 1, cases)
 
 
@@ -178,6 +191,9 @@ def launched(tmp_path_factory):
                     cases[f"{layout}/qk_norm_cap_recompute"] = recompute_case(parallel)
                 if layout == "tp2":
                     cases[f"{layout}/bf16"] = bf16_case(parallel)
+                if layout in MUON_LAYOUTS:
+                    cases.update({f"{layout}/{m}": case(parallel, o)
+                                  for m, o in MUON_CASES.items()})
             done[nproc] = run_cases(tmp_path_factory.mktemp(f"nproc{nproc}"), nproc, cases)
         return done[nproc]
 
@@ -225,6 +241,35 @@ def test_methods_match_single_process(reference, launched, tmp_path, layout):
         check_against(reference[name], results[name])
 
 
+@pytest.mark.parametrize("layout", MUON_LAYOUTS)
+def test_muon_matches_single_process(reference, launched, layout):
+    """Muon alone, with QK-clip and with sigma-reparam: losses, gradients and every weight
+    after 3 steps as one process computes them."""
+    nproc, _ = LAYOUTS[layout]
+    for name in MUON_CASES:
+        check_against(reference[name], launched(nproc)[f"{layout}/{name}"])
+
+
+def test_muon_takes_orthogonal_steps(reference):
+    """Guards the Muon parity against a silent fall-back to AdamW: after one step, a layer's
+    FC2 update less its weight decay, divided by lr * 0.2 sqrt(max(rows, cols)), has the
+    singular values Newton-Schulz leaves (tests/unit/test_muon.py) in every direction the
+    gradient has (one it has not: FC2's output gradient is orthogonal to the all-ones vector
+    once it has passed the next LayerNorm, and Newton-Schulz maps a zero singular value to
+    zero); an AdamW step's spread far wider."""
+    from stable_megatron.muon import update_scale
+
+    ref = reference["muon_one_step"][0]
+    lr, wd = MUON["train"]["muon_lr"], 0.1  # train.weight_decay's default
+    for name in [n for n in ref["params"] if n.endswith("linear_fc2.weight")]:
+        w0, w1 = ref["initial"][name]["value"], ref["params"][name]["value"]
+        step = (w0 * (1 - lr * wd) - w1) / (lr * update_scale(*w0.shape))
+        sv = torch.linalg.svdvals(step.double())
+        assert (sv < 1e-3).sum() <= 1, (name, sv)
+        sv = sv[sv >= 1e-3]
+        assert 0.6 < sv.min() and sv.max() < 1.25, (name, sv.min(), sv.max())
+
+
 def test_full_recompute_matches_single_process_at_tp2_pp2(reference, launched):
     """QK-norm + cap with full activation recompute at TP2 x PP2 against the single-process
     reference without it."""
@@ -251,12 +296,13 @@ def test_reference_learns_and_gradients_are_nonzero(reference):
     for name, ranks in reference.items():
         ref = ranks[0]
         assert all(g["value"].abs().sum() > 0 for g in ref["grads"].values()), name
-        assert min(ref["losses"][1:]) < ref["losses"][0], name  # the updates do something
+        if len(ref["losses"]) > 1:  # (not the one-step case)
+            assert min(ref["losses"][1:]) < ref["losses"][0], name  # the updates do something
 
 
 def test_qk_clip_cases_clip_some_heads_on_every_step(reference):
     """QK-clip's parity is not vacuous: every step clipped some heads but not all."""
     heads = BASE["model"]["num_layers"] * BASE["model"]["num_attention_heads"]
-    for name in ("qk_clip", "qk_clip_mlra"):
+    for name in ("qk_clip", "qk_clip_mlra", "muon_qk_clip"):
         counts = [r["qk_clip/clipped_heads"] for r in reference[name][0]["records"]]
         assert len(counts) == BASE["steps"] and all(0 < c < heads for c in counts), counts
