@@ -21,12 +21,13 @@ from stable_megatron.analysis.runs import SERIES_FILE, RunLog, read_run
 __all__ = ["SERIES_FILE", "compact", "keep_pattern", "write_series"]
 
 # The keys a series keeps: the losses and optimizer state per step, the stability signals of
-# metric steps (what the early-warning rules read, TEV), and what each stability method logs
-# (`Method.series_metrics`: sigma/gamma, QK-clip, z-loss, ...).
+# metric steps (what the early-warning rules read, TEV, Muon's residual), and what each
+# stability method logs (`Method.series_metrics`: sigma/gamma, QK-clip, z-loss, ...).
 BASE_KEYS = (
     r"step|loss|val_loss|val_ppl|lr|grad_norm"
     r"|attn_logit_max/layer_\d+|attn_entropy_norm/layer_\d+/min"
     r"|tev/mean|tev_out/mean|output_logit/(mean|max)|update_rms/[\w.]+"
+    r"|muon/ns_residual(_max)?"
 )
 
 

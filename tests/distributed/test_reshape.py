@@ -50,6 +50,7 @@ RECIPES = {
     "sigma": "recipes/methods/sigma_reparam.yaml",
     "mlra": "recipes/methods/mlra.yaml",
     "llama": "recipes/llama_style/tiny.yaml",  # SwiGLU's FC1: DeepSpeed's 2-sub-param merge
+    "muon": "recipes/methods/muon.yaml",  # Muon's momentum in Adam's exp_avg slot
 }
 RTOL = 1e-5
 RESUME_STEP = 2
@@ -122,7 +123,8 @@ def run_all(out: Path, cache: Path, methods: list[str], targets: dict[int, list[
 @pytest.fixture(scope="module")
 def fast(tmp_path_factory, data_cache):
     out = tmp_path_factory.mktemp("reshape")
-    logs = run_all(out, data_cache, ["base", "llama"], {1: ["tp1"], 2: ["dp2"]}, extra=False)
+    logs = run_all(out, data_cache, ["base", "llama", "muon"], {1: ["tp1"], 2: ["dp2"]},
+                   extra=False)
     return out, logs
 
 
@@ -151,6 +153,13 @@ def test_llama_style_reshape_matches_original_layout(fast, target):
     """TP2 x PP2 -> TP1 merges SwiGLU's stride-2 FC1 slices (and its Adam moments) through
     DeepSpeed's universal checkpoint; the resumed losses are the original run's."""
     check_resumed(fast[0], "llama", target)
+
+
+@pytest.mark.parametrize("target", ["tp1", "dp2"])
+def test_muon_reshape_matches_original_layout(fast, target):
+    """TP2 x PP2 -> TP1 and -> DP2 with Muon: its momentum (partitioned by ZeRO like Adam's
+    moments) is merged and re-partitioned; the resumed losses are the original run's."""
+    check_resumed(fast[0], "muon", target)
 
 
 @pytest.mark.parametrize("target", ["tp1", "dp2"])

@@ -30,9 +30,10 @@ COMMON = [
 ]
 LAYOUTS = {"tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"], "dp2": []}
 # The methods with state of their own beyond weights and Adam's (sigma-reparam's u, v and
-# sigma; MLRA's factors) resume in the default target, the others in the slow one: their
-# resume is the baseline's (weights, Adam moments, data position, RNG).
-METHODS = ["mlra", "sigma_reparam"]
+# sigma; MLRA's factors; Muon's momentum and its partitions) resume in the default target, the
+# others in the slow one: their resume is the baseline's (weights, Adam moments, data
+# position, RNG).
+METHODS = ["mlra", "sigma_reparam", "muon"]
 SLOW_METHODS = ["qk_norm", "qk_norm_cap", "qkv_norm", "qk_fc_norm", "soft_cap"]
 
 
