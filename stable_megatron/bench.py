@@ -27,6 +27,8 @@ def method_overrides() -> dict[str, dict[str, Any]]:
 
 
 METHODS: dict[str, dict[str, Any]] = method_overrides()
+# The optimizers other than AdamW, timed like a method (their overrides are `train` keys)
+OPTIMIZERS: dict[str, dict[str, Any]] = {"muon": {"optimizer": "muon"}}
 
 class Progress:
     """One status line on stderr: rewritten in place on a terminal, one line per update else."""

@@ -4,7 +4,8 @@ Every method is the same GPT with one config override (`METHODS`). A step is one
 on one process (TP = PP = 1): the model's step hooks (`hooks.model_hooks`: sigma-reparam's power
 step, QK-clip's logit collection and clip) + forward + the model's loss function
 (`model.loss.LMLoss`: cross entropy, plus z-loss where configured) + backward +
-the AdamW step of `train.make_optimizer` (no DeepSpeed engine, no gradient clipping).
+the AdamW step of `engine.make_optimizer` (no DeepSpeed engine, no gradient clipping); or,
+for an optimizer of `OPTIMIZERS` (`--methods baseline,muon`), its step on the baseline model.
 
 Timing: every model is built once, then the steps run round-robin over the methods (the order
 rotates each round), warm-up rounds first, so load drift on a shared machine hits all methods
@@ -44,6 +45,7 @@ from typing import Any
 
 from stable_megatron.bench import (  # noqa: F401  (METHODS etc. are this script's API too)
     METHODS,
+    OPTIMIZERS,
     ROOT,
     Bf16Master,
     Progress,
@@ -56,7 +58,9 @@ from stable_megatron.bench import table as md_table
 BASELINE = "baseline"
 # The baseline on the explicit-softmax attention path, to price the cap where it forces it.
 MATH_BASELINE = "baseline_math"
-ALL_METHODS = {**METHODS, MATH_BASELINE: {"attention_backend": "math"}}
+# (an optimizer of OPTIMIZERS is timed like a method: the baseline model, its `train` keys)
+ALL_METHODS = {**METHODS, MATH_BASELINE: {"attention_backend": "math"},
+               **{name: {} for name in OPTIMIZERS}}
 MEMORY_STEPS = 2  # steps of a memory measurement: the second one runs with AdamW state allocated
 
 # (label, method, maximum step-time ratio vs the baseline)
@@ -113,7 +117,7 @@ def method_config(method: str, shape: Shape, device: str = "auto"):
         "model": model,
         "parallel": {"tp": 1, "pp": 1, "device": device},
         "train": {"micro_batch_size": shape.batch, "global_batch_size": shape.batch,
-                  "precision": shape.precision},
+                  "precision": shape.precision, **OPTIMIZERS.get(method, {})},
     })
     validate(cfg, 1)
     return cfg
@@ -130,7 +134,7 @@ class Bench:
     """One method's model, optimizer and step."""
 
     def __init__(self, method: str, shape: Shape, state) -> None:
-        from stable_megatron.engine import make_optimizer
+        from stable_megatron.engine import make_muon, make_optimizer
         from stable_megatron.hooks import model_hooks
         from stable_megatron.model.gpt import build_model, count_parameters
         from stable_megatron.model.sigma_reparam import sigma_reparam_layers
@@ -141,7 +145,8 @@ class Bench:
             model = build_model(cfg, state.topology, state.device)
         self.model = model.to(state.device)
         self.model.train()
-        self.optimizer = make_optimizer(self.model, cfg)  # as train.build_engine
+        make = make_muon if cfg.train.optimizer == "muon" else make_optimizer
+        self.optimizer = make(self.model, cfg)  # as engine.build_engine
         self.params = count_parameters(self.model)
         self.reparam_linears = sum(1 for _ in sigma_reparam_layers(self.model))
         self.hooks = model_hooks(cfg, self.model)
@@ -255,7 +260,8 @@ def resolve_methods(methods: list[str], on_cuda: bool) -> list[str]:
     method runs on the math path while the baseline does not."""
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}; valid: {', '.join(METHODS)}")
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; valid: {', '.join(METHODS)}, "
+                         f"{', '.join(OPTIMIZERS)}")
     ordered = [BASELINE] + [m for m in dict.fromkeys(methods) if m != BASELINE]
     if MATH_BASELINE not in ordered and attention_path(BASELINE, on_cuda) != "math" and any(
         ALL_METHODS[m].get("softmax_cap") is not None and attention_path(m, on_cuda) == "math"

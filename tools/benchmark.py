@@ -24,7 +24,8 @@ so load drift on a shared machine hits all alike):
 - `mcore-stock`: the same with the stock `DotProductAttention`, unchanged;
 - `bare`: our own model (`model.gpt.build_model`) with the plain step of the references, no
   DeepSpeed engine: ours / bare is the engine's share, bare / plain the model's.
-`--methods`: our step with each stability method's overrides (stable_megatron.bench.METHODS).
+`--methods`: our step with each stability method's overrides (stable_megatron.bench.METHODS),
+or with an optimizer other than AdamW (`muon`, stable_megatron.bench.OPTIMIZERS).
 
 Modes: `--parallel` (TP2, PP2, DP2 on 2 processes of 1 thread against world 1 with 2 threads,
 each in its own launch), `--growth` (step time against sequence length and hidden size beside
@@ -57,6 +58,7 @@ from typing import Any
 
 from stable_megatron.bench import (
     METHODS,
+    OPTIMIZERS,
     RECIPE,
     ROOT,
     Bf16Master,
@@ -108,7 +110,10 @@ def growth_points() -> list[tuple[str, int, list[str]]]:
 
 
 def method_overrides(method: str) -> list[str]:
-    """bench_methods' `model` overrides of a method as dotted `key=value` strings."""
+    """bench_methods' `model` overrides of a method (or the `train` overrides of an optimizer
+    of `OPTIMIZERS`) as dotted `key=value` strings."""
+    if method in OPTIMIZERS:
+        return [f"train.{k}={v}" for k, v in OPTIMIZERS[method].items()]
     if method not in METHODS:
         raise ValueError(f"unknown method {method}; valid: {', '.join(METHODS)}, all")
 
@@ -919,8 +924,9 @@ def format_compare(result: dict[str, Any]) -> str:
         out.append(f"- {name}: {ARM_NOTES[name]}")
     if methods:
         out.append(f"- {', '.join(methods)}: ours with the method's overrides "
-                   "(stable_megatron.bench.METHODS); baseline: a second engine of ours, built "
-                   "after it (an A/A control: its ratio to ours is this run's bias)")
+                   "(stable_megatron.bench.METHODS, or OPTIMIZERS' train keys); baseline: a "
+                   "second engine of ours, built after it (an A/A control: its ratio to ours "
+                   "is this run's bias)")
     out += [
         "- vs ours: arm step time / ours (median / median); ours/arm: median over rounds of ours"
         " / arm within the round (paired); IQR: interquartile range of the timed steps over their"
@@ -1005,7 +1011,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vs", action="append", default=[], metavar="REF",
                    help=f"a reference to alternate with (repeatable): {', '.join(REFERENCES)}")
     p.add_argument("--methods", default="", help="comma-separated stability methods to time "
-                   f"against the baseline, or 'all': {', '.join(METHODS)}")
+                   f"against the baseline, or 'all': {', '.join(METHODS)}; or an optimizer "
+                   f"other than AdamW: {', '.join(OPTIMIZERS)}")
     p.add_argument("--steps", type=int, default=10, help="timed steps per arm")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per arm first")
     p.add_argument("--data", choices=("synthetic", "builtin"), default="synthetic")
@@ -1031,9 +1038,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown reference {bad[0]}; valid --vs: {', '.join(REFERENCES)}")
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.method_list = list(METHODS) if names == ["all"] else names
-    bad = [m for m in args.method_list if m not in METHODS]
+    bad = [m for m in args.method_list if m not in METHODS and m not in OPTIMIZERS]
     if bad:
-        p.error(f"unknown method {bad[0]}; valid --methods: {', '.join(METHODS)}, all")
+        p.error(f"unknown method {bad[0]}; valid --methods: {', '.join(METHODS)}, all, "
+                f"{', '.join(OPTIMIZERS)}")
     if sum(map(bool, (args.parallel, args.growth))) > 1:
         p.error("--parallel and --growth are separate runs")
     if (args.parallel or args.growth) and (args.vs or args.method_list or args.profile):

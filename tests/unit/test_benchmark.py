@@ -122,6 +122,8 @@ def test_method_overrides_and_growth_points():
                                                   "model.softmax_cap=50.0"]
     assert bm.method_overrides("mlra_qkvo") == ["model.attention=mlra",
                                                 'model.mlra.targets=["q", "k", "v", "o"]']
+    assert bm.method_overrides("muon") == ["train.optimizer=muon"]
+    assert bm.parse_args(["--methods", "muon,qk_norm"]).method_list == ["muon", "qk_norm"]
     points = bm.growth_points()
     assert [v for a, v, _ in points if a == "seq"] == [128, 256, 512, 1024]
     assert [v for a, v, _ in points if a == "hidden"] == [128, 256, 512, 1024]
