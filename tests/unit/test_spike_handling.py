@@ -81,9 +81,11 @@ def run_steps(trainer: Trainer, n: int) -> list[dict]:
     return [trainer.train_one_step() for _ in range(n)]
 
 
-@pytest.mark.parametrize("fault", ["nan", "spike"])
-def test_skip_drops_exactly_the_update(make_trainer, fault):
-    trainer = make_trainer("stability.on_spike=skip")
+@pytest.mark.parametrize("fault,optimizer", [("nan", "adamw"), ("spike", "adamw"),
+                                             ("spike", "muon")])
+def test_skip_drops_exactly_the_update(make_trainer, fault, optimizer):
+    """(With Muon, "Adam moments" are Muon's momentum and the AdamW groups' moments.)"""
+    trainer = make_trainer("stability.on_spike=skip", f"train.optimizer={optimizer}")
     healthy = run_steps(trainer, 4)
     assert all(not trainer.guard.detector.check_loss(r["loss"]).is_spike for r in healthy)
     before = snapshot(trainer)
@@ -125,9 +127,12 @@ def test_grad_norm_spike_is_judged_before_the_update(make_trainer):
     assert_same_state(before, snapshot(trainer))
 
 
-def test_rollback_restores_the_checkpoint_and_skips_the_batches(make_trainer, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_rollback_restores_the_checkpoint_and_skips_the_batches(make_trainer, tmp_path,
+                                                                optimizer):
     trainer = make_trainer("stability.on_spike=rollback", "checkpoint.interval=2",
-                           "stability.rollback_lr_factor=0.5", "train.steps=8")
+                           "stability.rollback_lr_factor=0.5", "train.steps=8",
+                           f"train.optimizer={optimizer}")
     run_steps(trainer, 4)
     trainer.save()
     at_checkpoint = snapshot(trainer)
