@@ -6,6 +6,10 @@ well the early-warning rules did on a sweep's runs (analysis/warning_score.py): 
 labels, then precision, recall, false alarms and lead time per rule, for the previous and the
 current defaults and, with `--tune-seeds`, for the settings chosen on those seeds.
 
+`stable-megatron report --logit-growth SWEEP_DIR [--out DIR]` writes the largest attention
+logit at matched loss per method and LR of a sweep, table and figure
+(analysis/logit_growth.py), into DIR (default SWEEP_DIR).
+
 `stable-megatron report --sweep-csv A.csv [B.csv ...] --out DIR` redraws a sweep's figure
 (`DIR/sweep.png`, final loss against LR) from committed `sweep.csv` files, for sweeps whose run
 directories are gone; several files are drawn together (e.g. a method beside a baseline run
@@ -120,9 +124,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="directory for report.md and the PNGs")
     parser.add_argument("--warnings", type=Path, metavar="SWEEP_DIR",
                         help="print the early-warning score table of a sweep's runs instead")
+    parser.add_argument("--logit-growth", type=Path, metavar="SWEEP_DIR",
+                        help="write the largest attention logit at matched loss of a sweep's "
+                        "runs (logit_growth.md, .png) instead")
     parser.add_argument("--sweep-csv", nargs="+", type=Path, metavar="CSV",
                         help="draw DIR/sweep.png from these sweep.csv files instead")
-    parser.add_argument("--methods", help="with --sweep-csv: draw only these methods")
+    parser.add_argument("--methods", help="with --sweep-csv or --logit-growth: only these "
+                        "methods, in this order")
     parser.add_argument("--seeds", help="with --warnings: score these seeds only (e.g. 2,3)")
     parser.add_argument("--tune-seeds", help="with --warnings: also choose the rules' settings "
                         "on these seeds (e.g. 1) and score them on --seeds")
@@ -180,10 +188,25 @@ def sweep_csv_main(paths: list[Path], out: Path | None, methods: str | None = No
     return 0
 
 
+def logit_growth_main(sweep_dir: Path, out: Path | None, methods: str | None) -> int:
+    from stable_megatron.analysis import logit_growth
+
+    keep = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    try:
+        path = logit_growth.write(sweep_dir, out, keep)
+    except RunLogError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.warnings is not None:
         return warnings_main(args)
+    if args.logit_growth is not None:
+        return logit_growth_main(args.logit_growth, args.out, args.methods)
     if args.sweep_csv:
         return sweep_csv_main(args.sweep_csv, args.out, args.methods)
     if not args.run_dirs or args.out is None:
