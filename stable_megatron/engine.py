@@ -90,12 +90,12 @@ def make_muon(model: torch.nn.Module, cfg: Config):
     t = cfg.train
     muon_lr = t.muon_lr if t.muon_lr is not None else t.lr
     muon_wd = t.muon_weight_decay if t.muon_weight_decay is not None else t.weight_decay
-    groups, matrices = muon_groups(
+    groups, matrices, decay = muon_groups(
         model, param_groups(model, t.weight_decay, t.embedding_weight_decay), muon_lr, muon_wd
     )
     return MuonAdamW(groups, matrices, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
                      eps=t.adam_eps, momentum=t.muon_momentum, nesterov=t.muon_nesterov,
-                     ns_steps=t.muon_ns_steps, tp_group=parallel.tp_group())
+                     ns_steps=t.muon_ns_steps, tp_group=parallel.tp_group(), decay=decay)
 
 
 # DeepSpeed's default for ZeRO's gradient bucket, in elements

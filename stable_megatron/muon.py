@@ -196,16 +196,22 @@ class MuonAdamW(torch.optim.Optimizer):
     and `ns_steps`, AdamW groups `betas` and `eps`. `matrices` (from `muon_matrices`) says how
     each Muon parameter is laid out; `tp_group` is the tensor-parallel group. The AdamW groups
     are stepped by an inner `torch.optim.AdamW` that shares their dicts and this optimizer's
-    state, so that they are exactly the AdamW of `train.optimizer=adamw`.
+    state, so that they are exactly the AdamW of `train.optimizer=adamw`. `decay` (id(param) ->
+    weight decay) is AdamW's decoupled decay for parameters of an AdamW group whose own
+    `weight_decay` is 0, applied here first as torch's AdamW applies it (`p *= 1 - lr wd`, then
+    the Adam update): decayed and undecayed parameters then share one group (`muon_groups`).
     """
 
     def __init__(self, groups: Iterable[dict], matrices: dict[int, Matrix], *, lr: float,
                  betas: tuple[float, float], eps: float, momentum: float = 0.95,
-                 nesterov: bool = True, ns_steps: int = NS_STEPS, tp_group=None) -> None:
+                 nesterov: bool = True, ns_steps: int = NS_STEPS, tp_group=None,
+                 decay: dict[int, float] | None = None) -> None:
         defaults = {"lr": lr, "weight_decay": 0.0, "muon": False, "momentum": momentum,
                     "nesterov": nesterov, "ns_steps": ns_steps}
         super().__init__(list(groups), defaults)
         self.matrices = dict(matrices)
+        self.decay = dict(decay or {})  # id(param) -> weight decay, applied here (see step)
+        self._decay_masks: dict[int, torch.Tensor] = {}
         self.tp_group = tp_group
         self.flat_layouts: dict[int, FlatLayout] = {}
         # with `record_residuals`, every orthogonalised matrix's residual is appended to
@@ -255,11 +261,46 @@ class MuonAdamW(torch.optim.Optimizer):
             if group["muon"]:
                 self._muon_step(group)
         if adamw:  # ZeRO steps one group at a time, through `param_groups`
+            for group in adamw:
+                self._decoupled_decay(group)
             self._adamw.param_groups = adamw
             self._adamw.state = self.state
             self._adamw.step()
             self._adamw.param_groups = self._adamw_groups()
         return loss
+
+    def _decoupled_decay(self, group: dict) -> None:
+        """`p *= 1 - lr wd` for the parameters of `decay` in an AdamW group (on a flat ZeRO
+        partition, for the entries that belong to them)."""
+        if not self.decay:
+            return
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            layout = self.flat_layouts.get(id(param))
+            if layout is None:
+                wd = self.decay.get(id(param), 0.0)
+                if wd:
+                    param.mul_(1 - group["lr"] * wd)
+                continue
+            if id(param) not in self._decay_masks:
+                self._decay_masks[id(param)] = self._flat_decay(param, layout)
+            mask = self._decay_masks[id(param)]
+            if mask is not None:
+                param.mul_(1 - group["lr"] * mask)
+
+    def _flat_decay(self, flat: torch.Tensor, layout: FlatLayout) -> torch.Tensor | None:
+        """Per entry of this rank's partition `flat`, the weight decay of the parameter it
+        belongs to (0 for padding and undecayed parameters); None when all are 0."""
+        dp = dist.get_world_size(layout.group) if layout.group is not None else 1
+        rank = dist.get_rank(layout.group) if dp > 1 else 0
+        whole = torch.zeros(layout.partition_size * dp, dtype=flat.dtype, device=flat.device)
+        for param, offset in zip(layout.params, layout.offsets, strict=True):
+            wd = self.decay.get(id(param), 0.0)
+            if wd:
+                whole.narrow(0, offset, param.numel()).fill_(wd)
+        mine = whole.narrow(0, rank * layout.partition_size, layout.partition_size).clone()
+        return mine if bool(mine.any()) else None
 
     def _momentum(self, param: torch.Tensor, grad: torch.Tensor, group: dict) -> torch.Tensor:
         state = self.state[param]
@@ -304,14 +345,19 @@ class MuonAdamW(torch.optim.Optimizer):
 
 
 def muon_groups(model: torch.nn.Module, adamw_groups: list[dict], muon_lr: float,
-                muon_weight_decay: float) -> tuple[list[dict], dict[int, Matrix]]:
-    """The Muon group (every parameter of `muon_matrices`) followed by `adamw_groups` without
-    those parameters (empty groups dropped); and the matrices."""
+                muon_weight_decay: float
+                ) -> tuple[list[dict], dict[int, Matrix], dict[int, float]]:
+    """Two groups, the same on every pipeline stage: Muon (every parameter of
+    `muon_matrices`) and AdamW (the parameters of `adamw_groups` left, their group weight
+    decay moved to the returned `decay` map, which `MuonAdamW` applies). One AdamW group
+    rather than `adamw_groups`' decayed and undecayed ones: the decayed one would hold only the
+    embedding tables, which a middle pipeline stage lacks, and DeepSpeed drops an empty group
+    while ZeRO reduces each group's gradient norm across the stages, so that every stage needs
+    the same groups. Returns the groups, the matrices and the decay map."""
     matrices = muon_matrices(model)
     muon = [p for p in model.parameters() if id(p) in matrices]
-    groups = [{"params": muon, "weight_decay": muon_weight_decay, "lr": muon_lr, "muon": True}]
-    for group in adamw_groups:
-        rest = [p for p in group["params"] if id(p) not in matrices]
-        if rest:
-            groups.append({**group, "params": rest, "muon": False})
-    return [g for g in groups if g["params"]], matrices
+    rest = [p for g in adamw_groups for p in g["params"] if id(p) not in matrices]
+    decay = {id(p): g["weight_decay"] for g in adamw_groups for p in g["params"]
+             if id(p) not in matrices and g["weight_decay"]}
+    return ([{"params": muon, "weight_decay": muon_weight_decay, "lr": muon_lr, "muon": True},
+             {"params": rest, "weight_decay": 0.0, "muon": False}], matrices, decay)

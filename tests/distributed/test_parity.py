@@ -32,6 +32,7 @@ LAYOUTS = {
     "tp2_pp2": (4, {"tp": 2, "pp": 2}),
     "tp2_dp2": (4, {"tp": 2}),
     "pp2_dp2": (4, {"pp": 2}),
+    "pp4": (4, {"pp": 4}),  # one layer per stage: the middle stages hold no embedding
 }
 
 
@@ -66,8 +67,8 @@ METHODS = {
 }
 
 # Muon (train.optimizer=muon; stable_megatron/muon.py), alone and with QK-clip and sigma-reparam,
-# at TP2, PP2, DP2 and TP2 x PP2, and alone at TP2 x DP2: the orthogonalised update of the whole
-# matrices (gathered over TP, and over DP from ZeRO's partitions) must be TP1's
+# at TP2, PP2, DP2 and TP2 x PP2, and alone at TP2 x DP2 and PP4: the orthogonalised update of
+# the whole matrices (gathered over TP, and over DP from ZeRO's partitions) must be TP1's
 MUON = {"train": {"optimizer": "muon", "muon_lr": 0.02}}
 MUON_CASES = {
     "muon": MUON,
@@ -75,7 +76,7 @@ MUON_CASES = {
     "muon_sigma_reparam": {**METHODS["sigma_reparam"], **MUON},
 }
 MUON_LAYOUTS = {"tp2": MUON_CASES, "pp2": MUON_CASES, "dp2": MUON_CASES,
-                "tp2_pp2": MUON_CASES, "tp2_dp2": {"muon": MUON}}
+                "tp2_pp2": MUON_CASES, "tp2_dp2": {"muon": MUON}, "pp4": {"muon": MUON}}
 
 
 def case(parallel: dict, model: dict | None = None) -> dict:

@@ -107,13 +107,23 @@ def _two_groups(seed: int):
     return a, b
 
 
-def test_the_adamw_groups_are_torchs_adamw():
+@pytest.mark.parametrize("decay_here", [False, True])
+def test_the_adamw_groups_are_torchs_adamw(decay_here):
+    """AdamW's groups as torch steps them; with `decay_here`, one group whose weight decay
+    MuonAdamW applies per parameter (`decay`), as torch does with two groups."""
     (a1, n1), (a2, n2) = _two_groups(4), _two_groups(4)
-    ours = muon.MuonAdamW(
-        [{"params": [a1.weight], "muon": True, "weight_decay": 0.1},
-         {"params": [a1.bias, n1.weight, n1.bias], "muon": False, "weight_decay": 0.05}],
-        {id(a1.weight): muon.Matrix()}, lr=1e-2, betas=(0.8, 0.9), eps=1e-7)
-    ref = torch.optim.AdamW([{"params": [a2.bias, n2.weight, n2.bias], "weight_decay": 0.05}],
+    if decay_here:
+        groups = [{"params": [a1.bias, n1.weight, n1.bias], "muon": False, "weight_decay": 0.0}]
+        decay = {id(a1.bias): 0.05, id(n1.weight): 0.05}
+    else:
+        groups = [{"params": [a1.bias, n1.weight], "muon": False, "weight_decay": 0.05},
+                  {"params": [n1.bias], "muon": False, "weight_decay": 0.0}]
+        decay = {}
+    ours = muon.MuonAdamW([{"params": [a1.weight], "muon": True, "weight_decay": 0.1}, *groups],
+                          {id(a1.weight): muon.Matrix()}, lr=1e-2, betas=(0.8, 0.9), eps=1e-7,
+                          decay=decay)
+    ref = torch.optim.AdamW([{"params": [a2.bias, n2.weight], "weight_decay": 0.05},
+                             {"params": [n2.bias], "weight_decay": 0.0}],
                             lr=1e-2, betas=(0.8, 0.9), eps=1e-7, fused=True)
     for step in range(3):
         gen = torch.Generator().manual_seed(step)
@@ -178,8 +188,14 @@ def _split(cfg, state):
     opt = make_muon(model, cfg)
     names = {id(p): n for n, p in model.named_parameters()}
     muon_group = [g for g in opt.param_groups if g["muon"]]
+    assert len(opt.param_groups) == 2  # the same two groups on every pipeline stage
     assert len(muon_group) == 1 and muon_group[0]["lr"] == 0.02
     assert muon_group[0]["weight_decay"] == 0.05
+    # AdamW's decay (train.weight_decay, 0.1 by default) on its matrices: the embedding
+    # tables (and MLRA's factors)
+    decayed = {names[i] for i, wd in opt.decay.items() if wd == 0.1}
+    assert decayed == {n for n, p in model.named_parameters()
+                       if p.dim() >= 2 and id(p) not in opt.matrices}
     got = {names[id(p)] for p in muon_group[0]["params"]}
     adamw = {names[id(p)] for g in opt.param_groups if not g["muon"] for p in g["params"]}
     assert not got & adamw and got | adamw == set(names.values())
