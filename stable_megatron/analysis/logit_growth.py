@@ -113,7 +113,7 @@ def plot(all_curves: list[Curve], out: Path, methods: list[str] | None = None) -
     lrs = sorted({c.lr for c in all_curves})
     cols = min(3, len(lrs))
     rows = -(-len(lrs) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.5 * rows), squeeze=False)
     colors = _colors(plt)
     levels = matched_levels(all_curves)
     for ax, lr in zip(axes.flat, lrs, strict=False):
@@ -141,7 +141,7 @@ def plot(all_curves: list[Curve], out: Path, methods: list[str] | None = None) -
     handles += [Line2D([], [], color="gray", ls="--", label="diverged run"),
                 Line2D([], [], color="gray", ls=":", label="matched loss")]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=8)
-    fig.tight_layout(rect=(0, 0.1 if rows > 1 else 0.16, 1, 1))
+    fig.tight_layout(rect=(0, 0.11 if rows > 1 else 0.18, 1, 1))
     _save(plt, fig, out, dpi=80)
 
 
