@@ -5,6 +5,7 @@ group, and the AdamW groups exactly torch's AdamW."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -246,3 +247,32 @@ def test_untied_output_layer_and_norms_take_adamw(one_process):
 def test_bad_muon_settings_are_one_line(train, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("=", "=")):
         _cfg(train=train)
+
+
+def test_bf16_steps_the_fp32_partitions_and_logs_the_residual(tmp_path, data_cache):
+    """Under bf16 the optimizer steps ZeRO's fp32 master partitions (Newton-Schulz in fp32
+    whatever the precision) and the Trainer logs Muon's residual on metric steps."""
+    from stable_megatron import ds_adapter, parallel
+    from stable_megatron.config import load_config
+    from stable_megatron.train import Trainer
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_config(root / "recipes" / "methods" / "muon.yaml", [
+        "train.precision=bf16", "model.num_layers=2", "model.hidden_size=64",
+        "model.num_attention_heads=4", "model.seq_length=32", "data.vocab_size=1024",
+        "train.micro_batch_size=2", "train.global_batch_size=2", "train.eval_interval=0",
+        "metrics.interval=2", "logging.tensorboard=false", "logging.progress=false",
+        f"data.cache_dir={data_cache}", f"train.run_dir={tmp_path / 'run'}"])
+    validate(cfg, 1)
+    try:
+        trainer = Trainer(cfg)
+        records = [trainer.train_one_step() for _ in range(2)]
+        opt = ds_adapter.base_optimizer(trainer.engine)
+        assert isinstance(opt, muon.MuonAdamW)
+        assert all(p.dtype == torch.float32 for g in opt.param_groups for p in g["params"])
+        assert next(trainer.engine.module.parameters()).dtype == torch.bfloat16
+        assert all(math.isfinite(r["loss"]) for r in records)
+        assert "muon/ns_residual" not in records[0]  # step 1 is not a metric step
+        assert 0 < records[1]["muon/ns_residual"] <= records[1]["muon/ns_residual_max"] < 2
+    finally:
+        parallel.shutdown()
