@@ -188,6 +188,11 @@ class FlatLayout:
     partition_size: int
     group: object
 
+    def dp_rank(self) -> tuple[int, int]:
+        """(data-parallel size, this rank's index in it)."""
+        dp = dist.get_world_size(self.group)
+        return dp, dist.get_rank(self.group) if dp > 1 else 0
+
 
 class MuonAdamW(torch.optim.Optimizer):
     """Muon on the parameter groups marked `"muon": True`, torch's AdamW (fused) on the others.
@@ -292,8 +297,7 @@ class MuonAdamW(torch.optim.Optimizer):
     def _flat_decay(self, flat: torch.Tensor, layout: FlatLayout) -> torch.Tensor | None:
         """Per entry of this rank's partition `flat`, the weight decay of the parameter it
         belongs to (0 for padding and undecayed parameters); None when all are 0."""
-        dp = dist.get_world_size(layout.group) if layout.group is not None else 1
-        rank = dist.get_rank(layout.group) if dp > 1 else 0
+        dp, rank = layout.dp_rank()
         whole = torch.zeros(layout.partition_size * dp, dtype=flat.dtype, device=flat.device)
         for param, offset in zip(layout.params, layout.offsets, strict=True):
             wd = self.decay.get(id(param), 0.0)
@@ -331,7 +335,7 @@ class MuonAdamW(torch.optim.Optimizer):
     def _flat_update(self, u: torch.Tensor, layout: FlatLayout, steps: int,
                      residuals: list[float] | None) -> torch.Tensor:
         """This data-parallel rank's partition of the orthogonalised update of a flat group."""
-        dp = dist.get_world_size(layout.group)
+        dp, rank = layout.dp_rank()
         whole = _gather(u, 0, layout.group) if dp > 1 else u
         out = torch.zeros_like(whole)
         for param, offset in zip(layout.params, layout.offsets, strict=True):
@@ -340,7 +344,6 @@ class MuonAdamW(torch.optim.Optimizer):
             update = orthogonal_update(piece, self.matrices[id(param)], self.tp_group, steps,
                                        residuals)
             out.narrow(0, offset, n).copy_(update.reshape(-1))
-        rank = dist.get_rank(layout.group) if dp > 1 else 0
         return out.narrow(0, rank * layout.partition_size, layout.partition_size)
 
 

@@ -163,6 +163,12 @@ def warnings_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _method_list(text: str | None) -> list[str] | None:
+    """`--methods a,b`: the names in order, or None for all."""
+    names = [m.strip() for m in (text or "").split(",") if m.strip()]
+    return names or None
+
+
 def sweep_csv_main(paths: list[Path], out: Path | None, methods: str | None = None) -> int:
     from stable_megatron.analysis import sweep_table
     from stable_megatron.analysis.plotting import plot_sweep
@@ -175,8 +181,8 @@ def sweep_csv_main(paths: list[Path], out: Path | None, methods: str | None = No
         print(f"error: no such file: {', '.join(missing)}", file=sys.stderr)
         return 2
     rows = [row for path in paths for row in sweep_table.read_csv(path)]
-    if methods:
-        keep = [m.strip() for m in methods.split(",") if m.strip()]
+    keep = _method_list(methods)
+    if keep:
         rows = sorted((r for r in rows if r.method in keep), key=lambda r: keep.index(r.method))
     points = sweep_table.plot_points(rows)
     if not points:
@@ -191,9 +197,8 @@ def sweep_csv_main(paths: list[Path], out: Path | None, methods: str | None = No
 def logit_growth_main(sweep_dir: Path, out: Path | None, methods: str | None) -> int:
     from stable_megatron.analysis import logit_growth
 
-    keep = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     try:
-        path = logit_growth.write(sweep_dir, out, keep)
+        path = logit_growth.write(sweep_dir, out, _method_list(methods))
     except RunLogError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -24,9 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stable_megatron.analysis.runs import RunLogError, finite
-from stable_megatron.analysis.warning_score import ScoredRun, load_sweep
+from stable_megatron.analysis.warning_score import SMOOTH, ScoredRun, load_sweep, smoothed
 
-SMOOTH = 10  # logged steps in the trailing mean of the training loss
 LOGIT_PREFIX = "attn_logit_max/layer_"
 
 
@@ -48,17 +47,13 @@ class Curve:
 
 
 def curve_of(run: ScoredRun) -> Curve:
-    steps = sorted(run.losses)
-    smoothed = {}
-    for i, step in enumerate(steps):
-        window = [run.losses[s] for s in steps[max(0, i - SMOOTH + 1):i + 1]]
-        smoothed[step] = sum(window) / len(window)
+    smooth = smoothed(run.losses)
     points = []
     for record in run.records:
         logits = [v for k, v in record.items() if k.startswith(LOGIT_PREFIX) and finite(v)]
         step = record.get("step")
-        if logits and step in smoothed and math.isfinite(smoothed[step]):
-            points.append((int(step), smoothed[step], max(logits)))
+        if logits and step in smooth and math.isfinite(smooth[step]):
+            points.append((int(step), smooth[step], max(logits)))
     return Curve(run.method, run.lr, run.seed, run.status == "diverged", points)
 
 

@@ -167,7 +167,8 @@ def load_sweep(sweep_dir: str | Path) -> list[ScoredRun]:
 # ------------------------------------------------------------------------------ labels
 
 
-def _smoothed(losses: dict[int, float]) -> dict[int, float]:
+def smoothed(losses: dict[int, float]) -> dict[int, float]:
+    """step -> the mean of the loss over the trailing `SMOOTH` logged steps (fewer at the start)."""
     steps = sorted(losses)
     out = {}
     for i, step in enumerate(steps):
@@ -180,7 +181,7 @@ def onset_step(run: ScoredRun, reference: ScoredRun) -> int | None:
     """The step from which the run's smoothed loss stays more than MARGIN above the
     reference's (a non-finite loss counts as above) to the run's end; for a diverged run
     without one, its divergence step (else its last step)."""
-    ours, theirs = _smoothed(run.losses), _smoothed(reference.losses)
+    ours, theirs = smoothed(run.losses), smoothed(reference.losses)
     onset = None
     for step in sorted(ours):
         value = ours[step]
