@@ -19,6 +19,9 @@ class UpdateGate:
     """Calls `decide(grad_norm) -> bool` once per optimizer step of `engine`, after the
     gradients are reduced and before the update; True drops the update.
 
+    ZeRO stage 3 decides at `_get_norm_groups()` (see `__init__`); stage 0 at the same two
+    points as stages 1-2, which `StageZeroOptimizer` provides.
+
     DeepSpeed's ZeRO stage 1/2 optimizer (`DeepSpeedZeroOptimizer.step`, the only optimizer
     the pipeline engine allows) decides in two places whether a step's update is applied:
     - `check_overflow()`, run first when it checks the gradients for inf/NaN itself (fp16; bf16
@@ -34,16 +37,25 @@ class UpdateGate:
 
     def __init__(self, engine, decide) -> None:
         opt = engine.optimizer
+        self.optimizer, self.decide, self.fired = opt, decide, False
+        if _is_stage3(opt):
+            # ZeRO-3 (`DeepSpeedZeroOptimizer_Stage3.step`) sums the groups' norms from
+            # `_get_norm_groups()` and drops the update when `overflow` is set after it (or
+            # the norm is not finite), with no fp32/bf16 overflow check before
+            self._norm_groups = opt._get_norm_groups
+            opt._get_norm_groups = self._on_norm_groups
+            self._patched = ("_get_norm_groups",)
+            return
         for name in ("check_overflow", "scaled_global_norm", "overflow"):
             if not hasattr(opt, name):
                 raise RuntimeError(
                     f"DeepSpeed optimizer {type(opt).__name__} has no {name}: stable_megatron "
-                    f"needs the ZeRO stage 1 optimizer (parallel.zero_stage=1)"
+                    f"needs a ZeRO optimizer or stage 0's StageZeroOptimizer"
                 )
-        self.optimizer, self.decide, self.fired = opt, decide, False
         self._check_overflow, self._global_norm = opt.check_overflow, opt.scaled_global_norm
         opt.check_overflow = self._on_check_overflow
         opt.scaled_global_norm = self._on_global_norm
+        self._patched = ("check_overflow", "scaled_global_norm")
 
     def arm(self) -> None:
         """Before each `train_batch`: the next decision point is this step's."""
@@ -66,8 +78,17 @@ class UpdateGate:
             self._fire(float(norm))
         return norm
 
+    def _on_norm_groups(self, *args, **kwargs):
+        import math
+
+        groups = self._norm_groups(*args, **kwargs)
+        if not self.fired:
+            norm = math.sqrt(sum(float(n) ** 2 for n in groups))
+            self._fire(norm if math.isfinite(norm) else float("inf"))
+        return groups
+
     def remove(self) -> None:
-        for name in ("check_overflow", "scaled_global_norm"):
+        for name in self._patched:
             self.optimizer.__dict__.pop(name, None)
 
 
@@ -83,19 +104,20 @@ def step_loss_sum(engine) -> float:
 def grad_fragment(param):
     """(kind, tensor) of this rank's gradient of `param` after the backward, before the update:
     ("fragment", this data-parallel rank's flat piece of the averaged gradient) under ZeRO 1/2,
-    ("full", the whole gradient) for a plain `.grad`, or (None, None). Follows the order of
-    `deepspeed.utils.safe_get_full_grad`: ZeRO's `_hp_grad`, `.grad`, ZeRO 3 (`ds_id`, the
-    full gradient through a collective: every rank must call this), the `_hp_mapping` the ZeRO
+    ("full", the whole gradient) for a plain `.grad` and under ZeRO 3, or (None, None). ZeRO 3
+    first (`ds_id`: the full gradient through a collective, `safe_get_full_grad`; every rank
+    must call this), then the order of `deepspeed.utils.safe_get_full_grad`: ZeRO's
+    `_hp_grad`, `.grad`, the `_hp_mapping` the ZeRO
     optimizer links to each parameter (`get_lp_grad_fragment(_index_in_param_group)`; the bf16
     optimizer's mapping returns the whole gradient, its own fragment being a slice of it)."""
+    if hasattr(param, "ds_id"):  # ZeRO stage 3
+        from deepspeed.utils import safe_get_full_grad
+
+        return "full", safe_get_full_grad(param)
     if getattr(param, "_hp_grad", None) is not None:
         return _zero_fragment(param)
     if param.grad is not None:
         return "full", param.grad
-    if hasattr(param, "ds_id"):  # ZeRO stage 3 (not a supported config)
-        from deepspeed.utils import safe_get_full_grad
-
-        return "full", safe_get_full_grad(param)
     if hasattr(param, "_hp_mapping"):
         return _zero_fragment(param)
     return None, None
@@ -121,6 +143,14 @@ def scale_master_weights(param, scale) -> bool:
     `hp_fragment` is a view of the fp32 partition holding the entries
     `lp_fragment_address.start ..` of the flattened parameter. False: no master copy (no ZeRO
     optimizer, or none of this parameter on this rank)."""
+    if hasattr(param, "ds_id"):  # ZeRO-3: this rank's partition of the parameter
+        found = _stage3_master(param)
+        if found is None:
+            return False
+        local, start = found
+        flat = scale.reshape(-1).narrow(0, start, local.numel())
+        local.mul_(flat.to(device=local.device, dtype=local.dtype))
+        return True
     mapping = getattr(param, "_hp_mapping", None)
     if mapping is None:
         return False
@@ -131,9 +161,31 @@ def scale_master_weights(param, scale) -> bool:
     return True
 
 
+def _stage3_master(param):
+    """(the fp32 master entries of `param` this rank holds under ZeRO-3, a view; their offset
+    in the flattened parameter) or None. Relies on: ZeRO-3 partitioning each parameter over its
+    `ds_process_group` in rank order, `partition_numel()` elements each (the last padded), and
+    the optimizer's `get_local_fp32_param(param)` (behind `safe_get_local_fp32_param`) being a
+    view of its fp32 partition of that parameter."""
+    import torch.distributed as dist
+
+    optimizer = getattr(param, "_z3_optimizer", None)
+    if optimizer is None:
+        return None
+    per_rank = param.partition_numel()
+    start = dist.get_rank(param.ds_process_group) * per_rank
+    count = max(0, min(per_rank, param.ds_numel - start))
+    if count == 0:
+        return None
+    local = optimizer.get_local_fp32_param(param).reshape(-1).narrow(0, 0, count)
+    return local, start
+
+
 def master_fragment(param):
     """(this rank's fp32 master entries of `param`, their offset in the flattened parameter),
     or None (see `scale_master_weights` for what this relies on)."""
+    if hasattr(param, "ds_id"):
+        return _stage3_master(param)
     mapping = getattr(param, "_hp_mapping", None)
     if mapping is None:
         return None
@@ -280,6 +332,256 @@ def stage_blocks(pipe) -> list:
 
 def refresh_master_weights(engine) -> None:
     """ZeRO's fp32 master copy from the module's (just overwritten) weights. Relies on: the
-    ZeRO stage-1/2 optimizer's `refresh_fp32_params()` copying the bit16 params into its fp32
-    partitions."""
-    engine.optimizer.refresh_fp32_params()
+    ZeRO optimizers' `refresh_fp32_params()` (stages 1-3) copying the bit16 parameters (stage
+    3: this rank's partitions) into their fp32 partitions. Stage 0 has no copy."""
+    opt = engine.optimizer
+    if hasattr(opt, "refresh_fp32_params"):
+        opt.refresh_fp32_params()
+
+
+# --------------------------------------------------------------------------------------------
+# The engine at pipeline size 1
+
+
+def initialize(model, optimizer, lr_scheduler, config: dict):
+    """`deepspeed.initialize` for our `PipelineModule`: DeepSpeed's `PipelineEngine` when the
+    model has several stages, else a `DataParallelEngine` (DeepSpeed's plain engine, so ZeRO
+    stages 0-3 are open). Relies on: `deepspeed.initialize` choosing the engine class by
+    `isinstance(model, PipelineModule)` only, after `shutdown_init_context()`, building a
+    `DeepSpeedConfig(config, mpu)` and `set_optimizer_flags`, and constructing the engine with
+    those keywords; the pipeline module's `mpu()` (its grid) serving as the model-parallel unit
+    at one stage as it does at several."""
+    import deepspeed
+
+    if model.num_stages > 1:
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                               lr_scheduler=lr_scheduler, config=config)
+        return engine
+    from deepspeed import zero
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    mpu = model.mpu()
+    zero.partition_parameters.shutdown_init_context()
+    try:
+        config_class = DeepSpeedConfig(config, mpu)
+        deepspeed.set_optimizer_flags(config_class, model)
+        engine = _data_parallel_engine_class()(
+            args=None, model=model, optimizer=optimizer, model_parameters=None,
+            training_data=None, lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=None,
+            collate_fn=None, config=config, config_class=config_class)
+    finally:
+        zero.partition_parameters.restore_init_context()
+    engine._configure_python_gc()
+    return engine
+
+
+_ENGINE_CLASS = None
+
+
+def _data_parallel_engine_class():
+    global _ENGINE_CLASS
+    if _ENGINE_CLASS is None:
+        _ENGINE_CLASS = _make_data_parallel_engine_class()
+    return _ENGINE_CLASS
+
+
+def _make_data_parallel_engine_class():
+    import torch
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    class DataParallelEngine(DeepSpeedEngine):
+        """DeepSpeed's plain engine over a one-stage `PipelineModule`, with the pipeline
+        engine's interface (`train_batch`, `eval_batch`, `is_last_stage`, `total_loss`) and its
+        checkpoint layout (one file per block and TP rank), so that the loop, the hooks and
+        the checkpoint code are the same over either engine."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            # read by PipelineModule.save_state_dict; the pipeline engine sets it likewise
+            self.module.checkpoint_parallel_write_pipeline = \
+                self._config.checkpoint_parallel_write_pipeline
+
+        def is_first_stage(self) -> bool:
+            return True
+
+        def is_last_stage(self) -> bool:
+            return True
+
+        def _micro_batches(self, data_iter, count):
+            for _ in range(count):
+                yield next(data_iter)
+
+        def train_batch(self, data_iter):
+            """One optimizer step over `gradient_accumulation_steps()` micro-batches from
+            `data_iter` ((tokens, labels) pairs); the loss averaged over them and over the
+            data-parallel ranks, as the pipeline engine returns it. `total_loss` holds this
+            rank's sum while the optimizer step runs."""
+            self.module.train()
+            self.total_loss = None
+            for tokens, labels in self._micro_batches(iter(data_iter),
+                                                      self.gradient_accumulation_steps()):
+                loss = self.module.loss_fn(self(tokens), labels)
+                self.backward(loss)
+                detached = loss.detach().clone()
+                self.total_loss = detached if self.total_loss is None \
+                    else self.total_loss + detached
+                self.step()
+            return self._dp_mean(self.total_loss / self.gradient_accumulation_steps())
+
+        def eval_batch(self, data_iter):
+            self.module.eval()
+            losses = []
+            with torch.no_grad():
+                for tokens, labels in self._micro_batches(iter(data_iter),
+                                                          self.gradient_accumulation_steps()):
+                    losses.append(self.module.loss_fn(self(tokens), labels).detach())
+            self.module.train()
+            return self._dp_mean(sum(losses) / len(losses))
+
+        def _dp_mean(self, value):
+            value = value.clone()
+            if self.dp_world_size > 1:
+                torch.distributed.all_reduce(value, group=self.mpu.get_data_parallel_group())
+                value /= self.dp_world_size
+            return value
+
+        def module_state_dict(self, exclude_frozen_parameters=False):
+            """Saved as the pipeline engine saves it: a file per block (`layer_XX-...`)."""
+            with gathered(self.module.parameters()):
+                self.module.save_state_dict(self._curr_ckpt_path,
+                                            checkpoint_engine=self.checkpoint_engine,
+                                            exclude_frozen_params=exclude_frozen_parameters)
+            return None
+
+        def load_module_state_dict(self, checkpoint, strict=True, custom_load_fn=None,
+                                   fetch_z3_params=False, z3_params_to_fetch=None,
+                                   allowed_missing_keys=None):
+            state = checkpoint["module"]
+            if state is not None and not isinstance(state, str):  # universal checkpoints
+                return super().load_module_state_dict(
+                    checkpoint, strict, custom_load_fn=custom_load_fn,
+                    fetch_z3_params=fetch_z3_params, z3_params_to_fetch=z3_params_to_fetch,
+                    allowed_missing_keys=allowed_missing_keys)
+            with gathered(self.module.parameters(), modify=True):
+                self.module.load_state_dir(load_dir=self._curr_ckpt_path, strict=strict,
+                                           checkpoint_engine=self.checkpoint_engine)
+            return None
+
+    return DataParallelEngine
+
+
+def _is_stage3(optimizer) -> bool:
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    return isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3)
+
+
+def partitioned(param) -> bool:
+    """Whether ZeRO-3 holds `param` partitioned (outside a forward, an empty placeholder)."""
+    return hasattr(param, "ds_id")
+
+
+def gathered(params, modify: bool = False):
+    """A context in which every ZeRO-3 parameter among `params` is whole on every rank (a
+    collective: every data-parallel rank enters it with the same parameters); with `modify`,
+    the changes made inside are kept (each rank makes the same ones, rank 0's are
+    re-partitioned). Other parameters are left as they are: a no-op below stage 3. Uses
+    DeepSpeed's public `zero.GatheredParameters`."""
+    import contextlib
+
+    params = [p for p in params if partitioned(p)]
+    if not params:
+        return contextlib.nullcontext()
+    from deepspeed import zero
+
+    return zero.GatheredParameters(params, modifier_rank=0 if modify else None)
+
+
+def _make_stage_zero_optimizer_class():
+    import math
+
+    import torch
+    import torch.distributed as dist
+
+    class StageZeroOptimizer(torch.optim.Optimizer):
+        """ZeRO stage 0: DeepSpeed then steps the optimizer it is given with no decision point
+        between the reduced gradients and the update and no global norm kept (its fp32 path
+        clips through `clip_fp32_gradients` and drops the norm). This wrapper is stepped in
+        its place and gives stage 0 what the ZeRO optimizers have: `check_overflow()`
+        (non-finite gradients), `scaled_global_norm()` (the gradients' global L2 norm, a TP
+        all-reduce; the gradients are whole and data-parallel averaged by then), `overflow`
+        (which DeepSpeed's engine reads to skip the LR step and count `skipped_steps`),
+        `_global_grad_norm` (`engine.get_global_grad_norm()`) and the clipping (DeepSpeed's
+        own is switched off: `gradient_clipping` 0 in its config). Parameter groups and state
+        are the wrapped optimizer's own objects, so the LR scheduler and checkpoints see it."""
+
+        def __init__(self, inner: torch.optim.Optimizer, clip: float, tp_group) -> None:
+            self.optimizer, self.clip, self.tp_group = inner, clip, tp_group
+            super().__init__(inner.param_groups, inner.defaults)
+            self.param_groups, self.state = inner.param_groups, inner.state
+            self.overflow, self._global_grad_norm = False, None
+
+        def _grads(self):
+            return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+
+        def check_overflow(self) -> bool:
+            local = torch.zeros(1, dtype=torch.float64, device=self._device())
+            for p in self._grads():
+                local += (~torch.isfinite(p.grad)).any().double()
+            dist.all_reduce(local, group=self.tp_group)
+            self.overflow = bool(local.item() > 0)
+            return self.overflow
+
+        def scaled_global_norm(self) -> float:
+            from megatron.core import parallel_state as mpu
+
+            tp_rank = mpu.get_tensor_model_parallel_rank()
+            total = torch.zeros(1, dtype=torch.float64, device=self._device())
+            for p in self._grads():  # TP-replicated gradients counted by TP rank 0 only
+                if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
+                    total += p.grad.double().pow(2).sum()
+            dist.all_reduce(total, group=self.tp_group)
+            return math.sqrt(float(total))
+
+        def _device(self):
+            return self.param_groups[0]["params"][0].device
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            self.overflow = False
+            self._global_grad_norm = float("inf")
+            if self.check_overflow():
+                return None
+            norm = self.scaled_global_norm()
+            if self.overflow:  # dropped (stable_megatron's UpdateGate)
+                return None
+            self._global_grad_norm = norm
+            if self.clip > 0:  # as ZeRO clips: by (norm + 1e-6) / clip when that exceeds 1
+                factor = (norm + 1e-6) / self.clip
+                if factor > 1:
+                    for p in self._grads():
+                        p.grad.mul_(1.0 / factor)
+            return self.optimizer.step(closure)
+
+        def zero_grad(self, set_to_none: bool = True) -> None:
+            self.optimizer.zero_grad(set_to_none=set_to_none)
+
+        def state_dict(self):
+            return self.optimizer.state_dict()
+
+        def load_state_dict(self, state_dict) -> None:
+            self.optimizer.load_state_dict(state_dict)
+            self.param_groups, self.state = self.optimizer.param_groups, self.optimizer.state
+
+    return StageZeroOptimizer
+
+
+_STAGE_ZERO_CLASS = None
+
+
+def stage_zero_optimizer(inner, clip: float, tp_group):
+    """`inner` wrapped for ZeRO stage 0 (`StageZeroOptimizer`, above)."""
+    global _STAGE_ZERO_CLASS
+    if _STAGE_ZERO_CLASS is None:
+        _STAGE_ZERO_CLASS = _make_stage_zero_optimizer_class()
+    return _STAGE_ZERO_CLASS(inner, clip, tp_group)

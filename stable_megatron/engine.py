@@ -109,14 +109,19 @@ def deepspeed_config(cfg: Config, dp: int, stage_params: int = DS_REDUCE_BUCKET)
     of a few million parameters here), and the part the gradients fill is faulted in anew each
     step on CPU and held by the caching allocator on GPU. A bucket as large as the stage's
     parameters groups the reduction exactly as the default does for any stage under 5e8."""
-    t = cfg.train
+    t, stage = cfg.train, cfg.parallel.zero_stage
+    zero = {"stage": stage, "reduce_bucket_size": max(1, min(stage_params, DS_REDUCE_BUCKET))}
+    if stage == 3:
+        # every parameter partitioned: DeepSpeed's default (1e5) keeps those under 100k
+        # elements whole on every rank, which at this project's CPU scale is all of them
+        zero["stage3_param_persistence_threshold"] = 0
     return {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.global_batch_size // (t.micro_batch_size * dp),
-        "gradient_clipping": t.grad_clip,
-        "zero_optimization": {"stage": cfg.parallel.zero_stage,
-                              "reduce_bucket_size": max(1, min(stage_params, DS_REDUCE_BUCKET))},
+        # stage 0 clips in ds_adapter.StageZeroOptimizer, which also keeps the global norm
+        "gradient_clipping": t.grad_clip if stage > 0 else 0.0,
+        "zero_optimization": zero,
         # check_grad_overflow: drop (not apply) a bf16 step with inf/NaN gradients, as fp32 does
         "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": True},
         # ZeRO wraps any optimizer it knows; ours (Muon, stable_megatron/muon.py) it must be
@@ -129,28 +134,28 @@ def deepspeed_config(cfg: Config, dp: int, stage_params: int = DS_REDUCE_BUCKET)
 
 
 def build_engine(cfg: Config, state, lr_scale=None):
-    """The DeepSpeed pipeline engine; `lr_scale()` (default 1) multiplies the LR schedule
-    (rollbacks lower it)."""
-    import deepspeed
-
+    """The DeepSpeed engine (`ds_adapter.initialize`: the pipeline engine at pp > 1, DeepSpeed's
+    plain engine at pp=1, where ZeRO stages 0-3 are open); `lr_scale()` (default 1) multiplies
+    the LR schedule (rollbacks lower it)."""
     from stable_megatron.model.gpt import build_model
+
+    from stable_megatron import ds_adapter, parallel
 
     model = build_model(cfg, state.topology, state.device).to(state.device)
     t = cfg.train
     optimizer = make_muon(model, cfg) if t.optimizer == "muon" else make_optimizer(model, cfg)
+    if cfg.parallel.zero_stage == 0:  # the decision point and global norm ZeRO would give
+        optimizer = ds_adapter.stage_zero_optimizer(optimizer, t.grad_clip, parallel.tp_group())
     scale = lr_scale or (lambda: 1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_at(cfg, s) / t.lr * scale()
     )
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, state.layout.dp, sum(p.numel() for p in model.parameters())),
+    engine = ds_adapter.initialize(
+        model, optimizer, scheduler,
+        deepspeed_config(cfg, state.layout.dp, sum(p.numel() for p in model.parameters())),
     )
-    if t.optimizer == "muon":  # where each matrix lies in ZeRO's flat partitions
-        from stable_megatron import ds_adapter
-
+    if t.optimizer == "muon" and cfg.parallel.zero_stage in (1, 2):
+        # where each matrix lies in ZeRO's flat partitions (stage 0: the parameters themselves)
         ds_adapter.base_optimizer(engine).attach_flat_layouts(ds_adapter.zero_flat_layouts(engine))
     return engine
 

@@ -78,9 +78,17 @@ def validate(cfg: Config, world_size: int) -> None:
             f"parallel.watchdog_factor={p.watchdog_factor} must be > 1 and "
             f"parallel.watchdog_floor_s={p.watchdog_floor_s} > 0"
         )
-    if p.zero_stage != 1:
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage}: valid values: 0, 1, 2, 3")
+    if p.pp > 1 and p.zero_stage > 1:
         raise ConfigError(
-            f"parallel.zero_stage={p.zero_stage}: the pipeline engine supports ZeRO stage 1 only"
+            f"parallel.zero_stage={p.zero_stage} with parallel.pp={p.pp}: DeepSpeed's pipeline "
+            f"engine supports ZeRO stages 0 and 1 only; use parallel.pp=1 for stage 2 or 3"
+        )
+    if p.zero_stage == 0 and t.precision == "bf16":
+        raise ConfigError(
+            "parallel.zero_stage=0 with train.precision=bf16: DeepSpeed's bf16 optimizer keeps "
+            "its fp32 master weights partitioned as ZeRO-1 does; use parallel.zero_stage=1"
         )
     if not 0 <= t.min_lr <= t.lr:
         raise ConfigError(f"train.min_lr={t.min_lr} must be between 0 and train.lr={t.lr}")
@@ -168,6 +176,12 @@ def _validate_muon(cfg: Config) -> None:
         raise ConfigError(
             f"train.linear_lr_scale={t.linear_lr_scale} with train.optimizer=muon: the linear "
             f"layers' matrices take Muon, whose LR is train.muon_lr; leave linear_lr_scale at 1"
+        )
+    if cfg.parallel.zero_stage == 3:
+        raise ConfigError(
+            "train.optimizer=muon with parallel.zero_stage=3: Muon orthogonalises whole "
+            "matrices, which ZeRO-3 keeps split over the data-parallel ranks (not supported); "
+            "use parallel.zero_stage 0, 1 or 2"
         )
 
 

@@ -86,10 +86,11 @@ class QKClipHook(StepHook):
                 first = module.first_head
                 factors = clip_factors(table[number - 1, first:first + module.heads_local],
                                        self.tau)
-                if bool((factors != 1).any()):
-                    for param, scale in query_key_scales(module, factors):
-                        param.mul_(scale)
-                        ds_adapter.scale_master_weights(param, scale)
+                if bool((factors != 1).any()):  # the same on every data-parallel rank
+                    with ds_adapter.gathered(module.parameters(), modify=True):  # ZeRO-3
+                        for param, scale in query_key_scales(module, factors):
+                            param.mul_(scale)
+                            ds_adapter.scale_master_weights(param, scale)
         record["qk_clip/max_logit"] = float(table.max())
         record["qk_clip/clipped_heads"] = int((table > self.tau).sum())
 

@@ -38,9 +38,12 @@ class PowerIteration(StepHook):
         self.module = module
 
     def before_step(self, step: int) -> None:
-        from stable_megatron.model.sigma_reparam import refresh_spectral_norms
+        from stable_megatron import ds_adapter
+        from stable_megatron.model.sigma_reparam import refresh_spectral_norms, sigma_reparam_layers
 
-        refresh_spectral_norms(self.module)
+        weights = [layer.weight for _, layer in sigma_reparam_layers(self.module)]
+        with ds_adapter.gathered(weights):  # whole under ZeRO-3
+            refresh_spectral_norms(self.module)
 
 
 def add_sigma_reparam(contrib, parts, num_layers: int, exact_iters: int = 0) -> None:

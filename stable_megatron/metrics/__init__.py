@@ -51,13 +51,19 @@ class StabilityMetrics(StepHook):
             self._hooks = norms.OutputNormHooks(self.parts, self.cfg.model.num_layers)
 
     def before_update(self, step: int, grad_norm: float) -> bool:
+        from stable_megatron import ds_adapter
+
         if self._contrib is not None:
-            self._before_update()
+            with ds_adapter.gathered(self.engine.module.parameters()):  # whole under ZeRO-3
+                self._before_update()
         return False
 
     def after_step(self, step: int, record: dict) -> None:
+        from stable_megatron import ds_adapter
+
         if self._contrib is not None:
-            record.update(self._finish())
+            with ds_adapter.gathered(self.engine.module.parameters()):
+                record.update(self._finish())
 
     def _before_update(self) -> None:
         """Weights and gradients as the step's forward and backward saw them."""

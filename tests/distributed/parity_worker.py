@@ -38,7 +38,7 @@ def shard_record(param: torch.Tensor, value: torch.Tensor) -> dict:
 def run_case(overrides: dict, out: Path) -> None:
     from deepspeed.utils import safe_get_full_grad
 
-    from stable_megatron import parallel
+    from stable_megatron import ds_adapter, parallel
     from stable_megatron.config import config_from_dict, validate
     from stable_megatron.hooks import StepHook, StepRunner, model_hooks
     from stable_megatron.train import build_engine, micro_batches
@@ -51,7 +51,12 @@ def run_case(overrides: dict, out: Path) -> None:
     engine = build_engine(cfg, state)
     named = list(engine.module.named_parameters())
     first_grads: dict = {}
-    initial = {name: shard_record(p, p) for name, p in named}
+
+    def weights() -> dict:  # whole under ZeRO-3 (every rank gathers)
+        with ds_adapter.gathered(p for _, p in named):
+            return {name: shard_record(p, p) for name, p in named}
+
+    initial = weights()
 
     class FirstGrads(StepHook):
         """The gradients of the first step, as the optimizer step receives them."""
@@ -73,7 +78,7 @@ def run_case(overrides: dict, out: Path) -> None:
         grad_norms.append(float(engine.get_global_grad_norm()))
         records.append({})
         runner.after_step(step + 1, records[-1])  # the model's hooks after the update (QK-clip)
-    params = {name: shard_record(p, p) for name, p in named}
+    params = weights()
     out.mkdir(parents=True, exist_ok=True)
     torch.save(
         {
@@ -82,6 +87,8 @@ def run_case(overrides: dict, out: Path) -> None:
             "losses": losses,
             "grad_norms": grad_norms,
             "records": records,
+            # how many parameters ZeRO-3 held partitioned (0 below stage 3), of how many
+            "partitioned": (sum(ds_adapter.partitioned(p) for _, p in named), len(named)),
             "grads": first_grads,
             "initial": initial,
             "params": params,

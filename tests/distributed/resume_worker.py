@@ -81,6 +81,7 @@ _saving_step = [0]
 
 def main() -> None:
     from stable_megatron import parallel
+    from stable_megatron import ds_adapter
     from stable_megatron.config import load_config, validate
     from stable_megatron.train import Trainer
 
@@ -95,8 +96,10 @@ def main() -> None:
         validate(cfg, world)
         trainer = Trainer(cfg)
         trainer.run()
-        state = {k: v for k, v in trainer.engine.module.state_dict().items()
-                 if isinstance(v, torch.Tensor)}
+        module = trainer.engine.module
+        with ds_adapter.gathered(module.parameters()):  # whole under ZeRO-3
+            state = {k: v.clone() for k, v in module.state_dict().items()
+                     if isinstance(v, torch.Tensor)}
         torch.save(state, out_dir / f"{name}-rank{trainer.layout.rank}.pt")
         print(f"case {name}: step {trainer.step} consumed {trainer.consumed}", flush=True)
         parallel.reset_groups()  # the next case may use another layout of the same processes

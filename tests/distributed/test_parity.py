@@ -33,6 +33,12 @@ LAYOUTS = {
     "tp2_dp2": (4, {"tp": 2}),
     "pp2_dp2": (4, {"pp": 2}),
     "pp4": (4, {"pp": 4}),  # one layer per stage: the middle stages hold no embedding
+    # ZeRO stages other than 1 (DeepSpeed's plain engine, pp=1): stage 0 all-reduces whole
+    # gradients and steps the parameters themselves, 2 reduce-scatters the gradients during
+    # the backward, 3 also partitions the weights (gathered for each block's forward)
+    "tp2_dp2_zero0": (4, {"tp": 2, "zero_stage": 0}),
+    "tp2_dp2_zero2": (4, {"tp": 2, "zero_stage": 2}),
+    "tp2_dp2_zero3": (4, {"tp": 2, "zero_stage": 3}),
 }
 
 
@@ -76,7 +82,9 @@ MUON_CASES = {
     "muon_sigma_reparam": {**METHODS["sigma_reparam"], **MUON},
 }
 MUON_LAYOUTS = {"tp2": MUON_CASES, "pp2": MUON_CASES, "dp2": MUON_CASES,
-                "tp2_pp2": MUON_CASES, "tp2_dp2": {"muon": MUON}, "pp4": {"muon": MUON}}
+                "tp2_pp2": MUON_CASES, "tp2_dp2": {"muon": MUON}, "pp4": {"muon": MUON},
+                # Muon steps plain parameters at stage 0 and ZeRO-1's flat partitions at 2
+                "tp2_dp2_zero0": {"muon": MUON}, "tp2_dp2_zero2": {"muon": MUON}}
 
 
 def case(parallel: dict, model: dict | None = None) -> dict:
@@ -170,8 +178,12 @@ def check_against(reference: list[dict], ranks: list[dict]) -> None:
 # The default target runs every case of one process count in one launch (a launch costs
 # ~5-10 s of imports on a 2-core machine, more than the cases' own steps): the baselines at
 # every layout, every method at TP2 and at PP2, and QK-norm + cap with full recompute at TP2 x
-# PP2. Every method at TP2 x PP2 is in the slow target.
+# PP2; under ZeRO-3 at TP2 x DP2 the methods that touch weights outside the forward (where
+# ZeRO-3 holds them partitioned): sigma-reparam's power step, QK-clip's rescaling (also of
+# MLRA's factors), and Llama-style blocks for the untied head and the stride-2 FC1. Every
+# method at TP2 x PP2 and at TP2 x DP2 under ZeRO 0, 2 and 3 is in the slow target.
 DEFAULT_METHOD_LAYOUTS = ("tp2", "pp2")
+ZERO3_METHODS = ("sigma_reparam", "qk_clip", "qk_clip_mlra", "llama_style")
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +201,9 @@ def launched(tmp_path_factory):
                 cases[f"{layout}/baseline"] = case(parallel)
                 if layout in DEFAULT_METHOD_LAYOUTS:
                     cases.update({f"{layout}/{m}": case(parallel, o) for m, o in METHODS.items()})
+                if layout == "tp2_dp2_zero3":
+                    cases.update({f"{layout}/{m}": case(parallel, METHODS[m])
+                                  for m in ZERO3_METHODS})
                 if layout == "tp2_pp2":
                     cases[f"{layout}/qk_norm_cap_recompute"] = recompute_case(parallel)
                 if layout == "tp2":
@@ -223,16 +238,23 @@ def bf16_case(parallel: dict) -> dict:
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(name, reference, launched):
-    nproc, _ = LAYOUTS[name]
-    check_against(reference["baseline"], launched(nproc)[f"{name}/baseline"])
+    nproc, parallel = LAYOUTS[name]
+    ranks = launched(nproc)[f"{name}/baseline"]
+    check_against(reference["baseline"], ranks)
+    partitioned, total = ranks[0]["partitioned"]  # not vacuous: ZeRO-3 split every weight
+    assert partitioned == (total if parallel.get("zero_stage") == 3 else 0)
 
 
-@pytest.mark.parametrize("layout", [*DEFAULT_METHOD_LAYOUTS,
-                                    pytest.param("tp2_pp2", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("layout", [
+    *DEFAULT_METHOD_LAYOUTS,
+    *(pytest.param(name, marks=pytest.mark.slow)
+      for name in ("tp2_pp2", "tp2_dp2_zero0", "tp2_dp2_zero2", "tp2_dp2_zero3")),
+])
 def test_methods_match_single_process(reference, launched, tmp_path, layout):
     """The norm placements, softmax capping, MLRA, sigma-reparam, z-loss, the embedding options,
     QK-clip (standard and on MLRA), gated attention, Llama-style blocks, RoPE and an untied
-    head at TP2, PP2 and TP2 x PP2 (slow target)."""
+    head at TP2, PP2, and (slow target) TP2 x PP2 and TP2 x DP2 under ZeRO 0, 2 and 3; the
+    single-process reference runs ZeRO stage 1."""
     nproc, parallel = LAYOUTS[layout]
     if layout in DEFAULT_METHOD_LAYOUTS:
         results = {m: launched(nproc)[f"{layout}/{m}"] for m in METHODS}
@@ -240,6 +262,13 @@ def test_methods_match_single_process(reference, launched, tmp_path, layout):
         results = run_cases(tmp_path, nproc, {m: case(parallel, o) for m, o in METHODS.items()})
     for name in METHODS:
         check_against(reference[name], results[name])
+
+
+def test_zero3_methods_match_single_process(reference, launched):
+    """The methods that touch weights outside the forward (ZERO3_METHODS) at TP2 x DP2 under
+    ZeRO-3, in the default target."""
+    for name in ZERO3_METHODS:
+        check_against(reference[name], launched(4)[f"tp2_dp2_zero3/{name}"])
 
 
 @pytest.mark.parametrize("layout", list(MUON_LAYOUTS))

@@ -28,7 +28,9 @@ COMMON = [
     "train.eval_interval=0", "train.log_interval=1", "metrics.interval=2",
     "checkpoint.interval=3", "logging.tensorboard=false", "logging.progress=false",
 ]
-LAYOUTS = {"tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"], "dp2": []}
+LAYOUTS = {"tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"], "dp2": [],
+           # ZeRO-2 and ZeRO-3 (the weights partitioned too) at DP2, with the metrics
+           "dp2-zero2": ["parallel.zero_stage=2"], "dp2-zero3": ["parallel.zero_stage=3"]}
 # The methods with state of their own beyond weights and Adam's (sigma-reparam's u, v and
 # sigma; MLRA's factors; Muon's momentum and its partitions) resume in the default target, the
 # others in the slow one: their resume is the baseline's (weights, Adam moments, data

@@ -537,10 +537,26 @@ def test_negative_min_lr():
     assert "train.min_lr" in validate_error(make(train={"min_lr": -1e-5}))
 
 
-@pytest.mark.parametrize("stage", [0, 2, 3])
-def test_zero_stage_other_than_1(stage):
-    message = validate_error(make(parallel={"zero_stage": stage}))
-    assert f"parallel.zero_stage={stage}" in message and "1" in message
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_every_zero_stage_at_pipeline_size_1(stage):
+    validate(make(parallel={"zero_stage": stage}), 1)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_stages_2_and_3_refused_with_pipeline_parallelism(stage):
+    message = validate_error(make(model={"num_layers": 4},
+                                  parallel={"zero_stage": stage, "pp": 2}), 2)
+    assert f"parallel.zero_stage={stage}" in message and "parallel.pp=2" in message
+
+
+def test_zero_stage_0_refuses_bf16():
+    message = validate_error(make(parallel={"zero_stage": 0}, train={"precision": "bf16"}))
+    assert "parallel.zero_stage=0" in message and "train.precision=bf16" in message
+
+
+def test_muon_refuses_zero_stage_3():
+    message = validate_error(make(parallel={"zero_stage": 3}, train={"optimizer": "muon"}))
+    assert "train.optimizer=muon" in message and "parallel.zero_stage=3" in message
 
 
 def test_zero_stage_out_of_range():
@@ -549,7 +565,7 @@ def test_zero_stage_out_of_range():
 
 def test_zero_stage_out_of_range_message_lists_only_accepted_values():
     message = validate_error(make(parallel={"zero_stage": 7}))
-    assert "0, 1, 2, 3" not in message
+    assert "valid values: 0, 1, 2, 3" in message  # each of them at pipeline size 1
 
 
 @pytest.mark.parametrize(
@@ -765,7 +781,7 @@ VALIDATE_CASES = [
     ({"parallel": {"tp": 2}}, 3),
     ({"train": {"global_batch_size": 6}}, 1),
     ({"train": {"min_lr": 1.0}}, 1),
-    ({"parallel": {"zero_stage": 3}}, 1),
+    ({"parallel": {"zero_stage": 3, "pp": 2}, "model": {"num_layers": 4}}, 2),
     ({"parallel": {"zero_stage": 9}}, 1),
     ({"data": {"source": "indexed"}}, 1),
     ({"data": {"source": "indexed", "train_prefix": "/nonexistent/x",
