@@ -1,6 +1,7 @@
-"""Bit-exact resume (TP2, PP2, DP2, and every stability method at TP2: those with state of
-their own by default, the others in the slow target) and checkpoints that survive a SIGKILL
-in the middle of a save, on 2 gloo processes.
+"""Bit-exact resume (TP2, PP2, DP2, DP2 under ZeRO-2 and ZeRO-3, and every stability method
+at TP2: those with state of their own by default, the others in the slow target) and
+checkpoints that survive a SIGKILL in the middle of a save (also under ZeRO-3), on 2 gloo
+processes.
 
 Each case trains 8 steps straight through (run A), and in two process launches: stopped at
 step 4 by train.exit_interval (run B), then resumed by the same command in a fresh launch.
@@ -134,17 +135,25 @@ def test_resume_is_bit_exact(request, case):
 
 
 KILL_POINTS = ["shards", "manifest", "latest"]
+# (case, point): every point at TP2, and ZeRO-3 (every rank writes its own shard of the
+# weights' optimizer state) killed while the shards are written
+KILLS = [*(("tp2", point) for point in KILL_POINTS), ("dp2-zero3", "shards")]
+
+
+def kill_id(case: str, point: str) -> str:
+    return point if case == "tp2" else f"{case}-{point}"
 
 
 @pytest.fixture(scope="module")
 def killed(tmp_path_factory, data_cache, resumed):
     out = tmp_path_factory.mktemp("kill")
     reruns, states = {}, {}
-    for point in KILL_POINTS:
-        spec = {f"kill-{point}": case_spec(CASES["tp2"], out / point, data_cache)}
-        launch(out, spec, f"kill-{point}", "--kill", point, expect_failure=True)
-        ckpt = out / point / "checkpoints"
-        states[point] = {
+    for case, point in KILLS:
+        name = kill_id(case, point)
+        spec = {f"kill-{name}": case_spec(CASES[case], out / name, data_cache)}
+        launch(out, spec, f"kill-{name}", "--kill", point, expect_failure=True)
+        ckpt = out / name / "checkpoints"
+        states[name] = {
             "latest": (ckpt / "latest").read_text().strip(),
             "entries": sorted(p.name for p in ckpt.iterdir()),
         }
@@ -153,10 +162,11 @@ def killed(tmp_path_factory, data_cache, resumed):
     return out, states, log
 
 
-@pytest.mark.parametrize("point", KILL_POINTS)
-def test_sigkill_during_save_loses_nothing(killed, resumed, point):
+@pytest.mark.parametrize("case, point", KILLS)
+def test_sigkill_during_save_loses_nothing(killed, resumed, case, point):
     out, states, log = killed
-    state = states[point]
+    name = kill_id(case, point)
+    state = states[name]
     # Killed while saving step 6: the step-3 checkpoint is untouched and `latest` names it.
     assert state["latest"] == "step00000003"
     if point == "latest":  # renamed into place, complete, `latest` not yet rewritten
@@ -166,16 +176,16 @@ def test_sigkill_during_save_loses_nothing(killed, resumed, point):
         assert state["entries"] == [".tmp-step00000006", "latest", "step00000003"]
     # The same command again: resumes from the newest complete checkpoint, no cleanup needed.
     resumed_at = 6 if point == "latest" else 3
-    assert f"resumed at step {resumed_at} from {out / point / 'checkpoints'}" in log
-    assert f"case kill-{point}: step 8 consumed 32" in log
-    ckpt = out / point / "checkpoints"
+    assert f"resumed at step {resumed_at} from {out / name / 'checkpoints'}" in log
+    assert f"case kill-{name}: step 8 consumed 32" in log
+    ckpt = out / name / "checkpoints"
     assert not any(p.name.startswith(".tmp") for p in ckpt.iterdir())
     assert (ckpt / "latest").read_text().strip() == "step00000008"
     # ... and ends exactly where the uninterrupted run did.
     ref_out = resumed[0]
-    want, got = records(ref_out / "tp2" / "A"), records(out / point)
+    want, got = records(ref_out / case / "A"), records(out / name)
     for step in range(resumed_at + 1, 9):
-        assert got[step]["loss"] == want[step]["loss"], (point, step)
-    for wa, wb in zip(weights(ref_out, "tp2-A"), weights(out, f"kill-{point}"), strict=True):
+        assert got[step]["loss"] == want[step]["loss"], (name, step)
+    for wa, wb in zip(weights(ref_out, f"{case}-A"), weights(out, f"kill-{name}"), strict=True):
         for key in wa:
-            assert torch.equal(wa[key], wb[key]), (point, key)
+            assert torch.equal(wa[key], wb[key]), (name, key)
