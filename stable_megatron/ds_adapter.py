@@ -194,8 +194,13 @@ def master_fragment(param):
 
 def base_optimizer(engine):
     """The optimizer DeepSpeed steps inside its ZeRO optimizer (the one passed to
-    `deepspeed.initialize`); relies on `DeepSpeedZeroOptimizer.optimizer`."""
-    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+    `deepspeed.initialize`); relies on the ZeRO optimizers (and stage 0's
+    `StageZeroOptimizer`) keeping it in `.optimizer`."""
+    return base_optimizer_of(engine.optimizer)
+
+
+def base_optimizer_of(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def zero_flat_layouts(engine) -> dict:
@@ -292,19 +297,38 @@ class universal_loading:  # noqa: N801 - used as a function: `with universal_loa
     """DeepSpeed's `checkpoint.load_universal` switched on for one `load_checkpoint` call.
     Relies on: the engine reading `engine._config.load_universal_checkpoint` at load time (not
     at initialisation), so that the run's later loads (rollbacks to checkpoints at this
-    layout) take the ordinary path again."""
+    layout) take the ordinary path again.
+
+    Under ZeRO-3, DeepSpeed's universal loader
+    (`load_hp_checkpoint_state_from_checkpoint_dir_stage3`) gives every parameter group the
+    saved *first* group's hyperparameters (so the weight decay of the matrices reached the
+    norms and biases): the groups' own hyperparameters are put back after the load. Their
+    `lr` is then the fresh engine's; the caller sets it from the restored LR schedule. The same
+    loader also gives every group's state one shared `step` tensor, which torch's fused AdamW
+    then increments once per group and step (the second group's bias correction ran a step
+    ahead): each group gets its own copy."""
 
     def __init__(self, engine) -> None:
-        self.config = engine._config
+        self.config, self.optimizer = engine._config, engine.optimizer
         if not hasattr(self.config, "load_universal_checkpoint"):
             raise RuntimeError("this DeepSpeed has no load_universal_checkpoint setting")
 
     def __enter__(self) -> None:
         self.saved = self.config.load_universal_checkpoint
         self.config.load_universal_checkpoint = True
+        self.groups = [{k: v for k, v in g.items() if k != "params"}
+                       for g in self.optimizer.param_groups]
 
     def __exit__(self, *exc) -> None:
         self.config.load_universal_checkpoint = self.saved
+        if _is_stage3(self.optimizer):
+            import torch
+
+            for group, saved in zip(self.optimizer.param_groups, self.groups, strict=True):
+                group.update(saved)
+            for state in base_optimizer_of(self.optimizer).state.values():
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].clone()
 
 
 def stage_blocks(pipe) -> list:

@@ -137,9 +137,8 @@ def build_engine(cfg: Config, state, lr_scale=None):
     """The DeepSpeed engine (`ds_adapter.initialize`: the pipeline engine at pp > 1, DeepSpeed's
     plain engine at pp=1, where ZeRO stages 0-3 are open); `lr_scale()` (default 1) multiplies
     the LR schedule (rollbacks lower it)."""
-    from stable_megatron.model.gpt import build_model
-
     from stable_megatron import ds_adapter, parallel
+    from stable_megatron.model.gpt import build_model
 
     model = build_model(cfg, state.topology, state.device).to(state.device)
     t = cfg.train

@@ -127,26 +127,25 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoints
 
     def _check_layout(self, tag_dir, meta, weights_only) -> None:
-        from stable_megatron import checkpoint as ckpt
+        from stable_megatron.checkpoint import reshape
 
-        saved = ckpt.layout_of(meta)
-        here = (self.layout.tp, self.layout.pp, self.layout.dp)
-        if saved != here:  # loaded through DeepSpeed's universal checkpoint (reshape.py)
-            from stable_megatron.checkpoint import reshape
-
+        if reshape.is_reshape(meta, self.layout, self.cfg.parallel.zero_stage):
+            # another layout or ZeRO stage: DeepSpeed's universal checkpoint (reshape.py)
             reshape.check_reshape(tag_dir, meta, self.cfg, self.layout, weights_only)
 
     def _restore(self, tag_dir, meta, weights_only: bool = False) -> None:
         from stable_megatron import checkpoint as ckpt
         from stable_megatron.checkpoint import reshape
 
-        load = reshape.load if reshape.is_reshape(meta, self.layout) else ckpt.load
+        stage = self.cfg.parallel.zero_stage
+        load = reshape.load if reshape.is_reshape(meta, self.layout, stage) else ckpt.load
         client = load(self.engine, self.cfg, self.layout, tag_dir, meta, weights_only)
         if weights_only:
             return
         self.step, self.consumed = client["step"], client["consumed_samples"]
         self.rollbacks = client.get("rollbacks", 0)
         self.lr_scale = client.get("lr_scale", 1.0)
+        self._apply_lr_scale()  # the LR of the restored schedule (a ZeRO-3 reshape needs it)
         self.skips.load_state_dict(client.get(self.skips.state_key, {}))
         self.hooks.load_state_dict(client)
 

@@ -12,7 +12,9 @@ Layout of a checkpoint directory (`checkpoint.dir`, default `<run_dir>/checkpoin
         rng/rank00000.pt        each rank's random-number generator states
         layer_XX-model_YY-model_states.pt   block XX's state dict on tensor-parallel rank YY
         mp_rank_YY_model_states.pt          DeepSpeed's engine state and our client state
-        *optim_states.pt                    ZeRO-1 optimizer shards, one per rank
+                                            (ZeRO-3: zero_pp_rank_D_mp_rank_YY_model_states.pt,
+                                            one per data-parallel rank D)
+        *optim_states.pt                    ZeRO optimizer shards, one per rank
     .tmp-step00000300/      a save in progress (or interrupted): never read, removed by the
                             next save
     .reshape/<tag>-<id>/    conversions of checkpoints this run loaded at another layout
@@ -58,6 +60,8 @@ TMP_PREFIX = ".tmp-"
 FORMAT_VERSION = 1
 RUN_CONFIG = "config.yaml"  # the run directory's config (two levels above a tag directory)
 ENGINE_FILE = "mp_rank_00_model_states.pt"
+# under ZeRO-3 every data-parallel rank writes its engine state; rank 0's stands for them all
+ZERO3_ENGINE_FILE = "zero_pp_rank_0_mp_rank_00_model_states.pt"
 LAYER_FILE_RE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
 RNG_DIR = "rng"
 CORRUPT_MARK = "CORRUPT"  # in a tag directory: it failed verification (one line: why)
@@ -135,6 +139,14 @@ def _detail(err: BaseException) -> str:
         if line.startswith(("Trying to", "Unsupported", "PytorchStreamReader")):
             return line.split(". This is an internal")[0]
     return lines[-1] if lines else type(err).__name__
+
+
+def engine_file(tag_dir: Path) -> Path:
+    """The file of a checkpoint that holds DeepSpeed's engine state and our client state."""
+    tag_dir = Path(tag_dir)
+    if not (tag_dir / ENGINE_FILE).is_file() and (tag_dir / ZERO3_ENGINE_FILE).is_file():
+        return tag_dir / ZERO3_ENGINE_FILE
+    return tag_dir / ENGINE_FILE
 
 
 def safe_load(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> Any:

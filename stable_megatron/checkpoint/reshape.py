@@ -69,7 +69,6 @@ from torch import nn
 
 from stable_megatron import ds_adapter
 from stable_megatron.checkpoint.format import (
-    ENGINE_FILE,
     META_FILE,
     RESHAPE_DIR,
     SNAPSHOT,
@@ -78,6 +77,7 @@ from stable_megatron.checkpoint.format import (
     UNIVERSAL_TMP,
     CheckpointError,
     describe_layout,
+    engine_file,
     layer_file,
     layout_of,
     read_meta,
@@ -148,8 +148,19 @@ def attach_universal_checkpoint_info(engine, cfg) -> None:
 # Checks
 
 
-def is_reshape(meta: dict, layout) -> bool:
-    return layout_of(meta) != (layout.tp, layout.pp, layout.dp)
+def saved_zero_stage(meta: dict) -> int:
+    return meta["config"].get("parallel", {}).get("zero_stage", 1)
+
+
+def is_reshape(meta: dict, layout, zero_stage: int) -> bool:
+    """Whether the checkpoint is loaded at another layout or ZeRO stage (the optimizer state's
+    partitioning differs: DeepSpeed's universal checkpoint in between)."""
+    return (layout_of(meta) != (layout.tp, layout.pp, layout.dp)
+            or saved_zero_stage(meta) != zero_stage)
+
+
+def describe(layout: tuple[int, int, int], zero_stage: int) -> str:
+    return f"{describe_layout(*layout)} (ZeRO-{zero_stage})"
 
 
 def cache_for(ckpt_dir: Path, tag_dir: Path) -> Path:
@@ -180,19 +191,29 @@ def universal_dir(cache: Path) -> Path | None:
 def check_reshape(tag_dir: Path, meta: dict, cfg, layout, weights_only: bool = False) -> None:
     """Raise CheckpointError (naming the reason) if the checkpoint cannot be loaded at `layout`."""
     tag_dir = Path(tag_dir)
-    saved = describe_layout(*layout_of(meta))
-    here = describe_layout(layout.tp, layout.pp, layout.dp)
+    saved = describe(layout_of(meta), saved_zero_stage(meta))
+    here = describe((layout.tp, layout.pp, layout.dp), cfg.parallel.zero_stage)
     where = f"{tag_dir} (saved at {saved}, this run is {here})"
-    for label, stage in (("checkpoint", meta["config"].get("parallel", {}).get("zero_stage", 1)),
-                         ("this run", cfg.parallel.zero_stage)):
-        if stage != 1:
-            raise CheckpointError(f"{where}: reshaping supports ZeRO stage 1 only; {label} uses "
-                                  f"stage {stage}")
     if weights_only:
         return
+    if cfg.parallel.zero_stage == 3 and layout.tp > 1:
+        raise CheckpointError(
+            f"{where}: loading a checkpoint at another layout or stage into ZeRO-3 needs "
+            f"parallel.tp=1 (DeepSpeed's ZeRO-3 loader of universal checkpoints does not split "
+            f"the weights over tensor-parallel ranks); load it at ZeRO-1/2, or at tp 1 under "
+            f"ZeRO-3, or start from its weights only with checkpoint.finetune=true"
+        )
+    for label, stage in (("the checkpoint", saved_zero_stage(meta)),
+                         ("this run", cfg.parallel.zero_stage)):
+        if stage == 0:
+            raise CheckpointError(
+                f"{where}: {label} uses ZeRO stage 0, whose optimizer state DeepSpeed's "
+                f"universal checkpoint does not convert; resume it at its own layout and stage, "
+                f"or start from its weights only with checkpoint.finetune=true"
+            )
     if universal_dir(cache_for(cfg.checkpoint_dir, tag_dir)) is not None:
         return
-    if not _has_universal_info(tag_dir / ENGINE_FILE):
+    if not _has_universal_info(engine_file(tag_dir)):
         raise CheckpointError(
             f"{where}: cannot be loaded at another layout: it has no universal_checkpoint_info "
             f"(saved by an older stable_megatron). Resume it at {saved}, save again, and load "
@@ -256,13 +277,14 @@ def convert(tag_dir: str | os.PathLike, ckpt_dir: str | os.PathLike, workers: in
     staging.mkdir(parents=True)
     try:
         snapshot = _snapshot(tag_dir, raw, staging / SNAPSHOT)
-        if not _has_universal_info(snapshot / ENGINE_FILE):
+        if not _has_universal_info(engine_file(snapshot)):
             raise CheckpointError(
                 f"{tag_dir}: has no universal_checkpoint_info (saved by an older "
                 f"stable_megatron); it can only be loaded at the layout it was saved at"
             )
         out = staging / UNIVERSAL
         _run_converter(tag_dir, snapshot, out, staging, workers)
+        _for_every_stage(out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -284,6 +306,84 @@ def convert(tag_dir: str | os.PathLike, ckpt_dir: str | os.PathLike, workers: in
     log(f"converted {tag_dir} to DeepSpeed's universal format in {time.time() - started:.1f}s "
         f"({target})")
     return cache
+
+
+def _for_every_stage(universal: Path) -> None:
+    """Make DeepSpeed's universal checkpoint (0.19.8) loadable at every ZeRO stage from 1 to 3,
+    whichever stage saved it. The converter writes what the saving stage's loader reads, and
+    the two loaders differ:
+    - the engine state (step counters, LR scheduler, client state) is read from
+      `mp_rank_XX_model_states.pt` below stage 3 and from
+      `zero_pp_rank_0_mp_rank_XX_model_states.pt` at stage 3: both names are given;
+    - a parameter's `fp32.pt` / `exp_avg.pt` / `exp_avg_sq.pt`: stages 1-2 read a dict
+      `{"param": tensor, ...}` and the Adam step from `step.pt`; a stage-3 source (TP1) gives
+      bare tensors and no `step.pt`: wrapped, and the step written;
+    - `zero/optimizer_state.pt`: stages 1-2 need `ds_version`, stage 3 the base optimizer's
+      state dict (`optimizer_state_dict`: the step of its first group, and the groups).
+    Every file here was written by the converter from the verified snapshot (read back with
+    `weights_only=False` as DeepSpeed itself reads them; `ensure_universal` then reads every one
+    with `weights_only=True`)."""
+    from deepspeed.checkpoint import constants as c
+
+    _engine_state_names(universal)
+    zero = universal / "zero"
+    state_path = zero / "optimizer_state.pt"
+    state = torch.load(state_path, map_location="cpu", weights_only=False)
+    engine = torch.load(engine_file(universal), map_location="cpu", weights_only=False)
+    nested = state.get(c.OPTIMIZER_STATE_DICT)
+    if nested is not None:  # saved by stage 3: the Adam step of its (common) first group
+        step = nested["state"][0]["step"]
+    else:  # stages 1-2: every parameter's step.pt holds it
+        step = torch.load(next(zero.glob("*/step.pt")), map_location="cpu", weights_only=False)
+        state[c.OPTIMIZER_STATE_DICT] = {"state": {0: {"step": step}},
+                                         "param_groups": state[c.PARAM_GROUPS]}
+    state.setdefault(c.DS_VERSION, engine.get(c.DS_VERSION))
+    torch.save(state, state_path)
+    shapes = {name: shape for group in engine.get(c.PARAM_SHAPES) or []
+              for name, shape in group.items()}
+    info = engine.get(c.UNIVERSAL_CHECKPOINT_INFO) or {}
+    for folder in sorted(p for p in zero.iterdir() if p.is_dir()):
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            path = folder / f"{key}.pt"
+            value = torch.load(path, map_location="cpu", weights_only=False)
+            if torch.is_tensor(value):
+                torch.save(_universal_entry(folder.name, value, shapes, info), path)
+        if not (folder / "step.pt").exists():
+            torch.save(step, folder / "step.pt")
+
+
+def _universal_entry(name: str, value: torch.Tensor, shapes: dict, info: dict) -> dict:
+    """A whole (TP1) tensor of a ZeRO-3 source in the form the stage 1-2 loader reads: its
+    shape, and how a tensor-parallel rank takes its slice (our patterns, as
+    `universal_checkpoint_info` gives them to the converter for stages 1-2)."""
+    from deepspeed.checkpoint import constants as c
+
+    def matches(key: str) -> bool:
+        return any(re.match(pattern, name) for pattern in info.get(key, []))
+
+    if name in shapes:
+        value = value.reshape(shapes[name])
+    entry = {c.PARAM: value}
+    if matches(c.TP_REPLICATED_PARAMETER_PATTERNS):
+        return entry
+    entry[c.CAT_DIM] = 1 if matches(c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS) else 0
+    if matches(c.PARAMETER_WITH_2_SUB_PARAMS_CAT_DIM_0):
+        entry[c.PARAM_N_SUB_PARAMS] = 2
+    if matches(c.VOCABULARY_PARAMETER_PATTERNS):
+        entry[c.VOCAB_TENSOR] = True
+    return entry
+
+
+def _engine_state_names(universal: Path) -> None:
+    for path in sorted(universal.glob("*model_states.pt")):
+        if path.name.startswith("zero_pp_rank_0_"):
+            twin = universal / path.name.removeprefix("zero_pp_rank_0_")
+        elif path.name.startswith("mp_rank_"):
+            twin = universal / f"zero_pp_rank_0_{path.name}"
+        else:
+            continue
+        if not twin.exists():
+            shutil.copyfile(path, twin)
 
 
 def _run_converter(tag_dir: Path, snapshot: Path, out: Path, staging: Path,
@@ -391,8 +491,8 @@ def load(engine, cfg, layout, tag_dir: Path, meta: dict, weights_only: bool = Fa
     tag_dir = Path(tag_dir)
     check_reshape(tag_dir, meta, cfg, layout, weights_only)
     saved_tp = layout_of(meta)[0]
-    saved = describe_layout(*layout_of(meta))
-    here = describe_layout(layout.tp, layout.pp, layout.dp)
+    saved = describe(layout_of(meta), saved_zero_stage(meta))
+    here = describe((layout.tp, layout.pp, layout.dp), cfg.parallel.zero_stage)
     pipe = engine.module
     if weights_only:
         load_resharded_state(pipe, tag_dir, saved_tp, layout, params=True)

@@ -206,7 +206,7 @@ def _publish(work: Path, staging: Path, ckpt_dir: Path, cfg, layout, step: int, 
     """Rank 0: check, write the manifest, move into place, update `latest`, prune. `written`:
     the CRC-32 of the files as the ranks wrote them, by absolute path; a file missing there is
     read once to checksum it."""
-    _check_written(work, layout)
+    _check_written(work, layout, cfg.parallel.zero_stage)
     paths = [p for p in sorted(work.rglob("*")) if p.is_file()]
     files = {str(p.relative_to(work)): p.stat().st_size for p in paths}
     written = written or {}
@@ -244,11 +244,13 @@ def write_latest(ckpt_dir: Path, tag: str) -> None:
     write_atomic(ckpt_dir / LATEST, tag)
 
 
-def _check_written(work: Path, layout) -> None:
-    """DeepSpeed wrote one ZeRO optimizer shard per rank and each rank its RNG file."""
+def _check_written(work: Path, layout, zero_stage: int) -> None:
+    """DeepSpeed wrote one ZeRO optimizer shard per rank (none at ZeRO stage 0: the optimizer
+    state is in the engine file) and each rank its RNG file."""
     shards = list(work.glob("*optim_states.pt"))
     rngs = list((work / RNG_DIR).glob("rank*.pt"))
-    if len(shards) != layout.world or len(rngs) != layout.world:
+    expected = layout.world if zero_stage > 0 else 0
+    if len(shards) != expected or len(rngs) != layout.world:
         raise CheckpointError(
             f"{work}: save incomplete ({len(shards)} optimizer shards and {len(rngs)} RNG files "
             f"for {layout.world} ranks); the previous checkpoint is untouched"

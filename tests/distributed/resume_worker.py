@@ -50,8 +50,8 @@ def install_kill(point: str) -> None:
     elif point == "manifest":
         original_check = saving._check_written
 
-        def check_then_die(work, layout):
-            original_check(work, layout)
+        def check_then_die(work, layout, zero_stage):
+            original_check(work, layout, zero_stage)
             if _saving_step[0] == KILL_STEP:
                 die()
 
@@ -80,8 +80,7 @@ _saving_step = [0]
 
 
 def main() -> None:
-    from stable_megatron import parallel
-    from stable_megatron import ds_adapter
+    from stable_megatron import ds_adapter, parallel
     from stable_megatron.config import load_config, validate
     from stable_megatron.train import Trainer
 

@@ -168,7 +168,7 @@ def test_baseline_reshape_matches_original_layout(fast, target):
     check_resumed(out, "base", target)
     tag = source_tag(out, "base")
     world = 1 if target == "tp1" else 2
-    assert f"reshaped {tag} from tp 2 x pp 2 x dp 1 to " in logs[world]
+    assert f"reshaped {tag} from tp 2 x pp 2 x dp 1 (ZeRO-1) to " in logs[world]
     assert "RNG states are not restored at another layout" in logs[world]
     # converted by the loading run, under its own checkpoint directory
     assert f"converted {tag} to DeepSpeed's universal format" in logs[world]
@@ -191,9 +191,57 @@ def test_reshape_leaves_the_source_run_unchanged(fast):
 def test_checkpoint_without_universal_info_is_refused_clearly(fast):
     out, logs = fast
     message = (out / "noinfo-tp1-error.txt").read_text()
-    assert "saved at tp 2 x pp 1 x dp 1, this run is tp 1 x pp 1 x dp 1" in message
+    assert ("saved at tp 2 x pp 1 x dp 1 (ZeRO-1), this run is tp 1 x pp 1 x dp 1 (ZeRO-1)"
+            in message)
     assert "no universal_checkpoint_info" in message
     assert "checkpoint.finetune=true" in message
+
+
+# ZeRO stages: a ZeRO-3 checkpoint at DP2 resumed at TP2 under ZeRO-1 and at TP1 (one process,
+# ZeRO-1); a TP2 ZeRO-1 checkpoint resumed at DP2 under ZeRO-3; refused: into ZeRO-3 at TP2
+# (DeepSpeed's ZeRO-3 universal loader does not split over TP), and a ZeRO-0 checkpoint
+# elsewhere (its optimizer state is not in ZeRO's files).
+ZERO_SOURCES = {"z3": ["parallel.zero_stage=3"], "tp2z1": ["parallel.tp=2"],
+                "z0": ["parallel.zero_stage=0"]}
+ZERO_TARGETS = {2: {"z3-tp2": ("z3", ["parallel.tp=2"]),
+                    "tp2z1-z3": ("tp2z1", ["parallel.zero_stage=3"]),
+                    "tp2z1-z3tp2": ("tp2z1", ["parallel.zero_stage=3", "parallel.tp=2"])},
+                1: {"z3-tp1": ("z3", []), "z0-tp1": ("z0", [])}}
+ZERO_REFUSED = ("tp2z1-z3tp2", "z0-tp1")
+
+
+@pytest.fixture(scope="module")
+def zero(tmp_path_factory, data_cache):
+    out = tmp_path_factory.mktemp("reshape-zero")
+    sources = {f"{name}-A": case("base", out / f"{name}-A", data_cache, *extra)
+               for name, extra in ZERO_SOURCES.items()}
+    logs = {"sources": launch(out, sources, 2, "zero-sources")}
+    for world, targets in ZERO_TARGETS.items():
+        cases = {name: case("base", out / name, data_cache, *extra, "train.exit_interval=2",
+                            f"checkpoint.load={source_tag(out, source)}",
+                            expect_error=name in ZERO_REFUSED)
+                 for name, (source, extra) in targets.items()}
+        logs[world] = launch(out, cases, world, f"zero-world{world}")
+    return out, logs
+
+
+@pytest.mark.parametrize("source, target", [("z3", "tp2"), ("z3", "tp1"), ("tp2z1", "z3")])
+def test_zero_stage_reshape_matches_original_run(zero, source, target):
+    """Another ZeRO stage and layout, through the universal checkpoint: the resumed losses,
+    grad norms and LR are the source run's (steps 3 and 4: the weights, Adam's moments and
+    step, the LR schedule and, at step 4, the per-group weight decay)."""
+    out, logs = zero
+    check_resumed(out, source, target)
+    world = 1 if target == "tp1" else 2
+    assert f"reshaped {source_tag(out, source)} from " in logs[world]
+
+
+def test_zero_stage_reshapes_that_cannot_work_are_refused_clearly(zero):
+    out, _ = zero
+    message = (out / "tp2z1-z3tp2-error.txt").read_text()
+    assert "into ZeRO-3 needs parallel.tp=1" in message and "(ZeRO-3)" in message
+    message = (out / "z0-tp1-error.txt").read_text()
+    assert "uses ZeRO stage 0" in message and "checkpoint.finetune=true" in message
 
 
 def test_layout_that_cannot_hold_the_model_is_refused_clearly():
