@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stable_megatron import parallel
+from stable_megatron import ds_adapter, parallel
 from stable_megatron.checkpoint import safe_load
 from stable_megatron.config import load_config, validate
 from stable_megatron.model.gpt import lm_loss
@@ -41,12 +41,25 @@ def make_trainer(tmp_path, data_cache):
     parallel.shutdown()
 
 
+def master_weights(opt) -> list[torch.Tensor]:
+    """ZeRO's fp32 master partitions (stages 1-2, stage 3); at stage 0 the weights are the
+    master (`weights`), and the first tensor of this list is the first parameter."""
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+        if hasattr(opt, name):
+            return [p.detach().clone() for p in getattr(opt, name)]
+    return [p.detach().clone() for group in opt.param_groups for p in group["params"]]
+
+
 def snapshot(trainer: Trainer) -> dict:
     opt = trainer.engine.optimizer
+    module = trainer.engine.module
+    with ds_adapter.gathered(module.parameters()):  # whole under ZeRO-3
+        weights = copy.deepcopy(module.state_dict())
     return {
-        "weights": copy.deepcopy(trainer.engine.module.state_dict()),
-        "master": [p.detach().clone() for p in opt.single_partition_of_fp32_groups],
-        "adam": copy.deepcopy(opt.optimizer.state_dict()["state"]),
+        "weights": weights,
+        "master": master_weights(opt),
+        # (not state_dict(): ZeRO-3 empties the base optimizer's groups between its steps)
+        "adam": copy.deepcopy(list(opt.optimizer.state.values())),
         "lr_step": trainer.engine.lr_scheduler.last_epoch,
         "consumed": trainer.consumed,
         "step": trainer.step,
@@ -60,10 +73,11 @@ def assert_same_state(a: dict, b: dict) -> None:
             assert torch.equal(value, b["weights"][key]), key
     for x, y in zip(a["master"], b["master"], strict=True):
         assert torch.equal(x, y)
-    assert a["adam"].keys() == b["adam"].keys()
-    for idx in a["adam"]:
-        for name, value in a["adam"][idx].items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["adam"][idx][name]))
+    assert len(a["adam"]) == len(b["adam"]) > 0
+    for state_a, state_b in zip(a["adam"], b["adam"], strict=True):
+        assert state_a.keys() == state_b.keys()
+        for name, value in state_a.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(state_b[name]))
     assert a["lr_step"] == b["lr_step"]
 
 
@@ -81,11 +95,15 @@ def run_steps(trainer: Trainer, n: int) -> list[dict]:
     return [trainer.train_one_step() for _ in range(n)]
 
 
-@pytest.mark.parametrize("fault,optimizer", [("nan", "adamw"), ("spike", "adamw"),
-                                             ("spike", "muon")])
-def test_skip_drops_exactly_the_update(make_trainer, fault, optimizer):
+@pytest.mark.parametrize("fault,optimizer,zero", [
+    ("nan", "adamw", 1), ("spike", "adamw", 1), ("spike", "muon", 1),
+    # the other ZeRO stages decide at other points of DeepSpeed's step (ds_adapter.UpdateGate)
+    ("nan", "adamw", 0), ("spike", "adamw", 0), ("nan", "adamw", 3), ("spike", "adamw", 3),
+])
+def test_skip_drops_exactly_the_update(make_trainer, fault, optimizer, zero):
     """(With Muon, "Adam moments" are Muon's momentum and the AdamW groups' moments.)"""
-    trainer = make_trainer("stability.on_spike=skip", f"train.optimizer={optimizer}")
+    trainer = make_trainer("stability.on_spike=skip", f"train.optimizer={optimizer}",
+                           f"parallel.zero_stage={zero}")
     healthy = run_steps(trainer, 4)
     assert all(not trainer.guard.detector.check_loss(r["loss"]).is_spike for r in healthy)
     before = snapshot(trainer)
@@ -127,12 +145,12 @@ def test_grad_norm_spike_is_judged_before_the_update(make_trainer):
     assert_same_state(before, snapshot(trainer))
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("optimizer,zero", [("adamw", 1), ("muon", 1), ("adamw", 3)])
 def test_rollback_restores_the_checkpoint_and_skips_the_batches(make_trainer, tmp_path,
-                                                                optimizer):
+                                                                optimizer, zero):
     trainer = make_trainer("stability.on_spike=rollback", "checkpoint.interval=2",
                            "stability.rollback_lr_factor=0.5", "train.steps=8",
-                           f"train.optimizer={optimizer}")
+                           f"train.optimizer={optimizer}", f"parallel.zero_stage={zero}")
     run_steps(trainer, 4)
     trainer.save()
     at_checkpoint = snapshot(trainer)
