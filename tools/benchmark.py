@@ -1,6 +1,6 @@
 """Training throughput of stable_megatron, against the references a user would otherwise run.
 
-Our step is the training loop's: `train.build_engine` (DeepSpeed pipeline engine, ZeRO-1),
+Our step is the training loop's: `train.build_engine` (DeepSpeed's engine, ZeRO-1 by default),
 `train.micro_batches`, and a `hooks.StepRunner` with the Trainer's hooks (throughput, early
 warning, divergence rule, sigma-reparam's power step, spike guard; not the stability metrics,
 whose cost `tools/bench_metrics.py` measures), followed by the loss and grad-norm reads of the
@@ -27,14 +27,21 @@ so load drift on a shared machine hits all alike):
 `--methods`: our step with each stability method's overrides (stable_megatron.bench.METHODS),
 or with an optimizer other than AdamW (`muon`, stable_megatron.bench.OPTIMIZERS).
 
+ZeRO stages: `--methods zero0,zero2,zero3` adds each stage as an arm beside ours (the recipe's
+stage, 1) and prints each against the references (`--vs mcore`): step time and peak memory at
+DP1; `--zero` runs each stage at DP2 (2 processes of 1 thread, one launch per stage) and
+reports each rank's model-state memory (the bytes of the tensors alive between steps).
+
 Modes: `--parallel` (TP2, PP2, DP2 on 2 processes of 1 thread against world 1 with 2 threads,
-each in its own launch), `--growth` (step time against sequence length and hidden size beside
-the FLOPs), `--profile` (a torch.profiler table of one step of each arm).
+each in its own launch), `--zero`, `--growth` (step time against sequence length and hidden
+size beside the FLOPs), `--profile` (a torch.profiler table of one step of each arm).
 
     python tools/benchmark.py --shape tiny --vs plain --vs mcore
     python tools/benchmark.py --shape medium --vs plain --vs mcore --profile
     python tools/benchmark.py --shape medium --methods all
     python tools/benchmark.py --shape medium --parallel
+    python tools/benchmark.py --shape medium --vs mcore --methods zero0,zero2,zero3
+    python tools/benchmark.py --shape medium --zero
     python tools/benchmark.py --growth
     python tools/benchmark.py --shape tiny model.num_layers=2 train.micro_batch_size=8
 """
@@ -109,9 +116,19 @@ def growth_points() -> list[tuple[str, int, list[str]]]:
 # Config, data, memory, matmul rate
 
 
+def zero_stage_of(name: str) -> int | None:
+    """The ZeRO stage of a `--methods` entry `zero0` .. `zero3`, else None."""
+    if len(name) == 5 and name.startswith("zero") and name[4] in "0123":
+        return int(name[4])
+    return None
+
+
 def method_overrides(method: str) -> list[str]:
     """bench_methods' `model` overrides of a method (or the `train` overrides of an optimizer
-    of `OPTIMIZERS`) as dotted `key=value` strings."""
+    of `OPTIMIZERS`, or `parallel.zero_stage` for `zero0` .. `zero3`) as dotted `key=value`
+    strings."""
+    if zero_stage_of(method) is not None:
+        return [f"parallel.zero_stage={zero_stage_of(method)}"]
     if method in OPTIMIZERS:
         return [f"train.{k}={v}" for k, v in OPTIMIZERS[method].items()]
     if method not in METHODS:
@@ -601,6 +618,7 @@ def summarize(arm: Arm, cfg, peak: dict[str, Any], base: Arm | None = None) -> d
         "mfu": tflops / peak["tflops"] if peak.get("tflops") else None,
         "data_wait": sum(arm.data_times) / sum(arm.times),
         "peak_bytes": arm.peak_bytes,
+        "state_bytes": getattr(arm, "state_bytes", None),
         "step_times": list(arm.times),
         "data_times": list(arm.data_times),
         "faults_per_step": statistics.median(arm.faults) if arm.faults else None,
@@ -620,12 +638,14 @@ def run_arms(arms: dict[str, Any], state, steps: int, warmup: int, progress: Pro
     built: dict[str, Arm] = {}
     for i, (name, make) in enumerate(arms.items(), 1):
         progress(f"{label}building {i}/{len(arms)}: {name}")
+        live = live_tensor_bytes()
         memory.start()
         built[name] = make()
         for w in range(warmup):
             progress(f"{label}{name}: warm-up step {w + 1}/{warmup}", detail=True)
             built[name].step()
         built[name].peak_bytes = memory.peak()
+        built[name].state_bytes = live_tensor_bytes() - live
     gc.collect()
     names = list(built)
     for r in range(steps):
@@ -740,9 +760,66 @@ def run_worker(cfg, steps: int, warmup: int, data_kind: str) -> dict[str, Any] |
     arm = built["ours"]
     result = summarize(arm, cfg, {})
     result.update(threads=torch.get_num_threads(), world=state.layout.world,
+                  model_state_bytes=live_tensor_bytes(), zero_stage=cfg.parallel.zero_stage,
                   **_shape_info(cfg, state.layout, arm.accum))
     arm.close()
     return result if state.layout.rank == 0 else None
+
+
+def live_tensor_bytes() -> int:
+    """The bytes of every tensor alive in this process between two steps (each storage once):
+    the weights, the gradient buffers, ZeRO's flat and fp32 master copies and the optimizer
+    state; the activations are freed by then. The model state as the process holds it."""
+    import torch
+
+    gc.collect()
+    seen, total = set(), 0
+    for obj in gc.get_objects():
+        try:
+            if not isinstance(obj, torch.Tensor) or obj.device.type == "meta":
+                continue
+            storage = obj.untyped_storage()
+        except (RuntimeError, ReferenceError):
+            continue
+        if storage.data_ptr() in seen or storage.nbytes() == 0:
+            continue
+        seen.add(storage.data_ptr())
+        total += storage.nbytes()
+    return total
+
+
+# --zero: (label, ZeRO stage), each at DP2 in a launch of its own
+ZERO_RUNS = (("ZeRO-0", 0), ("ZeRO-1", 1), ("ZeRO-2", 2), ("ZeRO-3", 3))
+
+
+def run_zero(args, overrides: list[str], progress: Progress) -> dict[str, Any]:
+    """Each ZeRO stage at DP2 (2 processes x 1 thread), one launch each, `--rounds` times in
+    alternating order: step time, and each rank's model state (`live_tensor_bytes`)."""
+    import tempfile
+
+    results: dict[str, list[dict]] = {label: [] for label, _ in ZERO_RUNS}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            order = ZERO_RUNS if r % 2 == 0 else ZERO_RUNS[::-1]
+            for label, stage in order:
+                progress(f"round {r + 1}/{args.rounds}: {label} at DP2 (2 processes x 1 thread)")
+                out = Path(tmp) / f"zero{stage}_{r}.json"
+                cmd = _worker_command(args, [*overrides, f"parallel.zero_stage={stage}"], out)
+                _launch(cmd, 2, 1, args.timeout)
+                results[label].append(json.loads(out.read_text()))
+    progress.done()
+    merged = {}
+    for label, rs in results.items():
+        times = [t for r in rs for t in r["step_times"]]
+        merged[label] = {**rs[0], "step_times": times, "time_s": statistics.median(times),
+                         "spread": iqr(times) / statistics.median(times),
+                         "model_state_bytes": max(r["model_state_bytes"] for r in rs)}
+    ref = merged["ZeRO-1"]
+    for r in merged.values():
+        r["time_vs_stage1"] = r["time_s"] / ref["time_s"]
+        r["state_vs_stage1"] = r["model_state_bytes"] / ref["model_state_bytes"]
+    return {"mode": "zero", "layouts": merged, "rounds": args.rounds, "steps": args.steps,
+            "warmup": args.warmup}
 
 
 def _worker_command(args, overrides: list[str], out: Path) -> list[str]:
@@ -867,7 +944,7 @@ def _shape_line(s: dict[str, Any]) -> str:
 
 
 ARM_NOTES = {
-    "ours": "training loop: DeepSpeed pipeline engine (1 stage, ZeRO-1) + the Trainer's hooks",
+    "ours": "training loop: DeepSpeed engine at the recipe's ZeRO stage (1) + the Trainer's hooks",
     "plain": "plain PyTorch GPT written in this tool (SDPA, F.cross_entropy, torch AdamW)",
     "mcore": "megatron-core GPTModel, stock local spec with causal SDPA as core attention",
     "mcore-stock": "megatron-core GPTModel, stock local spec (DotProductAttention: explicit "
@@ -890,13 +967,13 @@ def format_compare(result: dict[str, Any]) -> str:
         "",
     ]
     header = ["arm", "step ms", "IQR", "tokens/s", "GFLOP/s", "MFU", "data wait", "peak MiB",
-              "faults/step", "vs ours", "ours/arm"]
+              "state MiB", "faults/step", "vs ours", "ours/arm"]
     rows = []
     for name, r in arms.items():
         rows.append([
             name, f"{r['time_s'] * 1e3:.0f}", f"{r['spread']:.0%}", f"{r['tokens_per_s']:.0f}",
             f"{r['tflops'] * 1e3:.1f}", "-" if r["mfu"] is None else f"{r['mfu']:.1%}",
-            f"{r['data_wait']:.2%}", _mib(r["peak_bytes"]),
+            f"{r['data_wait']:.2%}", _mib(r["peak_bytes"]), _mib(r.get("state_bytes")),
             "-" if r.get("faults_per_step") is None else f"{r['faults_per_step']:.0f}",
             f"{r['vs_ours']:.3f}x", f"{r['ours_over']:.3f}x"])
     out += md_table(header, rows)
@@ -913,6 +990,14 @@ def format_compare(result: dict[str, Any]) -> str:
             f"{m} / baseline"
         out.append(f"{label} = {arms[m]['vs_ours']:.3f}x step time "
                    f"(paired {1 / arms[m]['ours_over']:.3f}x)")
+    for m in [m for m in methods if zero_stage_of(m) is not None]:
+        for ref in refs:
+            time_ratio = arms[m]["time_s"] / arms[ref]["time_s"]
+            state = ("-" if not arms[ref].get("state_bytes") else
+                     f"{arms[m]['state_bytes'] / arms[ref]['state_bytes']:.2f}x")
+            out.append(f"{m} / {ref} = {time_ratio:.3f}x step time (paired "
+                       f"{arms[m]['ours_over'] / arms[ref]['ours_over']:.3f}x), {state} "
+                       f"state memory")
     ours = arms["ours"]
     if ours["mfu"] is not None:
         out.append(f"ours: {ours['mfu']:.1%} of the {peak['kind'].split(' (')[0]} "
@@ -937,6 +1022,9 @@ def format_compare(result: dict[str, Any]) -> str:
         f"{result['memory_kind']} of each arm's build and warm-up steps, in build order (arms "
         f"built later may reuse memory freed by earlier ones); process peak RSS "
         f"{_mib(result['process_maxrss_bytes'])} MiB",
+        "- state: the bytes of the tensors an arm keeps alive between steps (weights, "
+        "gradient buffers, master copies, optimizer state; live_tensor_bytes after its warm-up "
+        "less before its build): unlike the peak, independent of the build order",
         f"- faults/step: minor page faults of the process during the arm's timed steps (median);"
         f" CPU allocator: {result.get('cpu_malloc', '-')}",
     ]
@@ -971,6 +1059,28 @@ def format_parallel(result: dict[str, Any]) -> str:
     out += md_table(header, rows)
     out += ["", "efficiency: world-1 step time (2 threads) / the layout's step time (2 processes "
             "x 1 thread): 1.00 = the same 2 cores used as well as by one process"]
+    return "\n".join(out)
+
+
+def format_zero(result: dict[str, Any]) -> str:
+    lay = result["layouts"]
+    first = next(iter(lay.values()))
+    out = [
+        f"ZeRO stages at DP2 (2 processes x 1 thread): {_shape_line(first['shape'])}",
+        f"{result['rounds']} round(s) of one launch per stage (order alternating), "
+        f"{result['warmup']} warm-up + {result['steps']} timed steps each; median step time",
+        "",
+    ]
+    header = ["stage", "step ms", "IQR", "tokens/s", "model state MiB (rank 0)",
+              "vs ZeRO-1 (state)", "vs ZeRO-1 (time)", "peak MiB (rank 0)"]
+    rows = [[label, f"{r['time_s'] * 1e3:.0f}", f"{r['spread']:.0%}", f"{r['tokens_per_s']:.0f}",
+             _mib(r["model_state_bytes"]), f"{r['state_vs_stage1']:.2f}x",
+             f"{r['time_vs_stage1']:.2f}x", _mib(r["peak_bytes"])] for label, r in lay.items()]
+    out += md_table(header, rows)
+    out += ["", "model state: the bytes of every tensor alive in rank 0's process between two "
+            "steps (weights, gradient buffers, ZeRO's flat and fp32 master copies, optimizer "
+            "state; each storage once); peak: the resident-set high-water mark of its build and "
+            "warm-up steps"]
     return "\n".join(out)
 
 
@@ -1012,7 +1122,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"a reference to alternate with (repeatable): {', '.join(REFERENCES)}")
     p.add_argument("--methods", default="", help="comma-separated stability methods to time "
                    f"against the baseline, or 'all': {', '.join(METHODS)}; or an optimizer "
-                   f"other than AdamW: {', '.join(OPTIMIZERS)}")
+                   f"other than AdamW: {', '.join(OPTIMIZERS)}; or a ZeRO stage other than "
+                   "the recipe's: zero0 .. zero3")
     p.add_argument("--steps", type=int, default=10, help="timed steps per arm")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per arm first")
     p.add_argument("--data", choices=("synthetic", "builtin"), default="synthetic")
@@ -1021,8 +1132,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    " ours and of each reference")
     p.add_argument("--parallel", action="store_true",
                    help="TP2, PP2, DP2 (2 processes x 1 thread) against world 1 (2 threads)")
-    p.add_argument("--rounds", type=int, default=1, help="--parallel: launches per layout")
-    p.add_argument("--timeout", type=float, default=900, help="--parallel: per launch (s)")
+    p.add_argument("--zero", action="store_true",
+                   help="ZeRO stages 0-3 at DP2 (2 processes x 1 thread): step time and each "
+                   "rank's model-state memory")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="--parallel, --zero: launches per layout or stage")
+    p.add_argument("--timeout", type=float, default=900,
+                   help="--parallel, --zero: per launch (s)")
     p.add_argument("--growth", action="store_true",
                    help="step time against sequence length and hidden size, beside FLOPs")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -1038,15 +1154,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown reference {bad[0]}; valid --vs: {', '.join(REFERENCES)}")
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.method_list = list(METHODS) if names == ["all"] else names
-    bad = [m for m in args.method_list if m not in METHODS and m not in OPTIMIZERS]
+    bad = [m for m in args.method_list
+           if m not in METHODS and m not in OPTIMIZERS and zero_stage_of(m) is None]
     if bad:
         p.error(f"unknown method {bad[0]}; valid --methods: {', '.join(METHODS)}, all, "
-                f"{', '.join(OPTIMIZERS)}")
-    if sum(map(bool, (args.parallel, args.growth))) > 1:
-        p.error("--parallel and --growth are separate runs")
-    if (args.parallel or args.growth) and (args.vs or args.method_list or args.profile):
-        p.error("--vs, --methods and --profile go with a comparison run, not --parallel or "
-                "--growth")
+                f"{', '.join(OPTIMIZERS)}, zero0 .. zero3")
+    if sum(map(bool, (args.parallel, args.growth, args.zero))) > 1:
+        p.error("--parallel, --growth and --zero are separate runs")
+    if (args.parallel or args.growth or args.zero) and (args.vs or args.method_list
+                                                        or args.profile):
+        p.error("--vs, --methods and --profile go with a comparison run, not --parallel, "
+                "--growth or --zero")
     bad = [o for o in args.overrides if "=" not in o]
     if bad:
         p.error(f"expected key=value, got {bad[0]!r}")
@@ -1076,6 +1194,12 @@ def main(argv: list[str] | None = None) -> int:
                             [*args.overrides, f"parallel.tp={tp}", f"parallel.pp={pp}"], nproc)
             result = run_parallel(args, args.overrides, progress)
             text = format_parallel(result)
+        elif args.zero:
+            for _, stage in ZERO_RUNS:  # fail before launching
+                make_config(args.recipe, args.shape,
+                            [*args.overrides, f"parallel.zero_stage={stage}"], 2)
+            result = run_zero(args, args.overrides, progress)
+            text = format_zero(result)
         elif args.growth:
             result = run_growth(args, args.overrides, progress)
             text = format_growth(result)
