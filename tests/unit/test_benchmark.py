@@ -37,7 +37,8 @@ def run(tmp_path_factory):
     saved = tmp_path_factory.mktemp("benchmark") / "result.json"
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--shape", "tiny", "--vs", "plain", "--vs", "mcore",
-         "--steps", str(STEPS), "--warmup", "1", "--profile", "3", "--save", str(saved),
+         "--methods", "zero0", "--steps", str(STEPS), "--warmup", "1", "--profile", "3",
+         "--save", str(saved),
          *SMALL],
         capture_output=True, text=True, env=_env(), timeout=170,
     )
@@ -54,17 +55,22 @@ def test_report_has_the_fields_and_ratios(run):
     assert re.search(rf"MFU against: measured float32 matmul rate .*= {NUMBER} GFLOP/s", report)
     assert "world 1" in report and "2 layers x hidden 64" in report
     header = next(line for line in report.splitlines() if line.startswith("arm "))
-    for field in ("step ms", "tokens/s", "GFLOP/s", "MFU", "data wait", "peak MiB", "vs ours"):
+    for field in ("step ms", "tokens/s", "GFLOP/s", "MFU", "data wait", "peak MiB", "state MiB",
+                  "vs ours"):
         assert field in header
     for arm in ("ours", "plain", "mcore"):
         row = _row(report, arm)
-        # step ms, IQR, tokens/s, GFLOP/s, MFU, data wait, peak MiB, faults/step, two ratios
-        assert len(re.findall(NUMBER, row)) == 10, row
+        # step ms, IQR, tokens/s, GFLOP/s, MFU, data wait, peak MiB, state MiB, faults/step,
+        # two ratios
+        assert len(re.findall(NUMBER, row)) == 11, row
         assert len(re.findall(rf"\s{NUMBER}x", row)) == 2, row
     for ref in ("plain", "mcore"):
         assert re.search(rf"ours / {ref} = {NUMBER}x step time .*target <= 1.0x (PASS|MISS)",
                          report)
     assert re.search(rf"ours: data wait {NUMBER}% of the step time", report)
+    for ref in ("plain", "mcore"):  # a ZeRO stage against each reference
+        assert re.search(rf"zero0 / {ref} = {NUMBER}x step time \(paired {NUMBER}x\), "
+                         rf"{NUMBER}x state memory", report)
     for arm in ("ours", "plain", "mcore"):
         assert re.search(rf"profile of one step of {arm}: wall {NUMBER} ms", report)
     assert "aten::" in report
@@ -72,14 +78,16 @@ def test_report_has_the_fields_and_ratios(run):
 
 def test_saved_result(run):
     _, result = run
-    assert set(result["arms"]) == {"ours", "plain", "mcore"}
+    assert set(result["arms"]) == {"ours", "plain", "mcore", "zero0"}
     for name, r in result["arms"].items():
         assert len(r["step_times"]) == len(r["data_times"]) == STEPS, name
         for key in ("time_s", "tokens_per_s", "tflops", "mfu", "data_wait", "faults_per_step",
                     "vs_ours"):
             assert math.isfinite(r[key]) and r[key] >= 0, (name, key)
-        assert r["peak_bytes"] is not None
+        assert r["peak_bytes"] is not None and r["state_bytes"] > 0, name
     assert result["arms"]["ours"]["vs_ours"] == 1.0
+    # stage 1 keeps flat copies of the weights and gradients that stage 0 does not
+    assert result["arms"]["zero0"]["state_bytes"] < result["arms"]["ours"]["state_bytes"]
     assert result["peak"]["tflops"] > 0 and result["shape"]["accumulation"] == 2
     assert "keep_cpu_memory" in result["cpu_malloc"]
 
@@ -89,6 +97,8 @@ def test_saved_result(run):
     (["--shape", "huge"], "unknown shape huge"),
     (["--methods", "qk_nrm"], "unknown method qk_nrm"),
     (["--growth", "--vs", "plain"], "go with a comparison run"),
+    (["--zero", "--methods", "zero0"], "go with a comparison run"),
+    (["--methods", "zero4"], "unknown method zero4"),
     (["--steps", "0"], "--steps must be >= 1"),
 ])
 def test_cli_errors(args, message):
@@ -124,6 +134,8 @@ def test_method_overrides_and_growth_points():
                                                 'model.mlra.targets=["q", "k", "v", "o"]']
     assert bm.method_overrides("muon") == ["train.optimizer=muon"]
     assert bm.parse_args(["--methods", "muon,qk_norm"]).method_list == ["muon", "qk_norm"]
+    assert bm.method_overrides("zero3") == ["parallel.zero_stage=3"]
+    assert bm.zero_stage_of("zero4") is None and bm.zero_stage_of("zero0") == 0
     points = bm.growth_points()
     assert [v for a, v, _ in points if a == "seq"] == [128, 256, 512, 1024]
     assert [v for a, v, _ in points if a == "hidden"] == [128, 256, 512, 1024]
@@ -149,3 +161,25 @@ def test_parallel_and_growth_tables():
                              "steps": 2, "warmup": 1})
     assert "sequence length" in text and "hidden size" in text and "time/FLOP x" in text
     assert len(re.findall(r"^1024\s", text, re.M)) == 2
+    stages = {label: {**layout, "model_state_bytes": 2**20 * (4 - stage), "zero_stage": stage,
+                      "state_vs_stage1": (4 - stage) / 3, "time_vs_stage1": 1.0}
+              for label, stage in bm.ZERO_RUNS}
+    text = bm.format_zero({"layouts": stages, "rounds": 1, "steps": 2, "warmup": 1})
+    for label, _ in bm.ZERO_RUNS:
+        assert re.search(rf"^{label}\s.*\s{NUMBER}x\s", text, re.M), text
+    assert "model state" in text
+
+
+@pytest.mark.slow
+def test_zero_mode_runs_each_stage_at_dp2(tmp_path):
+    """`--zero`: each stage in a launch of 2 processes; ZeRO-3 holds less model state per rank
+    than ZeRO-1 (the weights and gradients partitioned too)."""
+    saved = tmp_path / "zero.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--zero", "--shape", "tiny", "--steps",
+                           "1", "--warmup", "1", "--save", str(saved), *SMALL],
+                          capture_output=True, text=True, env=_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lay = json.loads(saved.read_text())["layouts"]
+    assert [r["zero_stage"] for r in lay.values()] == [0, 1, 2, 3]
+    assert lay["ZeRO-3"]["model_state_bytes"] < lay["ZeRO-1"]["model_state_bytes"]
+    assert "model state MiB (rank 0)" in proc.stdout
