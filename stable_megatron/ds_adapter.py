@@ -1,12 +1,13 @@
 """The one module that reaches into DeepSpeed's internals (deepspeed 0.19.8).
 
-Everything else in stable_megatron uses DeepSpeed's public API (`deepspeed.initialize`,
-`train_batch`, `eval_batch`, `save_checkpoint`, `load_checkpoint`, `PipelineModule`). Where the
-project needs more (a decision inside the optimizer step, safe checkpoint reads, the universal
-checkpoint switch, the pipeline module's layer specs, ZeRO's gradient fragments), the access
-lives here, each with a comment naming the DeepSpeed behaviour it relies on; the tests in
-tests/unit/test_ds_adapter.py fail when one of those behaviours changes. A test scans the
-package so that no other module touches a private DeepSpeed attribute.
+Everything else in stable_megatron uses DeepSpeed's public API (`train_batch`, `eval_batch`,
+`save_checkpoint`, `load_checkpoint`, `PipelineModule`). Where the project needs more (the
+engine at pipeline size 1 with the pipeline engine's interface, a decision inside each ZeRO
+stage's optimizer step, safe checkpoint reads, the universal checkpoint switch, the pipeline
+module's layer specs, ZeRO's gradient fragments and master weights, ZeRO-3's gathered
+weights), the access lives here, each with a comment naming the DeepSpeed behaviour it relies
+on; the tests in tests/unit/test_ds_adapter.py fail when one of those behaviours changes. A
+test scans the package so that no other module touches a private DeepSpeed attribute.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ class UpdateGate:
     ZeRO stage 3 decides at `_get_norm_groups()` (see `__init__`); stage 0 at the same two
     points as stages 1-2, which `StageZeroOptimizer` provides.
 
-    DeepSpeed's ZeRO stage 1/2 optimizer (`DeepSpeedZeroOptimizer.step`, the only optimizer
-    the pipeline engine allows) decides in two places whether a step's update is applied:
+    DeepSpeed's ZeRO stage 1/2 optimizer (`DeepSpeedZeroOptimizer.step`) decides in two
+    places whether a step's update is applied:
     - `check_overflow()`, run first when it checks the gradients for inf/NaN itself (fp16; bf16
       with `check_grad_overflow`, which we switch on). On an overflow it sets `overflow` and
       skips the norm, so the step is decided there, with an infinite grad norm;
@@ -531,9 +532,9 @@ def _make_stage_zero_optimizer_class():
         """ZeRO stage 0: DeepSpeed then steps the optimizer it is given with no decision point
         between the reduced gradients and the update and no global norm kept (its fp32 path
         clips through `clip_fp32_gradients` and drops the norm). This wrapper is stepped in
-        its place and gives stage 0 what the ZeRO optimizers have: `check_overflow()`
-        (non-finite gradients), `scaled_global_norm()` (the gradients' global L2 norm, a TP
-        all-reduce; the gradients are whole and data-parallel averaged by then), `overflow`
+        its place and gives stage 0 what the ZeRO optimizers have: `scaled_global_norm()` (the
+        gradients' global L2 norm, a TP all-reduce; the gradients are whole and data-parallel
+        averaged by then; not finite: the step is an overflow), `overflow`
         (which DeepSpeed's engine reads to skip the LR step and count `skipped_steps`),
         `_global_grad_norm` (`engine.get_global_grad_norm()`) and the clipping (DeepSpeed's
         own is switched off: `gradient_clipping` 0 in its config). Parameter groups and state
@@ -545,25 +546,26 @@ def _make_stage_zero_optimizer_class():
             self.param_groups, self.state = inner.param_groups, inner.state
             self.overflow, self._global_grad_norm = False, None
 
-        def _grads(self):
-            return [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        def _grads(self) -> list:
+            return [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
 
         def check_overflow(self) -> bool:
-            local = torch.zeros(1, dtype=torch.float64, device=self._device())
-            for p in self._grads():
-                local += (~torch.isfinite(p.grad)).any().double()
-            dist.all_reduce(local, group=self.tp_group)
-            self.overflow = bool(local.item() > 0)
+            """Stages 1-2 call this for bf16/fp16 only; stage 0 is fp32, where (as there) a
+            non-finite global norm is the overflow."""
             return self.overflow
 
         def scaled_global_norm(self) -> float:
+            """The L2 norm of all gradients, TP-replicated ones counted by TP rank 0 only:
+            torch's foreach norm per rank, the squares summed in fp64 over the TP group."""
             from megatron.core import parallel_state as mpu
 
-            tp_rank = mpu.get_tensor_model_parallel_rank()
-            total = torch.zeros(1, dtype=torch.float64, device=self._device())
-            for p in self._grads():  # TP-replicated gradients counted by TP rank 0 only
-                if getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
-                    total += p.grad.double().pow(2).sum()
+            first = mpu.get_tensor_model_parallel_rank() == 0
+            grads = [p.grad for g in self.param_groups for p in g["params"]
+                     if p.grad is not None and (first or getattr(p, "tensor_model_parallel",
+                                                                 False))]
+            local = (torch.nn.utils.get_total_norm(grads).double() if grads
+                     else torch.zeros((), dtype=torch.float64, device=self._device()))
+            total = local.square().reshape(1)
             dist.all_reduce(total, group=self.tp_group)
             return math.sqrt(float(total))
 
@@ -574,17 +576,16 @@ def _make_stage_zero_optimizer_class():
         def step(self, closure=None):
             self.overflow = False
             self._global_grad_norm = float("inf")
-            if self.check_overflow():
-                return None
             norm = self.scaled_global_norm()
-            if self.overflow:  # dropped (stable_megatron's UpdateGate)
+            if not math.isfinite(norm):
+                self.overflow = True
+            if self.overflow:  # non-finite, or dropped (stable_megatron's UpdateGate)
                 return None
             self._global_grad_norm = norm
             if self.clip > 0:  # as ZeRO clips: by (norm + 1e-6) / clip when that exceeds 1
-                factor = (norm + 1e-6) / self.clip
-                if factor > 1:
-                    for p in self._grads():
-                        p.grad.mul_(1.0 / factor)
+                torch.nn.utils.clip_grads_with_norm_(
+                    [p for g in self.param_groups for p in g["params"]], self.clip,
+                    torch.tensor(norm))
             return self.optimizer.step(closure)
 
         def zero_grad(self, set_to_none: bool = True) -> None:

@@ -102,15 +102,20 @@ def make_muon(model: torch.nn.Module, cfg: Config):
 DS_REDUCE_BUCKET = 500_000_000
 
 
-def deepspeed_config(cfg: Config, dp: int, stage_params: int = DS_REDUCE_BUCKET) -> dict:
+def deepspeed_config(cfg: Config, dp: int, stage_params: int = DS_REDUCE_BUCKET,
+                     largest_param: int | None = None) -> dict:
     """The engine's config. `stage_params`, the number of parameters on this rank, caps ZeRO's
     gradient bucket: with pipeline parallelism DeepSpeed allocates a fresh bucket of
     `reduce_bucket_size` elements every step (2 GB of fp32 at its default of 5e8, for a model
     of a few million parameters here), and the part the gradients fill is faulted in anew each
     step on CPU and held by the caching allocator on GPU. A bucket as large as the stage's
-    parameters groups the reduction exactly as the default does for any stage under 5e8."""
+    parameters groups the reduction exactly as the default does for any stage under 5e8.
+    Under ZeRO-3, whose point is to hold 1/dp of the model state, the bucket is one parameter
+    (`largest_param`, the largest on this rank): a bucket of the whole model would be the
+    largest buffer of the rank."""
     t, stage = cfg.train, cfg.parallel.zero_stage
-    zero = {"stage": stage, "reduce_bucket_size": max(1, min(stage_params, DS_REDUCE_BUCKET))}
+    bucket = largest_param if stage == 3 and largest_param else stage_params
+    zero = {"stage": stage, "reduce_bucket_size": max(1, min(bucket, DS_REDUCE_BUCKET))}
     if stage == 3:
         # every parameter partitioned: DeepSpeed's default (1e5) keeps those under 100k
         # elements whole on every rank, which at this project's CPU scale is all of them
@@ -149,9 +154,10 @@ def build_engine(cfg: Config, state, lr_scale=None):
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_at(cfg, s) / t.lr * scale()
     )
+    sizes = [p.numel() for p in model.parameters()]
     engine = ds_adapter.initialize(
         model, optimizer, scheduler,
-        deepspeed_config(cfg, state.layout.dp, sum(p.numel() for p in model.parameters())),
+        deepspeed_config(cfg, state.layout.dp, sum(sizes), max(sizes, default=1)),
     )
     if t.optimizer == "muon" and cfg.parallel.zero_stage in (1, 2):
         # where each matrix lies in ZeRO's flat partitions (stage 0: the parameters themselves)

@@ -11,10 +11,14 @@ it out, so a training run never depends on it.
 
 Formulas (P = parameters on one GPU, from `model/size.py`; s = seq, b = micro-batch, h = hidden,
 a = heads, t = TP, L_s = layers on the stage, V = padded vocabulary, dp = data-parallel size):
-- weights: 2 P bytes in bf16 (4 P in fp32);
-- gradients: 4 P (fp32 gradient accumulation, DeepSpeed's bf16 optimizer with ZeRO-1; the
-  fp32 gradients in fp32), plus 2 P for the bf16 `.grad` the backward writes first;
-- optimizer states, ZeRO-1: 12 P / dp (fp32 master copy, Adam m and v, sharded over DP);
+- weights: 2 P bytes in bf16 (4 P in fp32); ZeRO-3: divided by dp (plus, not counted, the
+  blocks gathered whole while they run);
+- gradients: 4 P (fp32 gradient accumulation, DeepSpeed's bf16 optimizer; the fp32 gradients
+  in fp32), plus 2 P for the bf16 `.grad` the backward writes first; ZeRO-2 and 3: the fp32
+  gradients divided by dp (the bf16 `.grad`s are released bucket by bucket as they are reduced:
+  not counted);
+- optimizer states: ZeRO-1 to 3: 12 P / dp (fp32 master copy, Adam m and v, sharded over DP);
+  ZeRO-0 (fp32 only): 8 P (Adam m and v; the weights are the master copy);
 - activations per micro-batch and layer without recompute (Korthikanti et al. 2022, no
   sequence parallelism; bf16, doubled in fp32): s b h (10 + 24 / t) bytes, plus 5 a s^2 b / t
   when the attention scores are materialised (attention_backend=math; SDPA / FlexAttention on
@@ -110,6 +114,9 @@ def groups(world: int, tp: int, pp: int) -> dict[str, list[list[int]]]:
     }
 
 
+ZERO_STAGES = (0, 1, 2, 3)
+
+
 @dataclass
 class StageMemory:
     stage: int
@@ -121,6 +128,7 @@ class StageMemory:
     activations_recompute: float  # with full recompute
     activations_selective: float  # with selective recompute
     recompute: str = "none"  # the configured train.recompute
+    zero_stage: int = 1
 
     @property
     def activations_configured(self) -> float:
@@ -150,6 +158,7 @@ class Plan:
     flops_per_token: float
     gpu: str
     mfu: float
+    by_zero_stage: dict  # ZeRO stage -> StageMemory of pipeline stage 0, for each allowed
 
     @property
     def world(self) -> int:
@@ -182,9 +191,11 @@ def layer_activation_bytes(cfg: Config, tp: int) -> float:
 
 
 def stage_memory(cfg: Config, stage: size.StageParams, layout: Layout,
-                 accumulation: int) -> StageMemory:
+                 accumulation: int, zero_stage: int | None = None) -> StageMemory:
+    """The estimate for one pipeline stage at ZeRO stage `zero_stage` (default: the config's)."""
     m, t = cfg.model, cfg.train
-    tp, pp = layout.tp, layout.pp
+    tp, pp, dp = layout.tp, layout.pp, layout.dp
+    zero = cfg.parallel.zero_stage if zero_stage is None else zero_stage
     bf16 = t.precision == "bf16"
     p = stage.per_rank
     layers = stage.layers[1] - stage.layers[0] + 1
@@ -197,17 +208,28 @@ def stage_memory(cfg: Config, stage: size.StageParams, layout: Layout,
     if stage.stage == pp - 1:
         logits = (m.seq_length * t.micro_batch_size * m.padded_vocab_size(tp) / tp
                   * (10 if bf16 else 8))
+    weights = p * (2 if bf16 else 4) / (dp if zero == 3 else 1)
+    grads = p * (6 if bf16 else 4) if zero < 2 else 4 * p / dp
+    optimizer = 8 * p if zero == 0 else 12 * p / dp
     return StageMemory(
         stage=stage.stage,
         params=p,
-        weights=p * (2 if bf16 else 4),
-        grads=p * (6 if bf16 else 4),
-        optimizer=12 * p / layout.dp,
+        weights=weights,
+        grads=grads,
+        optimizer=optimizer,
         activations=layers * in_flight * per_layer + logits,
         activations_recompute=layers * in_flight * layer_input + per_layer + logits,
         activations_selective=layers * in_flight * (per_layer - scores) + scores + logits,
         recompute=t.recompute,
+        zero_stage=zero,
     )
+
+
+def zero_stages_allowed(cfg: Config) -> tuple[int, ...]:
+    """The ZeRO stages this config's layout takes (pp > 1: DeepSpeed's pipeline engine, 0-1;
+    bf16: not 0)."""
+    stages = ZERO_STAGES if cfg.parallel.pp == 1 else (0, 1)
+    return tuple(s for s in stages if not (s == 0 and cfg.train.precision == "bf16"))
 
 
 def make_plan(cfg: Config, nodes: int, gpus_per_node: int, gpu: str = "h100",
@@ -229,6 +251,8 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, gpu: str = "h100",
         cfg=cfg, nodes=nodes, gpus_per_node=gpus_per_node, layout=layout,
         accumulation=accumulation, total_params=size.total_params(cfg, tp), stages=stages,
         memory=[stage_memory(cfg, s, layout, accumulation) for s in stages],
+        by_zero_stage={z: stage_memory(cfg, stages[0], layout, accumulation, z)
+                       for z in zero_stages_allowed(cfg)},
         flops_per_token=flops_per_token(cfg), gpu=gpu, mfu=mfu,
     )
 
@@ -336,7 +360,8 @@ def format_plan(plan: Plan) -> str:
         out.append(f"  stage {s.stage}: layers {s.layers[0]}-{s.layers[1]}, "
                    f"{s.per_rank:,} per GPU ({_count(s.per_rank)}; embedding {_count(s.embedding)},"
                    f" final norm + head {_count(s.head)})")
-    out.append(f"memory per GPU (GiB, estimate; {t.precision}, ZeRO-1 over dp {lay.dp}):")
+    out.append(f"memory per GPU (GiB, estimate; {t.precision}, ZeRO-{cfg.parallel.zero_stage} over "
+               f"dp {lay.dp}):")
     for mem in plan.memory:
         line = (
             f"  stage {mem.stage}: weights {mem.weights / GIB:.2f} + grads {mem.grads / GIB:.2f}"
@@ -348,6 +373,12 @@ def format_plan(plan: Plan) -> str:
             line += (f"; with full recompute: activations {mem.activations_recompute / GIB:.2f}"
                      f", total {mem.total_recompute / GIB:.2f}")
         out.append(line)
+    out.append(f"  by ZeRO stage (parallel.zero_stage; pipeline stage 0, recompute "
+               f"{t.recompute}): weights + grads + optimizer + activations")
+    for z, mem in plan.by_zero_stage.items():
+        out.append(f"    ZeRO-{z}: {mem.weights / GIB:.2f} + {mem.grads / GIB:.2f} + "
+                   f"{mem.optimizer / GIB:.2f} + {mem.activations_configured / GIB:.2f} = "
+                   f"{mem.total / GIB:.2f}")
     tps = plan.tokens_per_sec
     step_s = plan.tokens_per_step / tps
     out += [

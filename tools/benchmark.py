@@ -29,8 +29,9 @@ or with an optimizer other than AdamW (`muon`, stable_megatron.bench.OPTIMIZERS)
 
 ZeRO stages: `--methods zero0,zero2,zero3` adds each stage as an arm beside ours (the recipe's
 stage, 1) and prints each against the references (`--vs mcore`): step time and peak memory at
-DP1; `--zero` runs each stage at DP2 (2 processes of 1 thread, one launch per stage) and
-reports each rank's model-state memory (the bytes of the tensors alive between steps).
+DP1; `--zero` runs each stage at DP2 (2 processes of 1 thread, one launch per stage; `--zero-dp 4`:
+4 processes sharing the 2 cores) and reports each rank's model-state memory (the bytes of the
+tensors alive between steps).
 
 Modes: `--parallel` (TP2, PP2, DP2 on 2 processes of 1 thread against world 1 with 2 threads,
 each in its own launch), `--zero`, `--growth` (step time against sequence length and hidden
@@ -793,19 +794,23 @@ ZERO_RUNS = (("ZeRO-0", 0), ("ZeRO-1", 1), ("ZeRO-2", 2), ("ZeRO-3", 3))
 
 
 def run_zero(args, overrides: list[str], progress: Progress) -> dict[str, Any]:
-    """Each ZeRO stage at DP2 (2 processes x 1 thread), one launch each, `--rounds` times in
-    alternating order: step time, and each rank's model state (`live_tensor_bytes`)."""
+    """Each ZeRO stage at DP `--zero-dp` (that many processes, 2 cores shared), one launch
+    each, `--rounds` times in alternating order: step time, and each rank's model state
+    (`live_tensor_bytes`)."""
     import tempfile
 
+    dp = args.zero_dp
+    threads = max(1, 2 // dp)
     results: dict[str, list[dict]] = {label: [] for label, _ in ZERO_RUNS}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             order = ZERO_RUNS if r % 2 == 0 else ZERO_RUNS[::-1]
             for label, stage in order:
-                progress(f"round {r + 1}/{args.rounds}: {label} at DP2 (2 processes x 1 thread)")
+                progress(f"round {r + 1}/{args.rounds}: {label} at DP{dp} ({dp} processes x "
+                         f"{threads} thread(s))")
                 out = Path(tmp) / f"zero{stage}_{r}.json"
                 cmd = _worker_command(args, [*overrides, f"parallel.zero_stage={stage}"], out)
-                _launch(cmd, 2, 1, args.timeout)
+                _launch(cmd, dp, threads, args.timeout)
                 results[label].append(json.loads(out.read_text()))
     progress.done()
     merged = {}
@@ -819,7 +824,7 @@ def run_zero(args, overrides: list[str], progress: Progress) -> dict[str, Any]:
         r["time_vs_stage1"] = r["time_s"] / ref["time_s"]
         r["state_vs_stage1"] = r["model_state_bytes"] / ref["model_state_bytes"]
     return {"mode": "zero", "layouts": merged, "rounds": args.rounds, "steps": args.steps,
-            "warmup": args.warmup}
+            "warmup": args.warmup, "dp": dp, "threads": threads}
 
 
 def _worker_command(args, overrides: list[str], out: Path) -> list[str]:
@@ -1066,7 +1071,8 @@ def format_zero(result: dict[str, Any]) -> str:
     lay = result["layouts"]
     first = next(iter(lay.values()))
     out = [
-        f"ZeRO stages at DP2 (2 processes x 1 thread): {_shape_line(first['shape'])}",
+        f"ZeRO stages at DP{result.get('dp', 2)} ({result.get('dp', 2)} processes x "
+        f"{result.get('threads', 1)} thread(s)): {_shape_line(first['shape'])}",
         f"{result['rounds']} round(s) of one launch per stage (order alternating), "
         f"{result['warmup']} warm-up + {result['steps']} timed steps each; median step time",
         "",
@@ -1135,6 +1141,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--zero", action="store_true",
                    help="ZeRO stages 0-3 at DP2 (2 processes x 1 thread): step time and each "
                    "rank's model-state memory")
+    p.add_argument("--zero-dp", type=int, default=2, metavar="DP",
+                   help="--zero: the data-parallel size (processes; default %(default)s)")
     p.add_argument("--rounds", type=int, default=1,
                    help="--parallel, --zero: launches per layout or stage")
     p.add_argument("--timeout", type=float, default=900,
@@ -1197,7 +1205,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.zero:
             for _, stage in ZERO_RUNS:  # fail before launching
                 make_config(args.recipe, args.shape,
-                            [*args.overrides, f"parallel.zero_stage={stage}"], 2)
+                            [*args.overrides, f"parallel.zero_stage={stage}"], args.zero_dp)
             result = run_zero(args, args.overrides, progress)
             text = format_zero(result)
         elif args.growth:

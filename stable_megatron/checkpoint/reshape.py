@@ -1,10 +1,12 @@
 """Reshaping: loading a checkpoint at another tensor-, pipeline- or data-parallel layout.
 
 A checkpoint written at TP x PP x DP holds DeepSpeed's files for that layout: per pipeline block
-and TP rank the module's state dict (`layer_XX-model_YY-model_states.pt`), per rank a ZeRO-1
-shard of the optimizer (fp32 master weights, Adam moments) flattened over that data-parallel
-group. Loading it elsewhere goes through DeepSpeed's *universal checkpoint* format, one
-directory per parameter with its whole (un-split) fp32 value and Adam moments:
+and TP rank the module's state dict (`layer_XX-model_YY-model_states.pt`), per rank a ZeRO
+shard of the optimizer (fp32 master weights, Adam moments) partitioned over that data-parallel
+group. Another ZeRO stage (`parallel.zero_stage`) partitions it otherwise, so a checkpoint
+loaded at another stage takes the same road (`is_reshape`). Loading it elsewhere goes through
+DeepSpeed's *universal checkpoint* format, one directory per parameter with its whole
+(un-split) fp32 value and Adam moments:
 
 1. Conversion, once per checkpoint and loading run (rank 0; the other ranks wait; an error on
    rank 0 is raised on every rank), always under the LOADING run's checkpoint directory, never
@@ -46,9 +48,11 @@ loss after such a reshape then differs slightly from the original layout's.
 `checkpoint.finetune=true` at another layout (weights only) needs no conversion: each rank reads
 the source layer files of its blocks (`safe_load`) and reshards every parameter and buffer.
 
-Limits: ZeRO stage 1 (the only stage the pipeline engine supports); checkpoints saved before
-`universal_checkpoint_info` was recorded cannot be converted (resume them at their own layout
-and save again).
+Limits: into ZeRO-3, TP1 only (DeepSpeed's ZeRO-3 universal loader does not slice over TP); a
+ZeRO-0 checkpoint (its optimizer state in the engine file, which the converter does not read)
+loads at its own layout and stage only, and nothing converts into ZeRO-0 (weights only:
+`checkpoint.finetune=true`); checkpoints saved before `universal_checkpoint_info` was recorded
+cannot be converted (resume them at their own layout and save again).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""Every logged stability metric has the same value at TP1, TP2, PP2, TP2xPP2 and DP2 as in a
-single process, for the same model and data (fp32 tolerance): the reductions in
-stable_megatron/metrics/reduce.py make rank 0's numbers independent of the layout. So do the
+"""Every logged stability metric has the same value at TP1, TP2, PP2, TP2xPP2, DP2, and DP2 and
+TP2xDP2 under ZeRO-3, as in a single process, for the same model and data (fp32 tolerance):
+the reductions in stable_megatron/metrics/reduce.py make rank 0's numbers independent of the
+layout. So do the
 spike guard's loss statistics (`loss_mean`, `loss_std`, `spike_score`, `grad_norm_score`),
 which it computes on every step from its own all-reduce of the loss."""
 
@@ -44,8 +45,9 @@ MODELS = {
     },
 }
 LAUNCHES = {  # processes -> layouts run in one launch
-    2: {"tp2": {"tp": 2}, "pp2": {"pp": 2}, "dp2": {}},
-    4: {"tp2_pp2": {"tp": 2, "pp": 2}},
+    # ZeRO-3: every weight the metrics read (TEV, norms, updates, sigma) partitioned over DP
+    2: {"tp2": {"tp": 2}, "pp2": {"pp": 2}, "dp2": {}, "dp2_zero3": {"zero_stage": 3}},
+    4: {"tp2_pp2": {"tp": 2, "pp": 2}, "tp2_dp2_zero3": {"tp": 2, "zero_stage": 3}},
 }
 TIMEOUT = 300  # watchdog per launch (seconds)
 

@@ -189,3 +189,20 @@ def test_sigkill_during_save_loses_nothing(killed, resumed, case, point):
     for wa, wb in zip(weights(ref_out, f"{case}-A"), weights(out, f"kill-{name}"), strict=True):
         for key in wa:
             assert torch.equal(wa[key], wb[key]), (name, key)
+
+
+def test_zero3_checkpoint_reads_as_the_trained_weights(resumed):
+    """The layer files of a ZeRO-3 checkpoint are written from the gathered weights: `inspect`,
+    `export` and `generate` read (`view.merged_state_dict`) exactly the weights the run
+    trained, as at any other stage."""
+    from stable_megatron.checkpoint import view
+
+    out, _ = resumed
+    merged = view.merged_state_dict(view.open_checkpoint(out / "dp2-zero3" / "A" / "checkpoints"))
+    trained = weights(out, "dp2-zero3-A")[0]  # rank 0, gathered (TP1: whole tensors)
+    # the transformer layers' tensors (blocks 1 and 2) under the same keys in both
+    layers = [k for k, v in merged.items()
+              if k.split(".")[0] in ("1", "2") and torch.is_tensor(v)]
+    assert layers and set(layers) <= set(trained)
+    for key in layers:
+        assert torch.equal(merged[key], trained[key]), key
