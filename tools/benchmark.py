@@ -1000,8 +1000,9 @@ def format_compare(result: dict[str, Any]) -> str:
             time_ratio = arms[m]["time_s"] / arms[ref]["time_s"]
             state = ("-" if not arms[ref].get("state_bytes") else
                      f"{arms[m]['state_bytes'] / arms[ref]['state_bytes']:.2f}x")
+            # paired: (ours / ref) / (ours / m), each the median over rounds
             out.append(f"{m} / {ref} = {time_ratio:.3f}x step time (paired "
-                       f"{arms[m]['ours_over'] / arms[ref]['ours_over']:.3f}x), {state} "
+                       f"{arms[ref]['ours_over'] / arms[m]['ours_over']:.3f}x), {state} "
                        f"state memory")
     ours = arms["ours"]
     if ours["mfu"] is not None:
