@@ -799,9 +799,12 @@ def run_zero(args, overrides: list[str], progress: Progress) -> dict[str, Any]:
     (`live_tensor_bytes`)."""
     import tempfile
 
+    import torch
+
     dp = args.zero_dp
     threads = max(1, 2 // dp)
     results: dict[str, list[dict]] = {label: [] for label, _ in ZERO_RUNS}
+    rate = {"before": fp32_rate(torch)}  # the machine's speed, beside the absolute times
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             order = ZERO_RUNS if r % 2 == 0 else ZERO_RUNS[::-1]
@@ -823,8 +826,20 @@ def run_zero(args, overrides: list[str], progress: Progress) -> dict[str, Any]:
     for r in merged.values():
         r["time_vs_stage1"] = r["time_s"] / ref["time_s"]
         r["state_vs_stage1"] = r["model_state_bytes"] / ref["model_state_bytes"]
+    rate["after"] = fp32_rate(torch)
     return {"mode": "zero", "layouts": merged, "rounds": args.rounds, "steps": args.steps,
-            "warmup": args.warmup, "dp": dp, "threads": threads}
+            "warmup": args.warmup, "dp": dp, "threads": threads, "fp32_gflops": rate}
+
+
+def fp32_rate(torch) -> float:
+    """This process's fp32 2048^3 matmul rate (GFLOP/s) at 2 threads (the machine's speed)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        return matmul_rate(torch.device("cpu"), torch.float32, [(2048, 2048, 2048)])[
+            "2048x2048x2048"] / 1e9
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _worker_command(args, overrides: list[str], out: Path) -> list[str]:
@@ -1076,6 +1091,9 @@ def format_zero(result: dict[str, Any]) -> str:
         f"{result.get('threads', 1)} thread(s)): {_shape_line(first['shape'])}",
         f"{result['rounds']} round(s) of one launch per stage (order alternating), "
         f"{result['warmup']} warm-up + {result['steps']} timed steps each; median step time",
+        *([f"fp32 matmul rate (2048^3, 2 threads): {result['fp32_gflops']['before']:.0f} "
+           f"GFLOP/s before the launches, {result['fp32_gflops']['after']:.0f} after"]
+          if "fp32_gflops" in result else []),
         "",
     ]
     header = ["stage", "step ms", "IQR", "tokens/s", "model state MiB (rank 0)",
