@@ -39,6 +39,7 @@ LAYOUTS = {
     "tp2_dp2_zero0": (4, {"tp": 2, "zero_stage": 0}),
     "tp2_dp2_zero2": (4, {"tp": 2, "zero_stage": 2}),
     "tp2_dp2_zero3": (4, {"tp": 2, "zero_stage": 3}),
+    "dp2_zero3": (2, {"zero_stage": 3}),
 }
 
 
@@ -83,8 +84,10 @@ MUON_CASES = {
 }
 MUON_LAYOUTS = {"tp2": MUON_CASES, "pp2": MUON_CASES, "dp2": MUON_CASES,
                 "tp2_pp2": MUON_CASES, "tp2_dp2": {"muon": MUON}, "pp4": {"muon": MUON},
-                # Muon steps plain parameters at stage 0 and ZeRO-1's flat partitions at 2
-                "tp2_dp2_zero0": {"muon": MUON}, "tp2_dp2_zero2": {"muon": MUON}}
+                # Muon steps ZeRO-1's flat partitions at stage 2 (plain parameters at stage 0:
+                # the slow target)
+                "tp2_dp2_zero2": {"muon": MUON}}
+MUON_SLOW_LAYOUTS = {"tp2_dp2_zero0": {"muon": MUON}}
 
 
 def case(parallel: dict, model: dict | None = None) -> dict:
@@ -178,12 +181,14 @@ def check_against(reference: list[dict], ranks: list[dict]) -> None:
 # The default target runs every case of one process count in one launch (a launch costs
 # ~5-10 s of imports on a 2-core machine, more than the cases' own steps): the baselines at
 # every layout, every method at TP2 and at PP2, and QK-norm + cap with full recompute at TP2 x
-# PP2; under ZeRO-3 at TP2 x DP2 the methods that touch weights outside the forward (where
-# ZeRO-3 holds them partitioned): sigma-reparam's power step, QK-clip's rescaling (also of
-# MLRA's factors), and Llama-style blocks for the untied head and the stride-2 FC1. Every
-# method at TP2 x PP2 and at TP2 x DP2 under ZeRO 0, 2 and 3 is in the slow target.
+# PP2; under ZeRO-3 the methods that touch weights outside the forward (where ZeRO-3 holds
+# them partitioned): QK-clip's rescaling of the weights and their master copy at TP2 x DP2,
+# and at DP2 sigma-reparam's power step, QK-clip on MLRA's factors and Llama-style blocks (the
+# untied head, the stride-2 FC1). Every method at TP2 x PP2 and at TP2 x DP2 under ZeRO 0, 2
+# and 3 is in the slow target.
 DEFAULT_METHOD_LAYOUTS = ("tp2", "pp2")
-ZERO3_METHODS = ("sigma_reparam", "qk_clip", "qk_clip_mlra", "llama_style")
+ZERO3_METHODS = {"tp2_dp2_zero3": ("qk_clip",),
+                 "dp2_zero3": ("sigma_reparam", "qk_clip_mlra", "llama_style")}
 
 
 @pytest.fixture(scope="module")
@@ -201,9 +206,8 @@ def launched(tmp_path_factory):
                 cases[f"{layout}/baseline"] = case(parallel)
                 if layout in DEFAULT_METHOD_LAYOUTS:
                     cases.update({f"{layout}/{m}": case(parallel, o) for m, o in METHODS.items()})
-                if layout == "tp2_dp2_zero3":
-                    cases.update({f"{layout}/{m}": case(parallel, METHODS[m])
-                                  for m in ZERO3_METHODS})
+                cases.update({f"{layout}/{m}": case(parallel, METHODS[m])
+                              for m in ZERO3_METHODS.get(layout, ())})
                 if layout == "tp2_pp2":
                     cases[f"{layout}/qk_norm_cap_recompute"] = recompute_case(parallel)
                 if layout == "tp2":
@@ -264,20 +268,28 @@ def test_methods_match_single_process(reference, launched, tmp_path, layout):
         check_against(reference[name], results[name])
 
 
-def test_zero3_methods_match_single_process(reference, launched):
-    """The methods that touch weights outside the forward (ZERO3_METHODS) at TP2 x DP2 under
-    ZeRO-3, in the default target."""
-    for name in ZERO3_METHODS:
-        check_against(reference[name], launched(4)[f"tp2_dp2_zero3/{name}"])
+@pytest.mark.parametrize("layout", list(ZERO3_METHODS))
+def test_zero3_methods_match_single_process(reference, launched, layout):
+    """The methods that touch weights outside the forward (ZERO3_METHODS) under ZeRO-3, in
+    the default target."""
+    nproc, _ = LAYOUTS[layout]
+    for name in ZERO3_METHODS[layout]:
+        check_against(reference[name], launched(nproc)[f"{layout}/{name}"])
 
 
-@pytest.mark.parametrize("layout", list(MUON_LAYOUTS))
-def test_muon_matches_single_process(reference, launched, layout):
+@pytest.mark.parametrize("layout", [*MUON_LAYOUTS, *(pytest.param(name, marks=pytest.mark.slow)
+                                                     for name in MUON_SLOW_LAYOUTS)])
+def test_muon_matches_single_process(reference, launched, tmp_path, layout):
     """Muon alone, with QK-clip and with sigma-reparam: losses, gradients and every weight
     after 3 steps as one process computes them."""
-    nproc, _ = LAYOUTS[layout]
-    for name in MUON_LAYOUTS[layout]:
-        check_against(reference[name], launched(nproc)[f"{layout}/{name}"])
+    nproc, parallel = LAYOUTS[layout]
+    if layout in MUON_LAYOUTS:
+        results = {n: launched(nproc)[f"{layout}/{n}"] for n in MUON_LAYOUTS[layout]}
+    else:
+        results = run_cases(tmp_path, nproc, {n: case(parallel, o)
+                                              for n, o in MUON_SLOW_LAYOUTS[layout].items()})
+    for name, ranks in results.items():
+        check_against(reference[name], ranks)
 
 
 def test_muon_takes_orthogonal_steps(reference):

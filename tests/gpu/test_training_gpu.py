@@ -84,3 +84,21 @@ def test_tp2_over_nccl_matches_one_gpu(tmp_path, data_cache):
         assert all(math.isfinite(x) for x in one + two), (name, one, two)
         for step, (a, b) in enumerate(zip(one, two, strict=True), 1):
             assert abs(a - b) <= 1e-4 * abs(a), f"{name} step {step}: tp1 {a} tp2 {b}"
+
+
+def test_zero_stages_follow_stage_1_on_one_gpu(tmp_path, data_cache):
+    """DeepSpeed's plain engine at pipeline size 1 (`ds_adapter.DataParallelEngine`) on CUDA:
+    ZeRO stages 0, 2 and 3 in fp32 take stage 1's losses (rounding only: the stages sum the
+    same gradients in another order), and stage 3 trains in bf16."""
+    baseline = str(ROOT / "recipes" / "methods" / "baseline.yaml")
+    cases = {f"zero{s}": [baseline, f"parallel.zero_stage={s}"] for s in (0, 1, 2, 3)}
+    cases["zero3_bf16"] = [baseline, "parallel.zero_stage=3", "train.precision=bf16"]
+    out = gpu_torchrun(1, [str(tmp_path), json.dumps(cases), *_common(data_cache)])
+    reference = _losses(tmp_path / "zero1")
+    for name in cases:
+        assert f"case {name}: backend nccl" in out, out[-3000:]
+        losses = _losses(tmp_path / name)
+        assert len(losses) == STEPS and all(math.isfinite(x) for x in losses), (name, losses)
+        if name != "zero3_bf16":
+            for step, (a, b) in enumerate(zip(reference, losses, strict=True), 1):
+                assert abs(a - b) <= 1e-4 * abs(a), f"{name} step {step}: {b} vs stage 1 {a}"
