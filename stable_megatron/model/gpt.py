@@ -2,8 +2,10 @@
 
 The model is a flat list of stages' building blocks, `embedding -> layer_1 .. layer_L ->
 final_norm -> lm_head`, which DeepSpeed splits evenly by transformer layer over pipeline stages
-(one stage when parallel.pp=1). Tensors between blocks are the hidden states `[seq, batch,
-hidden]` only: attention is causal by construction, so no mask travels between stages.
+(one stage when parallel.pp=1, trained there by DeepSpeed's plain engine so that ZeRO stages
+2-3 are open: `ds_adapter.DataParallelEngine`). Tensors between blocks are the hidden states
+`[seq, batch, hidden]` only: attention is causal by construction, so no mask travels between
+stages.
 
 Every block seeds the CPU generator with `seed + its index` before creating its weights, and
 megatron-core initialises each weight whole before splitting it over tensor-parallel ranks:
