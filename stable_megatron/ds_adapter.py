@@ -425,6 +425,10 @@ def _make_data_parallel_engine_class():
             # read by PipelineModule.save_state_dict; the pipeline engine sets it likewise
             self.module.checkpoint_parallel_write_pipeline = \
                 self._config.checkpoint_parallel_write_pipeline
+            if self.dp_world_size == 1 and not self.zero_optimization():
+                # one data-parallel rank, no ZeRO: `backward` would still copy every gradient
+                # into flat buckets, "all-reduce" them over one rank and copy them back
+                self.enable_backward_allreduce = False
 
         def is_first_stage(self) -> bool:
             return True
