@@ -1,6 +1,7 @@
 """The DeepSpeed behaviours `stable_megatron.ds_adapter`'s step section relies on, checked on a
-real engine (one process, ZeRO 1, fp32): each test fails if DeepSpeed changes what the adapter
-assumes. The checkpoint section has its own tests (test_ds_adapter_checkpoint.py)."""
+real engine (one process, fp32; ZeRO 1, and the gate also at stages 0 and 3, whose decision
+points differ): each test fails if DeepSpeed changes what the adapter assumes. The checkpoint
+section has its own tests (test_ds_adapter_checkpoint.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def state(one_process):
     return one_process
 
 
-def make_engine(state, accum: int = 2):
+def make_engine(state, accum: int = 2, zero: int = 1):
     from stable_megatron.train import build_engine
 
     cfg = config_from_dict({
@@ -26,6 +27,7 @@ def make_engine(state, accum: int = 2):
                   "seq_length": 16},
         "train": {"micro_batch_size": 2, "global_batch_size": 2 * accum, "warmup_steps": 0,
                   "lr": 1e-2},
+        "parallel": {"zero_stage": zero},
     })
     validate(cfg, 1)
     return cfg, build_engine(cfg, state)
@@ -42,15 +44,23 @@ def batches(cfg, engine, seed: int = 0):
 
 
 def weights(engine):
-    return {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    from stable_megatron.ds_adapter import gathered
+
+    with gathered(engine.module.parameters()):  # whole under ZeRO-3
+        return {n: p.detach().clone() for n, p in engine.module.named_parameters()}
 
 
-def test_gate_decides_once_per_step_with_the_engines_grad_norm(state):
-    """DeepSpeed's ZeRO-1 `step()` calls `scaled_global_norm()` once, before the update, and the
-    norm it returns is the one the engine reports afterwards."""
+STAGES = [0, 1, 3]  # stage 2 decides where stage 1 does (the same optimizer class)
+
+
+@pytest.mark.parametrize("zero", STAGES)
+def test_gate_decides_once_per_step_with_the_engines_grad_norm(state, zero):
+    """Each stage's `step()` reaches the gate's decision point once, before the update (ZeRO-1
+    and stage 0's `StageZeroOptimizer` at `scaled_global_norm()`, ZeRO-3 at
+    `_get_norm_groups()`), with the norm the engine reports afterwards."""
     from stable_megatron.ds_adapter import UpdateGate
 
-    cfg, engine = make_engine(state)
+    cfg, engine = make_engine(state, zero=zero)
     seen = []
     before = {}
 
@@ -70,15 +80,17 @@ def test_gate_decides_once_per_step_with_the_engines_grad_norm(state):
             assert all(torch.equal(before[n], start[n]) for n in start)
     assert engine.skipped_steps == 0
     gate.remove()
-    assert not {"check_overflow", "scaled_global_norm"} & set(engine.optimizer.__dict__)
+    assert not {"check_overflow", "scaled_global_norm", "_get_norm_groups"} & set(
+        engine.optimizer.__dict__)
 
 
-def test_dropping_an_update_skips_it_like_an_overflow(state):
-    """Setting the ZeRO optimizer's `overflow` at the norm makes DeepSpeed skip the update and
-    the LR-scheduler step and count `skipped_steps`."""
+@pytest.mark.parametrize("zero", STAGES)
+def test_dropping_an_update_skips_it_like_an_overflow(state, zero):
+    """Setting the optimizer's `overflow` at the norm makes DeepSpeed skip the update and the
+    LR-scheduler step and count `skipped_steps`."""
     from stable_megatron.ds_adapter import UpdateGate
 
-    cfg, engine = make_engine(state)
+    cfg, engine = make_engine(state, zero=zero)
     gate = UpdateGate(engine, lambda grad_norm: True)
     start, lr_step = weights(engine), engine.lr_scheduler.last_epoch
     gate.arm()
@@ -91,12 +103,13 @@ def test_dropping_an_update_skips_it_like_an_overflow(state):
     assert any(not torch.equal(p, start[n]) for n, p in weights(engine).items())
 
 
-def test_step_loss_sum_is_the_micro_batch_losses_before_the_update(state):
+@pytest.mark.parametrize("zero", STAGES)
+def test_step_loss_sum_is_the_micro_batch_losses_before_the_update(state, zero):
     """`total_loss` holds the sum of the step's micro-batch losses when the optimizer runs;
     `train_batch` returns their mean."""
     from stable_megatron.ds_adapter import UpdateGate, step_loss_sum
 
-    cfg, engine = make_engine(state, accum=3)
+    cfg, engine = make_engine(state, accum=3, zero=zero)
     sums = []
     gate = UpdateGate(engine, lambda grad_norm: sums.append(step_loss_sum(engine)) or False)
     gate.arm()
@@ -130,6 +143,28 @@ def test_grad_fragments_make_up_the_full_gradient(state):
     assert got and all(kind == "fragment" for kind, _, _ in got.values())
     for name, (_, mine, full) in got.items():
         assert mine == pytest.approx(full, rel=1e-9), name
+
+
+def test_engine_at_pipeline_size_1_and_no_gradient_copies_at_stage_0(state):
+    """At pp=1 every stage runs DeepSpeed's plain engine with the pipeline engine's interface;
+    at stage 0 with one data-parallel rank its backward does not all-reduce (a flatten, a
+    one-rank all-reduce and a copy back of every gradient), at stage 1 ZeRO reduces."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    for zero in (0, 1, 2, 3):
+        cfg, engine = make_engine(state, zero=zero)
+        assert isinstance(engine, DeepSpeedEngine) and not isinstance(engine, PipelineEngine)
+        assert engine.is_first_stage() and engine.is_last_stage()
+        calls = []
+
+        def counted(*args, original=engine.allreduce_gradients, calls=calls, **kwargs):
+            calls.append(1)
+            return original(*args, **kwargs)
+
+        engine.allreduce_gradients = counted
+        engine.train_batch(batches(cfg, engine))
+        assert (len(calls) > 0) == (zero > 0), zero
 
 
 def test_shared_memory_all_reduce_switch_exists():
