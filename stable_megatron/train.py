@@ -138,7 +138,10 @@ class Trainer:
         from stable_megatron.checkpoint import reshape
 
         stage = self.cfg.parallel.zero_stage
-        load = reshape.load if reshape.is_reshape(meta, self.layout, stage) else ckpt.load
+        # weights only under ZeRO-3: from the layer files, as at another layout (DeepSpeed's own
+        # ZeRO-3 weights-only load rebuilds them from its flat optimizer files, not ours)
+        resharded = reshape.is_reshape(meta, self.layout, stage) or (weights_only and stage == 3)
+        load = reshape.load if resharded else ckpt.load
         client = load(self.engine, self.cfg, self.layout, tag_dir, meta, weights_only)
         if weights_only:
             return

@@ -499,7 +499,8 @@ def load(engine, cfg, layout, tag_dir: Path, meta: dict, weights_only: bool = Fa
     here = describe((layout.tp, layout.pp, layout.dp), cfg.parallel.zero_stage)
     pipe = engine.module
     if weights_only:
-        load_resharded_state(pipe, tag_dir, saved_tp, layout, params=True)
+        with ds_adapter.gathered(pipe.parameters(), modify=True):  # whole under ZeRO-3
+            load_resharded_state(pipe, tag_dir, saved_tp, layout, params=True)
         ds_adapter.refresh_master_weights(engine)
         if layout.rank == 0:
             _rank0_print(f"weights of {tag_dir} (saved at {saved}) resharded to {here}")

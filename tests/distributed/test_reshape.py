@@ -203,10 +203,14 @@ def test_checkpoint_without_universal_info_is_refused_clearly(fast):
 # elsewhere (its optimizer state is not in ZeRO's files).
 ZERO_SOURCES = {"z3": ["parallel.zero_stage=3"], "tp2z1": ["parallel.tp=2"],
                 "z0": ["parallel.zero_stage=0"]}
+FINETUNE = ["checkpoint.finetune=true", "train.steps=1"]
 ZERO_TARGETS = {2: {"z3-tp2": ("z3", ["parallel.tp=2"]),
                     "tp2z1-z3": ("tp2z1", ["parallel.zero_stage=3"]),
-                    "tp2z1-z3tp2": ("tp2z1", ["parallel.zero_stage=3", "parallel.tp=2"])},
-                1: {"z3-tp1": ("z3", []), "z0-tp1": ("z0", [])}}
+                    "tp2z1-z3tp2": ("tp2z1", ["parallel.zero_stage=3", "parallel.tp=2"]),
+                    # weights only into ZeRO-3: at the saved layout and stage, and from TP2 ZeRO-1
+                    "z3-ft": ("z3", ["parallel.zero_stage=3", *FINETUNE]),
+                    "tp2z1-ftz3": ("tp2z1", ["parallel.zero_stage=3", *FINETUNE])},
+                1: {"z3-tp1": ("z3", []), "z0-tp1": ("z0", []), "z3-ft1": ("z3", FINETUNE)}}
 ZERO_REFUSED = ("tp2z1-z3tp2", "z0-tp1")
 
 
@@ -234,6 +238,17 @@ def test_zero_stage_reshape_matches_original_run(zero, source, target):
     check_resumed(out, source, target)
     world = 1 if target == "tp1" else 2
     assert f"reshaped {source_tag(out, source)} from " in logs[world]
+
+
+def test_weights_only_into_and_out_of_zero3(zero):
+    """`checkpoint.finetune=true` under ZeRO-3 (the layer files read into the gathered weights,
+    the fp32 master refreshed) and out of it: the first loss of the three starts is the same
+    (the loaded step-2 weights on batch 0), and below a fresh model's."""
+    out, _ = zero
+    firsts = [records(out / name)[1]["loss"] for name in ("z3-ft", "tp2z1-ftz3", "z3-ft1")]
+    for loss in firsts[1:]:
+        assert loss == pytest.approx(firsts[0], rel=RTOL)
+    assert firsts[0] < records(out / "z3-A")[1]["loss"]
 
 
 def test_zero_stage_reshapes_that_cannot_work_are_refused_clearly(zero):
