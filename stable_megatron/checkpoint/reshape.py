@@ -324,21 +324,20 @@ def _for_every_stage(universal: Path) -> None:
       bare tensors and no `step.pt`: wrapped, and the step written;
     - `zero/optimizer_state.pt`: stages 1-2 need `ds_version`, stage 3 the base optimizer's
       state dict (`optimizer_state_dict`: the step of its first group, and the groups).
-    Every file here was written by the converter from the verified snapshot (read back with
-    `weights_only=False` as DeepSpeed itself reads them; `ensure_universal` then reads every one
-    with `weights_only=True`)."""
+    Every file is read with `safe_load` (tensors and plain data only), as `ensure_universal`
+    reads them all again before DeepSpeed loads them."""
     from deepspeed.checkpoint import constants as c
 
     _engine_state_names(universal)
     zero = universal / "zero"
     state_path = zero / "optimizer_state.pt"
-    state = torch.load(state_path, map_location="cpu", weights_only=False)
-    engine = torch.load(engine_file(universal), map_location="cpu", weights_only=False)
+    state = safe_load(state_path)
+    engine = safe_load(engine_file(universal))
     nested = state.get(c.OPTIMIZER_STATE_DICT)
     if nested is not None:  # saved by stage 3: the Adam step of its (common) first group
         step = nested["state"][0]["step"]
     else:  # stages 1-2: every parameter's step.pt holds it
-        step = torch.load(next(zero.glob("*/step.pt")), map_location="cpu", weights_only=False)
+        step = safe_load(next(zero.glob("*/step.pt")))
         state[c.OPTIMIZER_STATE_DICT] = {"state": {0: {"step": step}},
                                          "param_groups": state[c.PARAM_GROUPS]}
     state.setdefault(c.DS_VERSION, engine.get(c.DS_VERSION))
@@ -349,7 +348,7 @@ def _for_every_stage(universal: Path) -> None:
     for folder in sorted(p for p in zero.iterdir() if p.is_dir()):
         for key in ("fp32", "exp_avg", "exp_avg_sq"):
             path = folder / f"{key}.pt"
-            value = torch.load(path, map_location="cpu", weights_only=False)
+            value = safe_load(path)
             if torch.is_tensor(value):
                 torch.save(_universal_entry(folder.name, value, shapes, info), path)
         if not (folder / "step.pt").exists():
