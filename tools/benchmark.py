@@ -816,12 +816,9 @@ def run_zero(args, overrides: list[str], progress: Progress) -> dict[str, Any]:
                 _launch(cmd, dp, threads, args.timeout)
                 results[label].append(json.loads(out.read_text()))
     progress.done()
-    merged = {}
-    for label, rs in results.items():
-        times = [t for r in rs for t in r["step_times"]]
-        merged[label] = {**rs[0], "step_times": times, "time_s": statistics.median(times),
-                         "spread": iqr(times) / statistics.median(times),
-                         "model_state_bytes": max(r["model_state_bytes"] for r in rs)}
+    merged = {label: {**merge_rounds(rs),
+                      "model_state_bytes": max(r["model_state_bytes"] for r in rs)}
+              for label, rs in results.items()}
     ref = merged["ZeRO-1"]
     for r in merged.values():
         r["time_vs_stage1"] = r["time_s"] / ref["time_s"]
@@ -840,6 +837,16 @@ def fp32_rate(torch) -> float:
             "2048x2048x2048"] / 1e9
     finally:
         torch.set_num_threads(threads)
+
+
+def merge_rounds(rs: list[dict]) -> dict[str, Any]:
+    """One layout's (or stage's) worker results over `--rounds` launches: the first's fields,
+    with every round's step and data times and their median, spread and data wait."""
+    times = [t for r in rs for t in r["step_times"]]
+    data = [t for r in rs for t in r["data_times"]]
+    return {**rs[0], "step_times": times, "data_times": data,
+            "time_s": statistics.median(times), "spread": iqr(times) / statistics.median(times),
+            "data_wait": sum(data) / sum(times)}
 
 
 def _worker_command(args, overrides: list[str], out: Path) -> list[str]:
@@ -893,15 +900,7 @@ def run_parallel(args, overrides: list[str], progress: Progress) -> dict[str, An
                 _launch(cmd, nproc, cores // nproc, args.timeout)
                 results[label].append(json.loads(out.read_text()))
     progress.done()
-    merged = {}
-    for label, rs in results.items():
-        times = [t for r in rs for t in r["step_times"]]
-        data = [t for r in rs for t in r["data_times"]]
-        first = rs[0]
-        merged[label] = {**first, "step_times": times, "data_times": data,
-                         "time_s": statistics.median(times),
-                         "spread": iqr(times) / statistics.median(times),
-                         "data_wait": sum(data) / sum(times)}
+    merged = {label: merge_rounds(rs) for label, rs in results.items()}
     ref = merged["world 1"]["time_s"]
     for r in merged.values():
         r["efficiency"] = ref / r["time_s"]
