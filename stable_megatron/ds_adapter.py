@@ -12,6 +12,8 @@ test scans the package so that no other module touches a private DeepSpeed attri
 
 from __future__ import annotations
 
+import contextlib
+
 # --------------------------------------------------------------------------------------------
 # The optimizer step
 
@@ -390,14 +392,49 @@ def initialize(model, optimizer, lr_scheduler, config: dict):
     try:
         config_class = DeepSpeedConfig(config, mpu)
         deepspeed.set_optimizer_flags(config_class, model)
-        engine = _data_parallel_engine_class()(
-            args=None, model=model, optimizer=optimizer, model_parameters=None,
-            training_data=None, lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=None,
-            collate_fn=None, config=config, config_class=config_class)
+        with _stage3_master_shares_fp32_weights():
+            engine = _data_parallel_engine_class()(
+                args=None, model=model, optimizer=optimizer, model_parameters=None,
+                training_data=None, lr_scheduler=lr_scheduler, mpu=mpu,
+                dist_init_required=None, collate_fn=None, config=config,
+                config_class=config_class)
     finally:
         zero.partition_parameters.restore_init_context()
     engine._configure_python_gc()
     return engine
+
+
+@contextlib.contextmanager
+def _stage3_master_shares_fp32_weights():
+    """While the engine is built: ZeRO-3 with fp32 weights uses its partition of the weights as
+    its fp32 master partition instead of a second copy of it (4 bytes a parameter / dp).
+    DeepSpeed 0.19.8's `_create_fp32_partitions` has that branch (taken when the weights'
+    partition already has the master dtype and device), but compares `tensor.device` with the
+    device *name* (`current_device_name()`, a str), which torch never finds equal, so the
+    branch is never taken and the copy is made. Here the name is a `torch.device` while that
+    method runs (and only then); the optimizer then steps the weights' partition in place and
+    its copy back to them is a no-op. bf16 weights (a bf16 partition, an fp32 master) and
+    optimizer offload (another device) do not meet the branch's condition and are unchanged.
+    Checked by test_ds_adapter's stage-3 memory test and by every ZeRO-3 parity test."""
+    import torch
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
+
+    original = Stage3._create_fp32_partitions
+
+    def create_fp32_partitions(self):
+        name = self.device
+        if isinstance(name, str) and not self.offload_optimizer:
+            self.device = torch.device(name)
+        try:
+            return original(self)
+        finally:
+            self.device = name
+
+    Stage3._create_fp32_partitions = create_fp32_partitions
+    try:
+        yield
+    finally:
+        Stage3._create_fp32_partitions = original
 
 
 _ENGINE_CLASS = None
@@ -516,7 +553,6 @@ def gathered(params, modify: bool = False):
     the changes made inside are kept (each rank makes the same ones, rank 0's are
     re-partitioned). Other parameters are left as they are: a no-op below stage 3. Uses
     DeepSpeed's public `zero.GatheredParameters`."""
-    import contextlib
 
     params = [p for p in params if partitioned(p)]
     if not params:

@@ -167,6 +167,29 @@ def test_engine_at_pipeline_size_1_and_no_gradient_copies_at_stage_0(state):
         assert (len(calls) > 0) == (zero > 0), zero
 
 
+def test_zero3_in_fp32_steps_the_weights_partition_as_its_master_copy(state):
+    """ZeRO-3 with fp32 weights keeps no second fp32 copy of them
+    (`ds_adapter._stage3_master_shares_fp32_weights`): each fp32 master partition the optimizer
+    steps is the weights' partition itself, so a step moves both, and the master entries
+    `_stage3_master` reads are the partition's."""
+    from stable_megatron import ds_adapter
+
+    cfg, engine = make_engine(state, zero=3)
+    opt = engine.optimizer
+    for master, weights_part in zip(opt.fp32_partitioned_groups_flat,
+                                    opt.fp16_partitioned_groups_flat, strict=True):
+        assert master.data_ptr() == weights_part.data_ptr()
+        assert (master.untyped_storage().data_ptr()
+                == opt.lp_param_buffer.untyped_storage().data_ptr())
+    param = next(engine.module.parameters())
+    before = param.ds_tensor.clone()
+    engine.train_batch(batches(cfg, engine))
+    assert not torch.equal(param.ds_tensor, before)  # the step updated the partition in place
+    local, start = ds_adapter._stage3_master(param)
+    assert start == 0 and torch.equal(local, param.ds_tensor.narrow(0, 0, local.numel()))
+    assert local.data_ptr() == param.ds_tensor.data_ptr()
+
+
 def test_shared_memory_all_reduce_switch_exists():
     import deepspeed
 
