@@ -63,6 +63,14 @@ class StepRunner:
         if any(_overrides(h, "before_update") for h in self.hooks):
             self._gate = ds_adapter.UpdateGate(engine, self._before_update)
 
+    def add(self, hook: StepHook) -> None:
+        """`hook` after the others, from the next step on."""
+        from stable_megatron import ds_adapter
+
+        self.hooks.append(hook)
+        if self._gate is None and _overrides(hook, "before_update"):
+            self._gate = ds_adapter.UpdateGate(self.engine, self._before_update)
+
     def _before_update(self, grad_norm: float) -> bool:
         drop = False
         for hook in self.hooks:

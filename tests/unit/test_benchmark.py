@@ -162,20 +162,21 @@ def test_parallel_and_growth_tables():
     assert "sequence length" in text and "hidden size" in text and "time/FLOP x" in text
     assert len(re.findall(r"^1024\s", text, re.M)) == 2
     stages = {label: {**layout, "model_state_bytes": 2**20 * (4 - stage), "zero_stage": stage,
+                      "update_state_bytes": 2**20 * (5 - stage), "update_vs_stage1": 1.0,
                       "state_vs_stage1": (4 - stage) / 3, "time_vs_stage1": 1.0}
               for label, stage in bm.ZERO_RUNS}
     text = bm.format_zero({"layouts": stages, "rounds": 1, "steps": 2, "warmup": 1})
     for label, _ in bm.ZERO_RUNS:
         assert re.search(rf"^{label}\s.*\s{NUMBER}x\s", text, re.M), text
-    assert "model state" in text
+    assert "state at the update" in text and "state between steps" in text
 
 
 @pytest.mark.slow
 def test_zero_mode_runs_each_stage_at_dp2(tmp_path):
     """`--zero`: each stage in a launch of 2 processes; at DP2 ZeRO-1 holds less model state
-    per rank than ZeRO-0 (Adam's moments split: 4 + 12 / 2 bytes a parameter against 12).
-    (ZeRO-3's 20 / dp bytes a parameter only fall below ZeRO-1's at dp > 2:
-    docs/performance.md#zero-stages.)"""
+    per rank than ZeRO-0 (Adam's moments split: 4 + 12 / 2 bytes a parameter against 12
+    between steps), and at the update ZeRO-3 less than ZeRO-1 (16 / dp bytes a parameter
+    and a reduce bucket, against 4 + 16 / dp: docs/performance.md#zero-stages)."""
     saved = tmp_path / "zero.json"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--zero", "--shape", "tiny", "--steps",
                            "1", "--warmup", "1", "--save", str(saved), *SMALL],
@@ -184,4 +185,5 @@ def test_zero_mode_runs_each_stage_at_dp2(tmp_path):
     lay = json.loads(saved.read_text())["layouts"]
     assert [r["zero_stage"] for r in lay.values()] == [0, 1, 2, 3]
     assert lay["ZeRO-1"]["model_state_bytes"] < lay["ZeRO-0"]["model_state_bytes"]
-    assert "model state MiB (rank 0)" in proc.stdout
+    assert lay["ZeRO-3"]["update_state_bytes"] < lay["ZeRO-1"]["update_state_bytes"]
+    assert "state at the update MiB" in proc.stdout
