@@ -542,6 +542,58 @@ def _is_stage3(optimizer) -> bool:
     return isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3)
 
 
+def partitioned_build(enabled: bool):
+    """The context a model is built in. Enabled (ZeRO-3): DeepSpeed's `zero.Init`, which splits
+    each module's parameters over the data-parallel group (megatron-core's, which at pipeline
+    size 1, the only size ZeRO-3 runs at, holds the ranks of DeepSpeed's) as soon as that
+    module's constructor returns, so no rank holds the whole model; a constructor still sees its
+    own parameters whole (megatron-core's initialisation, sigma-reparam's first power
+    iteration). Built in fp32 whatever `train.precision`: zero.Init would otherwise turn every
+    floating tensor a constructor makes, fp32 buffers included, into the configured dtype;
+    `cast_partitions` casts the weights afterwards, as DeepSpeed casts a model it is given
+    whole. `memory_efficient_linear` off: it swaps `torch.nn.functional.linear` for
+    DeepSpeed's own and leaves it swapped. Disabled: a no-op."""
+    if not enabled:
+        return contextlib.nullcontext()
+    import torch
+    from deepspeed import zero
+    from megatron.core import parallel_state
+
+    # what zero.Init reads of a config: the engine's persistence threshold (0: every weight
+    # split), no linear swap, and the dtype: fp32, as neither bf16 nor fp16 is enabled (its
+    # `dtype` argument is not used for that: DeepSpeed 0.19.8 ignores it where the accelerator
+    # has no fp16, as the CPU's has not, and builds in bf16); a batch size only because
+    # DeepSpeedConfig requires one
+    config = {"train_micro_batch_size_per_gpu": 1,
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                                    "memory_efficient_linear": False}}
+    built = zero.Init(data_parallel_group=parallel_state.get_data_parallel_group(),
+                      config_dict_or_path=config)
+    if built.dtype != torch.float32:
+        raise RuntimeError(f"DeepSpeed's zero.Init would build the model in {built.dtype}, "
+                           f"not fp32: read ds_adapter.partitioned_build")
+    return built
+
+
+def cast_partitions(model, dtype) -> None:
+    """Every ZeRO-3 parameter of `model` (its partition, and its empty placeholder) to `dtype`;
+    buffers are left as they are. Relies on: ZeRO-3 keeping this rank's partition in
+    `param.ds_tensor` and the engine reading the parameter's dtype from it."""
+    for param in model.parameters():
+        if partitioned(param):
+            param.ds_tensor.data = param.ds_tensor.data.to(dtype)
+            param.data = param.data.to(dtype)
+
+
+def full_shape(param) -> tuple:
+    """The shape of `param` whole (ZeRO-3 keeps it in `ds_shape`; its placeholder is empty)."""
+    return tuple(param.ds_shape) if partitioned(param) else tuple(param.shape)
+
+
+def full_numel(param) -> int:
+    return param.ds_numel if partitioned(param) else param.numel()
+
+
 def partitioned(param) -> bool:
     """Whether ZeRO-3 holds `param` partitioned (outside a forward, an empty placeholder)."""
     return hasattr(param, "ds_id")

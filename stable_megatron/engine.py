@@ -36,6 +36,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float,
     of their own, with that LR."""
     from megatron.core.tensor_parallel import VocabParallelEmbedding
 
+    from stable_megatron import ds_adapter
+
     tables = set()
     for module in model.modules():
         if isinstance(module, (torch.nn.Embedding, VocabParallelEmbedding)):
@@ -45,7 +47,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float,
         if not param.requires_grad:
             continue
         table = id(param) in tables
-        if param.dim() < 2 or (table and not decay_embeddings):
+        if len(ds_adapter.full_shape(param)) < 2 or (table and not decay_embeddings):
             no_decay.append(param)
         elif not table and linear_lr is not None:
             linear.append(param)
@@ -145,8 +147,12 @@ def build_engine(cfg: Config, state, lr_scale=None):
     from stable_megatron import ds_adapter, parallel
     from stable_megatron.model.gpt import build_model
 
-    model = build_model(cfg, state.topology, state.device).to(state.device)
     t = cfg.train
+    zero_init = cfg.parallel.zero_stage == 3 and cfg.parallel.zero_init
+    with ds_adapter.partitioned_build(zero_init):  # ZeRO-3: no rank holds the whole model
+        model = build_model(cfg, state.topology, state.device).to(state.device)
+    if zero_init and t.precision == "bf16":  # as DeepSpeed casts a model it partitions itself
+        ds_adapter.cast_partitions(model, torch.bfloat16)
     optimizer = make_muon(model, cfg) if t.optimizer == "muon" else make_optimizer(model, cfg)
     if cfg.parallel.zero_stage == 0:  # the decision point and global norm ZeRO would give
         optimizer = ds_adapter.stage_zero_optimizer(optimizer, t.grad_clip, parallel.tp_group())
@@ -154,7 +160,7 @@ def build_engine(cfg: Config, state, lr_scale=None):
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_at(cfg, s) / t.lr * scale()
     )
-    sizes = [p.numel() for p in model.parameters()]
+    sizes = [ds_adapter.full_numel(p) for p in model.parameters()]
     engine = ds_adapter.initialize(
         model, optimizer, scheduler,
         deepspeed_config(cfg, state.layout.dp, sum(sizes), max(sizes, default=1)),

@@ -18,7 +18,9 @@ a = heads, t = TP, L_s = layers on the stage, V = padded vocabulary, dp = data-p
   gradients divided by dp (the bf16 `.grad`s are released bucket by bucket as they are reduced:
   not counted);
 - optimizer states: ZeRO-1 to 3: 12 P / dp (fp32 master copy, Adam m and v, sharded over DP);
-  ZeRO-0 (fp32 only): 8 P (Adam m and v; the weights are the master copy);
+  ZeRO-0 (fp32 only): 8 P (Adam m and v; the weights are the master copy); ZeRO-3 in fp32:
+  8 P / dp (the weights' partition is the master copy: `ds_adapter`'s
+  `_stage3_master_shares_fp32_weights`);
 - activations per micro-batch and layer without recompute (Korthikanti et al. 2022, no
   sequence parallelism; bf16, doubled in fp32): s b h (10 + 24 / t) bytes, plus 5 a s^2 b / t
   when the attention scores are materialised (attention_backend=math; SDPA / FlexAttention on
@@ -210,7 +212,12 @@ def stage_memory(cfg: Config, stage: size.StageParams, layout: Layout,
                   * (10 if bf16 else 8))
     weights = p * (2 if bf16 else 4) / (dp if zero == 3 else 1)
     grads = p * (6 if bf16 else 4) if zero < 2 else 4 * p / dp
-    optimizer = 8 * p if zero == 0 else 12 * p / dp
+    if zero == 0:
+        optimizer = 8 * p  # the weights are the master copy
+    elif zero == 3 and not bf16:
+        optimizer = 8 * p / dp  # the weights' partition is the master copy
+    else:
+        optimizer = 12 * p / dp
     return StageMemory(
         stage=stage.stage,
         params=p,

@@ -81,6 +81,10 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     zero_stage: int = 1
+    # under ZeRO-3: build the model inside DeepSpeed's zero.Init, each block's weights split
+    # over the data-parallel ranks as soon as the block is built, so that no rank ever holds
+    # the whole model (false: built whole on every rank, split when the engine starts)
+    zero_init: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     partition_method: str = "type:TransformerLayerPipe"
     # how long a collective waits for the other ranks before it fails (torch.distributed)

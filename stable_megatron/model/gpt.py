@@ -32,6 +32,16 @@ def _seeded(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class PositionEmbedding(nn.Embedding):
+    """Learned positions, `init_method` applied in the constructor: a module's own constructor
+    is where ZeRO-3's zero.Init still holds its weight whole (it splits the weight when the
+    constructor returns; a parent initialising it afterwards would touch an empty placeholder)."""
+
+    def __init__(self, positions: int, hidden: int, init_method) -> None:
+        super().__init__(positions, hidden)
+        init_method(self.weight)
+
+
 class EmbeddingPipe(nn.Module):
     """Vocab-parallel word embedding (scaled by sqrt(h) with `model.scale_embeddings`, + learned
     positions, + a LayerNorm with `model.embedding_norm`). tokens [b, s] -> hidden [s, b, h].
@@ -53,8 +63,8 @@ class EmbeddingPipe(nn.Module):
         )
         self.position_embeddings = None
         if m.position_embedding == "learned" and with_positions:
-            self.position_embeddings = nn.Embedding(m.seq_length, m.hidden_size)
-            tcfg.init_method(self.position_embeddings.weight)
+            self.position_embeddings = PositionEmbedding(m.seq_length, m.hidden_size,
+                                                         tcfg.init_method)
         # input side only: the tied copy on the last stage serves as the output layer
         self.scale = m.hidden_size ** 0.5 if m.scale_embeddings else None
         self.norm = None

@@ -79,6 +79,17 @@ def run_case(overrides: dict, out: Path) -> None:
         records.append({})
         runner.after_step(step + 1, records[-1])  # the model's hooks after the update (QK-clip)
     params = weights()
+    built_split = None
+    if cfg.parallel.zero_stage == 3 and cfg.parallel.zero_init:
+        # what the engine's build did (zero.Init): each weight split as its block was built;
+        # seen on a probe model built the same way, after the run (its initialisation draws
+        # from megatron-core's TP random state, which the run's build does not reseed)
+        from stable_megatron.model.gpt import build_model
+
+        with ds_adapter.partitioned_build(True):
+            probe = build_model(cfg, state.topology, state.device)
+        built_split = [(p.numel(), p.ds_tensor.numel(), p.ds_numel) for p in probe.parameters()]
+        del probe
     out.mkdir(parents=True, exist_ok=True)
     torch.save(
         {
@@ -89,6 +100,8 @@ def run_case(overrides: dict, out: Path) -> None:
             "records": records,
             # how many parameters ZeRO-3 held partitioned (0 below stage 3), of how many
             "partitioned": (sum(ds_adapter.partitioned(p) for _, p in named), len(named)),
+            # ZeRO-3 with zero.Init: (placeholder, partition, whole) sizes of each weight as built
+            "built_split": built_split,
             "grads": first_grads,
             "initial": initial,
             "params": params,

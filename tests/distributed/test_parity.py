@@ -245,6 +245,12 @@ def test_layout_matches_single_process(name, reference, launched):
     check_against(reference["baseline"], ranks)
     partitioned, total = ranks[0]["partitioned"]  # not vacuous: ZeRO-3 split every weight
     assert partitioned == (total if parallel.get("zero_stage") == 3 else 0)
+    if parallel.get("zero_stage") == 3:  # zero.Init (the default): no rank built a weight whole
+        dp = nproc // parallel.get("tp", 1)
+        for rank in ranks:
+            assert rank["built_split"], "the worker built no probe model"
+            for placeholder, local, whole in rank["built_split"]:
+                assert placeholder == 0 and local == -(-whole // dp), (local, whole)
 
 
 @pytest.mark.parametrize("layout", [

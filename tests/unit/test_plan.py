@@ -76,6 +76,26 @@ def test_fp32_and_tied_embeddings():
     assert plan.memory[1].activations == 2 * (2 * 32 * 2 * 64 * 22) + 32 * 2 * 512 * 8
 
 
+def test_memory_by_zero_stage_by_hand():
+    """Each stage's weights, gradients and optimizer state per GPU at pp = 1 (tp 2 x dp 4),
+    as DeepSpeed holds them (measured on CPU: docs/performance.md#zero-stages)."""
+    for precision in ("fp32", "bf16"):
+        cfg = load_config(TINY, [*SMALL, "parallel.pp=1", f"train.precision={precision}"])
+        plan = make_plan(cfg, nodes=2, gpus_per_node=4)
+        p, dp, w = plan.stages[0].per_rank, plan.layout.dp, 4 if precision == "fp32" else 2
+        assert dp == 4
+        by = plan.by_zero_stage
+        assert set(by) == ({0, 1, 2, 3} if precision == "fp32" else {1, 2, 3})
+        if precision == "fp32":
+            assert (by[0].weights, by[0].grads, by[0].optimizer) == (4 * p, 4 * p, 8 * p)
+        grads_whole = 4 * p if precision == "fp32" else 6 * p
+        assert (by[1].weights, by[1].grads, by[1].optimizer) == (w * p, grads_whole, 12 * p / dp)
+        assert (by[2].weights, by[2].grads, by[2].optimizer) == (w * p, 4 * p / dp, 12 * p / dp)
+        master = 0 if precision == "fp32" else 4  # fp32: the weights' partition is the master
+        assert (by[3].weights, by[3].grads, by[3].optimizer) == (
+            w * p / dp, 4 * p / dp, (8 + master) * p / dp)
+
+
 def test_groups_match_deepspeed_topology():
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
