@@ -620,6 +620,7 @@ def summarize(arm: Arm, cfg, peak: dict[str, Any], base: Arm | None = None) -> d
         "mfu": tflops / peak["tflops"] if peak.get("tflops") else None,
         "data_wait": sum(arm.data_times) / sum(arm.times),
         "peak_bytes": arm.peak_bytes,
+        "build_peak_bytes": getattr(arm, "build_peak_bytes", None),
         "state_bytes": getattr(arm, "state_bytes", None),
         "step_times": list(arm.times),
         "data_times": list(arm.data_times),
@@ -643,6 +644,7 @@ def run_arms(arms: dict[str, Any], state, steps: int, warmup: int, progress: Pro
         live = live_tensor_bytes()
         memory.start()
         built[name] = make()
+        built[name].build_peak_bytes = memory.peak()  # the build (and engine set-up) alone
         for w in range(warmup):
             progress(f"{label}{name}: warm-up step {w + 1}/{warmup}", detail=True)
             built[name].step()
@@ -809,8 +811,11 @@ class StateAtUpdate(StepHook):
         return False
 
 
-# --zero: (label, ZeRO stage), each at DP2 in a launch of its own
-ZERO_RUNS = (("ZeRO-0", 0), ("ZeRO-1", 1), ("ZeRO-2", 2), ("ZeRO-3", 3))
+# --zero: (label, overrides), each at DP2 in a launch of its own
+ZERO_RUNS = (("ZeRO-0", ["parallel.zero_stage=0"]), ("ZeRO-1", ["parallel.zero_stage=1"]),
+             ("ZeRO-2", ["parallel.zero_stage=2"]), ("ZeRO-3", ["parallel.zero_stage=3"]),
+             # the model built whole on every rank, then split when the engine starts
+             ("ZeRO-3 built whole", ["parallel.zero_stage=3", "parallel.zero_init=false"]))
 
 
 def run_zero(args, overrides: list[str], progress: Progress) -> dict[str, Any]:
@@ -828,11 +833,11 @@ def run_zero(args, overrides: list[str], progress: Progress) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             order = ZERO_RUNS if r % 2 == 0 else ZERO_RUNS[::-1]
-            for label, stage in order:
+            for i, (label, settings) in enumerate(order):
                 progress(f"round {r + 1}/{args.rounds}: {label} at DP{dp} ({dp} processes x "
                          f"{threads} thread(s))")
-                out = Path(tmp) / f"zero{stage}_{r}.json"
-                cmd = _worker_command(args, [*overrides, f"parallel.zero_stage={stage}"], out)
+                out = Path(tmp) / f"run{i}_{r}.json"
+                cmd = _worker_command(args, [*overrides, *settings], out)
                 _launch(cmd, dp, threads, args.timeout)
                 results[label].append(json.loads(out.read_text()))
     progress.done()
@@ -1119,18 +1124,20 @@ def format_zero(result: dict[str, Any]) -> str:
     ]
     header = ["stage", "step ms", "IQR", "tokens/s", "vs ZeRO-1 (time)",
               "state at the update MiB", "vs ZeRO-1", "state between steps MiB", "vs ZeRO-1",
-              "peak MiB"]
+              "build peak MiB", "peak MiB"]
     rows = [[label, f"{r['time_s'] * 1e3:.0f}", f"{r['spread']:.0%}", f"{r['tokens_per_s']:.0f}",
              f"{r['time_vs_stage1']:.2f}x", _mib(r["update_state_bytes"]),
              f"{r['update_vs_stage1']:.2f}x", _mib(r["model_state_bytes"]),
-             f"{r['state_vs_stage1']:.2f}x", _mib(r["peak_bytes"])] for label, r in lay.items()]
+             f"{r['state_vs_stage1']:.2f}x", _mib(r.get("build_peak_bytes")),
+             _mib(r["peak_bytes"])] for label, r in lay.items()]
     out += md_table(header, rows)
     out += ["", "model state (rank 0's process; the bytes of every live tensor, each storage "
             "once: weights, gradients, ZeRO's flat and fp32 master copies, optimizer state): at "
             "the update = inside an optimizer step, after the backward and before the weights "
             "change (weights + gradients + optimizer state, activations freed); between steps = "
-            "after a step. peak: the resident-set high-water mark of its build and warm-up "
-            "steps"]
+            "after a step. build peak: the resident-set high-water mark of building the model "
+            "and the engine, above the process's memory before; peak: of the build and the "
+            "warm-up steps"]
     return "\n".join(out)
 
 
@@ -1247,9 +1254,8 @@ def main(argv: list[str] | None = None) -> int:
             result = run_parallel(args, args.overrides, progress)
             text = format_parallel(result)
         elif args.zero:
-            for _, stage in ZERO_RUNS:  # fail before launching
-                make_config(args.recipe, args.shape,
-                            [*args.overrides, f"parallel.zero_stage={stage}"], args.zero_dp)
+            for _, settings in ZERO_RUNS:  # fail before launching
+                make_config(args.recipe, args.shape, [*args.overrides, *settings], args.zero_dp)
             result = run_zero(args, args.overrides, progress)
             text = format_zero(result)
         elif args.growth:
