@@ -210,6 +210,10 @@ def launched(tmp_path_factory):
                     cases[f"{layout}/qk_norm_cap_recompute"] = recompute_case(parallel)
                 if layout == "tp2":
                     cases[f"{layout}/bf16"] = bf16_case(parallel)
+                if layout == "dp2_zero3":  # built split (zero.Init) and whole, then cast
+                    cases[f"{layout}/bf16"] = bf16_case(parallel)
+                    cases[f"{layout}/bf16_built_whole"] = bf16_case({**parallel,
+                                                                     "zero_init": False})
                 cases.update({f"{layout}/{m}": case(parallel, o)
                               for m, o in MUON_LAYOUTS.get(layout, {}).items()})
             done[nproc] = run_cases(tmp_path_factory.mktemp(f"nproc{nproc}"), nproc, cases)
@@ -335,6 +339,23 @@ def test_bf16_follows_fp32_at_tp2(reference, launched):
         torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(fp32), rtol=2e-2,
                                    atol=0)
     assert ranks[0]["losses"][-1] < ranks[0]["losses"][0]
+
+
+def test_zero3_bf16_built_split_trains_as_built_whole(reference, launched):
+    """ZeRO-3 in bf16 at DP2: the model built inside zero.Init (in fp32, its partitions then
+    cast to bf16: `ds_adapter.cast_partitions`) takes the same steps as the model built whole
+    and cast by DeepSpeed, bit for bit, and follows the fp32 run to bf16's precision."""
+    split, whole = launched(2)["dp2_zero3/bf16"], launched(2)["dp2_zero3/bf16_built_whole"]
+    fp32 = reference["bf16_model"][0]["losses"]
+    for a, b in zip(split, whole, strict=True):
+        assert a["losses"] == b["losses"] and a["grad_norms"] == b["grad_norms"]
+        for name, record in a["params"].items():
+            value = record["value"]  # (saved as fp32) bf16 weights: exact in bf16
+            assert torch.equal(value.bfloat16().float(), value), name
+            assert torch.equal(record["value"], b["params"][name]["value"]), name
+        torch.testing.assert_close(torch.tensor(a["losses"]), torch.tensor(fp32), rtol=2e-2,
+                                   atol=0)
+    assert split[0]["losses"][-1] < split[0]["losses"][0]
 
 
 def test_reference_learns_and_gradients_are_nonzero(reference):
