@@ -512,12 +512,46 @@ def _make_data_parallel_engine_class():
             return value
 
         def module_state_dict(self, exclude_frozen_parameters=False):
-            """Saved as the pipeline engine saves it: a file per block (`layer_XX-...`)."""
-            with gathered(self.module.parameters()):
+            """Saved as the pipeline engine saves it: a file per block (`layer_XX-...`); under
+            ZeRO-3 each block gathered whole in turn, never the whole model."""
+            if not any(partitioned(p) for p in self.module.parameters()):
                 self.module.save_state_dict(self._curr_ckpt_path,
                                             checkpoint_engine=self.checkpoint_engine,
                                             exclude_frozen_params=exclude_frozen_parameters)
+            else:
+                self._save_blocks_one_at_a_time(exclude_frozen_parameters)
             return None
+
+        def _save_blocks_one_at_a_time(self, exclude_frozen: bool) -> None:
+            """`PipelineModule.save_state_dict` under ZeRO-3: every rank takes part in each
+            block's gather, the ranks that write the block save it, each from a clone (the
+            gathered weights are released when the gather ends). Relies on: the pipeline
+            module's layer-file naming (`ckpt_layer_path`), its grid's data-parallel id and
+            size, and its split of the blocks over the data-parallel ranks with
+            `checkpoint_parallel_write_pipeline` (`partition_uniform`), as in that method."""
+            from deepspeed.checkpoint.utils import clone_tensors_for_torch_save
+            from deepspeed.runtime.utils import partition_uniform
+
+            pipe, writer = self.module, self.checkpoint_engine
+            layers, grid = pipe.forward_funcs, pipe._grid
+            if pipe.checkpoint_parallel_write_pipeline:
+                bounds = partition_uniform(len(layers), grid.data_parallel_size)
+                mine = range(bounds[grid.data_parallel_id], bounds[grid.data_parallel_id + 1])
+            else:
+                mine = range(len(layers)) if grid.data_parallel_id == 0 else range(0)
+            writer.makedirs(self._curr_ckpt_path, exist_ok=True)
+            for idx, layer in enumerate(layers):
+                if not hasattr(layer, "state_dict"):
+                    continue
+                with gathered(layer.parameters()):
+                    if idx not in mine:
+                        continue
+                    state = layer.state_dict()
+                    if exclude_frozen:
+                        for name in pipe._get_frozen_parameter_names(layer):
+                            del state[name]
+                    writer.save(state_dict=clone_tensors_for_torch_save(state),
+                                path=pipe.ckpt_layer_path(self._curr_ckpt_path, idx))
 
         def load_module_state_dict(self, checkpoint, strict=True, custom_load_fn=None,
                                    fetch_z3_params=False, z3_params_to_fetch=None,
@@ -528,10 +562,35 @@ def _make_data_parallel_engine_class():
                     checkpoint, strict, custom_load_fn=custom_load_fn,
                     fetch_z3_params=fetch_z3_params, z3_params_to_fetch=z3_params_to_fetch,
                     allowed_missing_keys=allowed_missing_keys)
-            with gathered(self.module.parameters(), modify=True):
+            if not any(partitioned(p) for p in self.module.parameters()):
                 self.module.load_state_dir(load_dir=self._curr_ckpt_path, strict=strict,
                                            checkpoint_engine=self.checkpoint_engine)
+            else:
+                self._load_blocks_one_at_a_time(strict)
             return None
+
+        def _load_blocks_one_at_a_time(self, strict: bool) -> None:
+            """`PipelineModule.load_state_dir` under ZeRO-3: each block's files read, then the
+            block gathered whole, loaded and re-partitioned, in turn. Relies on: the layer
+            files of a block (`ckpt_layer_path_list`), DeepSpeed's state-dict loader picking
+            this TP rank's (`SDLoaderFactory`, version 2.0, as in that method) and the tied
+            weights synchronised after (`_synchronize_tied_weights`)."""
+            from deepspeed.runtime.state_dict_factory import SDLoaderFactory
+
+            pipe, reader = self.module, self.checkpoint_engine
+            grid = pipe._grid
+            for idx, layer in enumerate(pipe.forward_funcs):
+                if not hasattr(layer, "load_state_dict"):
+                    continue
+                files = pipe.ckpt_layer_path_list(self._curr_ckpt_path, idx)
+                loader = SDLoaderFactory.get_sd_loader(files, version=2.0,
+                                                       checkpoint_engine=reader)
+                _, state, _ = loader.load(grid.get_slice_parallel_world_size(),
+                                          grid.get_slice_parallel_rank(), module_key=None,
+                                          is_pipe_parallel=True)
+                with gathered(layer.parameters(), modify=True):
+                    layer.load_state_dict(state, strict=strict)
+            pipe._synchronize_tied_weights()
 
     return DataParallelEngine
 

@@ -18,13 +18,13 @@ def state(one_process):
     return one_process
 
 
-def make_engine(state, accum: int = 2, zero: int = 1):
+def make_engine(state, accum: int = 2, zero: int = 1, model: dict | None = None):
     from stable_megatron.train import build_engine
 
     cfg = config_from_dict({
         "data": {"vocab_size": 128},
         "model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
-                  "seq_length": 16},
+                  "seq_length": 16, **(model or {})},
         "train": {"micro_batch_size": 2, "global_batch_size": 2 * accum, "warmup_steps": 0,
                   "lr": 1e-2},
         "parallel": {"zero_stage": zero},
@@ -188,6 +188,49 @@ def test_zero3_in_fp32_steps_the_weights_partition_as_its_master_copy(state):
     local, start = ds_adapter._stage3_master(param)
     assert start == 0 and torch.equal(local, param.ds_tensor.narrow(0, 0, local.numel()))
     assert local.data_ptr() == param.ds_tensor.data_ptr()
+
+
+def test_zero3_gathers_one_block_at_a_time(state, tmp_path, monkeypatch):
+    """Under ZeRO-3 the layer-file save and load, and sigma-reparam's power step, gather one
+    block (or one weight) whole at a time, never the whole model; the load restores what was
+    saved."""
+    from stable_megatron import ds_adapter
+    from stable_megatron.methods.sigma_reparam import PowerIteration
+
+    cfg, engine = make_engine(state, zero=3)
+    engine.train_batch(batches(cfg, engine))
+    gathers = []
+    real = ds_adapter.gathered
+
+    def counted(params, modify=False):
+        params = list(params)
+        gathers.append(sum(ds_adapter.full_numel(p) for p in params if ds_adapter.partitioned(p)))
+        return real(params, modify)
+
+    monkeypatch.setattr(ds_adapter, "gathered", counted)
+    blocks = [sum(ds_adapter.full_numel(p) for p in layer.parameters())
+              for layer in engine.module.forward_funcs if hasattr(layer, "parameters")]
+    total = sum(ds_adapter.full_numel(p) for p in engine.module.parameters())
+    monkeypatch.undo()
+    saved = weights(engine)
+    monkeypatch.setattr(ds_adapter, "gathered", counted)
+    engine.save_checkpoint(str(tmp_path), tag="t")
+    with torch.no_grad():  # change every weight, then load them back
+        for param in engine.module.parameters():
+            param.ds_tensor.add_(1.0)
+    engine.load_checkpoint(str(tmp_path), tag="t")
+    assert gathers and max(gathers) <= max(blocks) < total
+    monkeypatch.undo()
+    for name, value in weights(engine).items():
+        assert torch.equal(value, saved[name]), name
+
+    cfg, engine = make_engine(state, zero=3, model={"sigma_reparam": {"enabled": True}})
+    gathers.clear()
+    monkeypatch.setattr(ds_adapter, "gathered", counted)
+    PowerIteration(engine.module).before_step(1)
+    monkeypatch.undo()
+    largest = max(ds_adapter.full_numel(p) for p in engine.module.parameters())
+    assert len(gathers) > 1 and max(gathers) <= largest
 
 
 def test_shared_memory_all_reduce_switch_exists():
