@@ -664,7 +664,6 @@ def gathered(params, modify: bool = False):
     the changes made inside are kept (each rank makes the same ones, rank 0's are
     re-partitioned). Other parameters are left as they are: a no-op below stage 3. Uses
     DeepSpeed's public `zero.GatheredParameters`."""
-
     params = [p for p in params if partitioned(p)]
     if not params:
         return contextlib.nullcontext()

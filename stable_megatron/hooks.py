@@ -55,13 +55,11 @@ class StepRunner:
     """Runs `engine.train_batch` with `hooks` at their points; one per engine."""
 
     def __init__(self, engine, hooks: Iterable[StepHook]) -> None:
-        from stable_megatron import ds_adapter
-
-        self.engine, self.hooks = engine, list(hooks)
+        self.engine, self.hooks = engine, []
         self._step = 0
         self._gate = None
-        if any(_overrides(h, "before_update") for h in self.hooks):
-            self._gate = ds_adapter.UpdateGate(engine, self._before_update)
+        for hook in hooks:
+            self.add(hook)
 
     def add(self, hook: StepHook) -> None:
         """`hook` after the others, from the next step on."""

@@ -39,13 +39,11 @@ class PowerIteration(StepHook):
 
     def before_step(self, step: int) -> None:
         from stable_megatron import ds_adapter
-        from stable_megatron.model.sigma_reparam import sigma_reparam_layers
+        from stable_megatron.model.sigma_reparam import refresh_spectral_norms
 
-        # as `refresh_spectral_norms`; under ZeRO-3 one weight gathered whole at a time, so
-        # that the step never holds the whole model (a no-op context below stage 3)
-        for _, layer in sigma_reparam_layers(self.module):
-            with ds_adapter.gathered([layer.weight]):
-                layer.power_iteration()
+        # under ZeRO-3 one weight gathered whole at a time, so that the step never holds the
+        # whole model (a no-op context below stage 3)
+        refresh_spectral_norms(self.module, around=ds_adapter.gathered)
 
 
 def add_sigma_reparam(contrib, parts, num_layers: int, exact_iters: int = 0) -> None:

@@ -68,6 +68,7 @@ tools must do the same, or call `init_power_iteration()` after a load at another
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator
 
@@ -426,11 +427,15 @@ def sigma_reparam_layers(model: nn.Module) -> Iterator[tuple[str, _SigmaReparam]
 
 
 @torch.no_grad()
-def refresh_spectral_norms(model: nn.Module) -> int:
+def refresh_spectral_norms(model: nn.Module, around=None) -> int:
     """Run each sigma-reparam layer's `power_iters` power steps; returns the number of layers.
-    Call once per optimizer step, before the step's forward passes, on every rank."""
+    Call once per optimizer step, before the step's forward passes, on every rank. `around`
+    (optional): a function of a list of weights returning the context each layer's steps run
+    in (the training loop passes `ds_adapter.gathered`: under ZeRO-3 one weight whole at a
+    time)."""
     count = 0
     for _, layer in sigma_reparam_layers(model):
-        layer.power_iteration()
+        with around([layer.weight]) if around is not None else contextlib.nullcontext():
+            layer.power_iteration()
         count += 1
     return count
