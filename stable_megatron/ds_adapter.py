@@ -106,17 +106,21 @@ def step_loss_sum(engine) -> float:
 
 def grad_fragment(param):
     """(kind, tensor) of this rank's gradient of `param` after the backward, before the update:
-    ("fragment", this data-parallel rank's flat piece of the averaged gradient) under ZeRO 1/2,
-    ("full", the whole gradient) for a plain `.grad` and under ZeRO 3, or (None, None). ZeRO 3
-    first (`ds_id`: the full gradient through a collective, `safe_get_full_grad`; every rank
-    must call this), then the order of `deepspeed.utils.safe_get_full_grad`: ZeRO's
-    `_hp_grad`, `.grad`, the `_hp_mapping` the ZeRO
-    optimizer links to each parameter (`get_lp_grad_fragment(_index_in_param_group)`; the bf16
-    optimizer's mapping returns the whole gradient, its own fragment being a slice of it)."""
+    ("fragment", this data-parallel rank's flat piece of the averaged gradient) under ZeRO 1, 2
+    and 3, ("full", the whole gradient) for a plain `.grad`, or (None, None). No collective.
+    ZeRO 3 first (`ds_id`: the entries of this rank's gradient partition,
+    `safe_get_local_grad`, less the last partition's padding), then the order of
+    `deepspeed.utils.safe_get_full_grad`: ZeRO's `_hp_grad`, `.grad`, the `_hp_mapping` the
+    ZeRO optimizer links to each parameter (`get_lp_grad_fragment(_index_in_param_group)`; the
+    bf16 optimizer's mapping returns the whole gradient, its own fragment being a slice of it)."""
     if hasattr(param, "ds_id"):  # ZeRO stage 3
-        from deepspeed.utils import safe_get_full_grad
+        from deepspeed.utils import safe_get_local_grad
 
-        return "full", safe_get_full_grad(param)
+        grad = safe_get_local_grad(param)
+        if grad is None:
+            return None, None
+        _, count = _stage3_span(param)
+        return "fragment", grad.reshape(-1).narrow(0, 0, count)
     if getattr(param, "_hp_grad", None) is not None:
         return _zero_fragment(param)
     if param.grad is not None:
@@ -164,20 +168,36 @@ def scale_master_weights(param, scale) -> bool:
     return True
 
 
-def _stage3_master(param):
-    """(the fp32 master entries of `param` this rank holds under ZeRO-3, a view; their offset
-    in the flattened parameter) or None. Relies on: ZeRO-3 partitioning each parameter over its
-    `ds_process_group` in rank order, `partition_numel()` elements each (the last padded), and
-    the optimizer's `get_local_fp32_param(param)` (behind `safe_get_local_fp32_param`) being a
-    view of its fp32 partition of that parameter."""
+def _stage3_span(param) -> tuple[int, int]:
+    """(offset in the flattened parameter, count) of the entries of ZeRO-3 parameter `param`
+    this rank holds (count 0: none). Relies on: ZeRO-3 partitioning each parameter over its
+    `ds_process_group` in rank order, `partition_numel()` elements each, the last padded."""
     import torch.distributed as dist
 
+    per_rank = param.partition_numel()
+    start = dist.get_rank(param.ds_process_group) * per_rank
+    return start, max(0, min(per_rank, param.ds_numel - start))
+
+
+def local_weights(param):
+    """This rank's entries of `param` as the forward uses them: the parameter itself, or under
+    ZeRO-3 (`partitioned`) a flat view of its partition, the padding left out (possibly empty).
+    ZeRO-3's partitions over the data-parallel ranks are disjoint and make up the whole."""
+    if not partitioned(param):
+        return param
+    _, count = _stage3_span(param)
+    return param.ds_tensor.reshape(-1).narrow(0, 0, count)
+
+
+def _stage3_master(param):
+    """(the fp32 master entries of `param` this rank holds under ZeRO-3, a view; their offset
+    in the flattened parameter) or None. Relies on `_stage3_span`'s layout and the optimizer's
+    `get_local_fp32_param(param)` (behind `safe_get_local_fp32_param`) being a view of its fp32
+    partition of that parameter."""
     optimizer = getattr(param, "_z3_optimizer", None)
     if optimizer is None:
         return None
-    per_rank = param.partition_numel()
-    start = dist.get_rank(param.ds_process_group) * per_rank
-    count = max(0, min(per_rank, param.ds_numel - start))
+    start, count = _stage3_span(param)
     if count == 0:
         return None
     local = optimizer.get_local_fp32_param(param).reshape(-1).narrow(0, 0, count)

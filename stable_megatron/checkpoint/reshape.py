@@ -451,42 +451,51 @@ def _rank0_print(message: str) -> None:
 
 def load_resharded_state(pipe, tag_dir: Path, src_tp: int, layout, params: bool) -> int:
     """Copy this stage's buffers (and, with `params`, parameters) from the layer files in
-    `tag_dir`, resharded from TP `src_tp`; returns the number of tensors set."""
+    `tag_dir`, resharded from TP `src_tp`; returns the number of tensors set. Under ZeRO-3 each
+    block's parameters are gathered whole, set and re-partitioned in turn (every data-parallel
+    rank sets the same values), never the whole model at once."""
     kinds = classify(pipe) if params else {}
     names = {id(p): n for n, p in pipe.named_parameters()}
     count = 0
     for index, module in ds_adapter.stage_blocks(pipe):
-        wanted = {}
-        for key, value in module.state_dict(keep_vars=True).items():
-            if not torch.is_tensor(value) or key.endswith("_extra_state"):
-                continue
-            if isinstance(value, nn.Parameter) and not params:
-                continue
-            wanted[key] = value
-        if not wanted:
-            continue
-        shards = []
-        for tp_rank in range(src_tp):
-            path = tag_dir / layer_file(index, tp_rank)
-            state = safe_load(path)
-            if not isinstance(state, dict):
-                raise CheckpointError(f"{path}: corrupt (expected a state dict)")
-            shards.append(state)
-        with torch.no_grad():
-            for key, target in wanted.items():
-                values = []
-                for tp_rank, state in enumerate(shards):
-                    if key not in state or not torch.is_tensor(state[key]):
-                        raise CheckpointError(f"{tag_dir / layer_file(index, tp_rank)}: no "
-                                              f"tensor {key}")
-                    values.append(state[key])
-                kind = kinds.get(names.get(id(target))) if isinstance(target, nn.Parameter) \
-                    else None
-                value = reshard(values, tuple(target.shape), layout.tp_rank, layout.tp, kind,
-                                f"{index}.{key}")
-                target.copy_(value.to(dtype=target.dtype, device=target.device))
-                count += 1
+        with ds_adapter.gathered(module.parameters() if params else [], modify=True):
+            count += _load_block(module, tag_dir, index, src_tp, layout, params,
+                                 kinds, names)
     return count
+
+
+def _load_block(module, tag_dir: Path, index: int, src_tp: int, layout, params: bool,
+                kinds: dict, names: dict) -> int:
+    wanted = {}
+    for key, value in module.state_dict(keep_vars=True).items():
+        if not torch.is_tensor(value) or key.endswith("_extra_state"):
+            continue
+        if isinstance(value, nn.Parameter) and not params:
+            continue
+        wanted[key] = value
+    if not wanted:
+        return 0
+    shards = []
+    for tp_rank in range(src_tp):
+        path = tag_dir / layer_file(index, tp_rank)
+        state = safe_load(path)
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path}: corrupt (expected a state dict)")
+        shards.append(state)
+    with torch.no_grad():
+        for key, target in wanted.items():
+            values = []
+            for tp_rank, state in enumerate(shards):
+                if key not in state or not torch.is_tensor(state[key]):
+                    raise CheckpointError(f"{tag_dir / layer_file(index, tp_rank)}: no "
+                                          f"tensor {key}")
+                values.append(state[key])
+            kind = kinds.get(names.get(id(target))) if isinstance(target, nn.Parameter) \
+                else None
+            value = reshard(values, tuple(target.shape), layout.tp_rank, layout.tp, kind,
+                            f"{index}.{key}")
+            target.copy_(value.to(dtype=target.dtype, device=target.device))
+    return len(wanted)
 
 
 def load(engine, cfg, layout, tag_dir: Path, meta: dict, weights_only: bool = False) -> dict:
@@ -498,8 +507,7 @@ def load(engine, cfg, layout, tag_dir: Path, meta: dict, weights_only: bool = Fa
     here = describe((layout.tp, layout.pp, layout.dp), cfg.parallel.zero_stage)
     pipe = engine.module
     if weights_only:
-        with ds_adapter.gathered(pipe.parameters(), modify=True):  # whole under ZeRO-3
-            load_resharded_state(pipe, tag_dir, saved_tp, layout, params=True)
+        load_resharded_state(pipe, tag_dir, saved_tp, layout, params=True)
         ds_adapter.refresh_master_weights(engine)
         if layout.rank == 0:
             _rank0_print(f"weights of {tag_dir} (saved at {saved}) resharded to {here}")

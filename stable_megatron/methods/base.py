@@ -95,8 +95,10 @@ class Method:
 
     def add_metrics(self, contrib, parts, cfg) -> None:
         """On a metric step (`metrics.interval`), before the optimizer update: add this rank's
-        share of the method's metrics to `contrib` (`metrics.reduce.Contributions`; `parts`:
-        this rank's `metrics.parts.ModelParts`). They are reduced over all ranks and logged
+        share of the method's metrics to `contrib` (`metrics.reduce.Contributions`). Called
+        once per piece of this rank's stage (`parts`: a `metrics.parts.ModelParts` holding one
+        of the embedding, a layer, the final norm, the output layer), with that piece's weights
+        whole (under ZeRO-3 gathered for the call). They are reduced over all ranks and logged
         with the other stability metrics. Only called when enabled."""
 
     def export_blockers(self, cfg, fmt: str) -> list[str]:

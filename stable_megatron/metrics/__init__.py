@@ -29,7 +29,9 @@ class StabilityMetrics(StepHook):
         self.cfg, self.state, self.engine = cfg, state, engine
         self.parts = model_parts(engine.module, state.layout.pp_rank)
         self.loss_fn = logits.loss_function(engine)
-        self.methods = methods.enabled(cfg)
+        # the enabled methods that add metrics (the base class's `add_metrics` adds none)
+        self.methods = [m for m in methods.enabled(cfg)
+                        if type(m).add_metrics is not methods.Method.add_metrics]
         self._contrib: Contributions | None = None
         self._hooks: norms.OutputNormHooks | None = None
         self._updates: updates.UpdateSnapshot | None = None
@@ -51,22 +53,21 @@ class StabilityMetrics(StepHook):
             self._hooks = norms.OutputNormHooks(self.parts, self.cfg.model.num_layers)
 
     def before_update(self, step: int, grad_norm: float) -> bool:
-        from stable_megatron import ds_adapter
-
         if self._contrib is not None:
-            with ds_adapter.gathered(self.engine.module.parameters()):  # whole under ZeRO-3
-                self._before_update()
+            self._before_update()
         return False
 
     def after_step(self, step: int, record: dict) -> None:
-        from stable_megatron import ds_adapter
-
         if self._contrib is not None:
-            with ds_adapter.gathered(self.engine.module.parameters()):
-                record.update(self._finish())
+            record.update(self._finish())
 
     def _before_update(self) -> None:
-        """Weights and gradients as the step's forward and backward saw them."""
+        """Weights and gradients as the step's forward and backward saw them. Under ZeRO-3 the
+        norms read each rank's partitions (`ds_adapter.local_weights`, `grad_fragment`); TEV
+        gathers its one matrix and the methods one piece of the model at a time
+        (`ds_adapter.gathered`: a no-op below stage 3), never the whole model."""
+        from stable_megatron import ds_adapter
+
         cfg, layout, contrib = self.cfg, self.state.layout, self._contrib
         # TEV over the rows a token can select: the tokenizer's ids, not the padding or the
         # rows of a model.vocab_size set above the tokenizer's vocabulary
@@ -75,14 +76,20 @@ class StabilityMetrics(StepHook):
         owner = layout.dp_rank == 0
         if self.parts.embedding is not None:
             words = self.parts.embedding.word_embeddings
-            tev.add_tev(contrib, "tev", words.weight, words.vocab_start_index, vocab, owner)
+            with ds_adapter.gathered([words.weight]):
+                tev.add_tev(contrib, "tev", words.weight, words.vocab_start_index, vocab, owner)
         if self.parts.head is not None:
             weight = self.parts.head.output_layer.weight
-            tev.add_tev(contrib, "tev_out", weight, layout.tp_rank * weight.size(0), vocab, owner)
+            with ds_adapter.gathered([weight]):
+                tev.add_tev(contrib, "tev_out", weight, layout.tp_rank * weight.size(0), vocab,
+                            owner)
         norms.add_norms(contrib, groups, norms.param_share(layout), "param_norm", "param_norm",
                         per_group=False)
-        for method in self.methods:  # the metrics the enabled stability methods add
-            method.add_metrics(contrib, self.parts, cfg)
+        if self.methods:  # the metrics the enabled stability methods add, piece by piece
+            for piece, module in self.parts.pieces():
+                with ds_adapter.gathered(module.parameters()):
+                    for method in self.methods:
+                        method.add_metrics(contrib, piece, cfg)
         if cfg.metrics.grad_norms:
             shares = norms.grad_shares(self.engine.module, layout)
             norms.add_norms(contrib, groups, lambda p: shares.get(id(p)), "grad_norm",

@@ -11,8 +11,9 @@ sigma-reparam's layers are its method's metrics, stable_megatron/methods/).
 Sums of squares are accumulated in float64. TP-sharded parameters add their shards' sums of
 squares; replicated ones are counted once (by TP rank 0 and data-parallel rank 0; the tied
 embedding by the first pipeline stage). Gradients that ZeRO partitions over data-parallel
-ranks add each rank's fragment (`grad_shares`): no collective beyond the one reduction of all
-metrics.
+ranks, and ZeRO-3's partitioned weights, add each rank's fragment (`grad_shares`,
+`ds_adapter.local_weights`): no collective beyond the one reduction of all metrics, and no
+weight gathered.
 """
 
 from __future__ import annotations
@@ -69,8 +70,11 @@ class OutputNormHooks:
 
 
 def owns(param: torch.Tensor, layout) -> bool:
-    """Whether this rank adds `param`'s share to a norm over the whole model."""
-    return layout.dp_rank == 0 and (is_tp_sharded(param) or layout.tp_rank == 0)
+    """Whether this rank adds its entries of `param` (`ds_adapter.local_weights`) to a norm over
+    the whole model: one data-parallel rank, or under ZeRO-3 each (their partitions are
+    disjoint); of the tensor-parallel ranks, each for a TP-sharded parameter, else TP rank 0."""
+    tp_owner = is_tp_sharded(param) or layout.tp_rank == 0
+    return tp_owner and (layout.dp_rank == 0 or ds_adapter.partitioned(param))
 
 
 _CHUNK = 1 << 24  # elements converted to float64 at a time (bounds the temporary buffer)
@@ -113,8 +117,9 @@ def add_norms(
 
 
 def param_share(layout) -> Callable[[nn.Parameter], torch.Tensor | None]:
-    """The weights as the step's forward used them: each parameter counted once (`owns`)."""
-    return lambda param: sum_of_squares(param) if owns(param, layout) else None
+    """The weights as the step's forward used them: each entry counted once (`owns`)."""
+    return lambda param: (sum_of_squares(ds_adapter.local_weights(param))
+                          if owns(param, layout) else None)
 
 
 def grad_shares(module: nn.Module, layout) -> dict[int, torch.Tensor | None]:
@@ -123,7 +128,7 @@ def grad_shares(module: nn.Module, layout) -> dict[int, torch.Tensor | None]:
     Call inside the engine's optimizer step, before the update; every rank calls it.
 
     The gradient is found where DeepSpeed's `safe_get_full_grad` finds it, without that
-    function's per-parameter all-reduce over the data-parallel group: with ZeRO (stage 1/2)
+    function's per-parameter collective over the data-parallel group: with ZeRO (stages 1-3)
     and DeepSpeed's bf16 optimizer, every data-parallel rank holds a disjoint fragment of the
     averaged gradient and contributes the sum of squares of its own fragment (the reduction
     sums the parts: the same sum as over the assembled gradient, up to float64 rounding); a

@@ -53,6 +53,20 @@ class ModelParts:
             out["output"] = self.head
         return out
 
+    def pieces(self) -> list[tuple[ModelParts, nn.Module]]:
+        """Each piece of the stage on its own, as (a ModelParts holding only that piece, the
+        piece's module): the embedding, each layer in order, the final norm, the head."""
+        out = []
+        if self.embedding is not None:
+            out.append((ModelParts(embedding=self.embedding), self.embedding))
+        for number, layer in sorted(self.layers.items()):
+            out.append((ModelParts(layers={number: layer}), layer))
+        if self.final_norm is not None:
+            out.append((ModelParts(final_norm=self.final_norm), self.final_norm))
+        if self.head is not None:
+            out.append((ModelParts(head=self.head), self.head))
+        return out
+
 
 def model_parts(module: nn.Module, pp_rank: int) -> ModelParts:
     parts = ModelParts()

@@ -10,11 +10,12 @@
   `train.optimizer=muon` each parameter is divided by its own group's LR (Muon's matrices by
   `muon_lr`'s, where the update's RMS is about 0.2 by construction).
 
-On a metric step `snapshot` copies this rank's owned parameters (`norms.owns`: each parameter
-counted once over TP, DP and the tied copy) inside the optimizer step, before the update, and
-`contribute` adds each group's sum of squared differences and weight sums of squares after
-it, as parts of the one reduction of all metrics. Cost: a copy of this rank's owned weights on
-metric steps only, and two passes over them. A step whose update was dropped (spike guard)
+On a metric step `UpdateSnapshot` copies this rank's owned entries of the weights
+(`norms.owns`: each entry counted once over TP, DP and the tied copy; under ZeRO-3 each
+data-parallel rank's own partition, never gathered) inside the optimizer step, before the
+update, and `contribute` adds each group's sum of squared differences and weight sums of
+squares after it, as parts of the one reduction of all metrics. Cost: a copy of this rank's
+owned entries on metric steps only, and two passes over them. A step whose update was dropped (spike guard)
 logs ratios of 0.
 """
 
@@ -26,6 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from stable_megatron.ds_adapter import local_weights
 from stable_megatron.metrics.norms import owns, sum_of_squares
 from stable_megatron.metrics.reduce import Contributions
 
@@ -39,7 +41,8 @@ class UpdateSnapshot:
                  lr_of: Callable[[nn.Parameter], float] | None = None) -> None:
         self.lr, self.lr_of = lr, lr_of
         self.before: dict[str, list[tuple[nn.Parameter, torch.Tensor]]] = {
-            name: [(p, p.detach().clone()) for p in module.parameters() if owns(p, layout)]
+            name: [(p, local_weights(p).detach().clone())
+                   for p in module.parameters() if owns(p, layout)]
             for name, module in groups.items()
         }
 
@@ -49,7 +52,7 @@ class UpdateSnapshot:
         for name, pairs in self.before.items():
             delta_sq, weight_sq, scaled_sq, count = 0.0, 0.0, 0.0, 0
             for param, old in pairs:
-                step_sq = sum_of_squares(param.detach() - old)
+                step_sq = sum_of_squares(local_weights(param).detach() - old)
                 delta_sq = delta_sq + step_sq
                 weight_sq = weight_sq + sum_of_squares(old)
                 # in units of the LR `derive` divides by: a parameter with an LR of its own

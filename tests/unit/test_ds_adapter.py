@@ -118,14 +118,15 @@ def test_step_loss_sum_is_the_micro_batch_losses_before_the_update(state, zero):
     assert sums[0] == pytest.approx(3 * loss.item(), rel=1e-6)
 
 
-def test_grad_fragments_make_up_the_full_gradient(state):
-    """Under ZeRO 1 each parameter's gradient is reachable as this rank's fragment (one rank:
-    the whole gradient), equal to `safe_get_full_grad`'s."""
+@pytest.mark.parametrize("zero", [1, 3])
+def test_grad_fragments_make_up_the_full_gradient(state, zero):
+    """Under ZeRO 1 and 3 each parameter's gradient is reachable as this rank's fragment (one
+    rank: the whole gradient), equal to `safe_get_full_grad`'s."""
     from deepspeed.utils import safe_get_full_grad
 
     from stable_megatron.ds_adapter import UpdateGate, grad_fragment
 
-    cfg, engine = make_engine(state)
+    cfg, engine = make_engine(state, zero=zero)
     got = {}
 
     def decide(grad_norm):
@@ -191,10 +192,11 @@ def test_zero3_in_fp32_steps_the_weights_partition_as_its_master_copy(state):
 
 
 def test_zero3_gathers_one_block_at_a_time(state, tmp_path, monkeypatch):
-    """Under ZeRO-3 the layer-file save and load, and sigma-reparam's power step, gather one
-    block (or one weight) whole at a time, never the whole model; the load restores what was
-    saved."""
+    """Under ZeRO-3 the layer-file save and load, the weights-only load, and sigma-reparam's
+    power step gather one block (or one weight) whole at a time, never the whole model; the
+    loads restore what was saved."""
     from stable_megatron import ds_adapter
+    from stable_megatron.checkpoint import reshape
     from stable_megatron.methods.sigma_reparam import PowerIteration
 
     cfg, engine = make_engine(state, zero=3)
@@ -223,6 +225,17 @@ def test_zero3_gathers_one_block_at_a_time(state, tmp_path, monkeypatch):
     monkeypatch.undo()
     for name, value in weights(engine).items():
         assert torch.equal(value, saved[name]), name
+    # the weights-only load (`checkpoint.finetune`, reshape.load) reads the same layer files
+    with torch.no_grad():
+        for param in engine.module.parameters():
+            param.ds_tensor.add_(1.0)
+    gathers.clear()
+    monkeypatch.setattr(ds_adapter, "gathered", counted)
+    assert reshape.load_resharded_state(engine.module, tmp_path / "t", 1, state.layout, True)
+    monkeypatch.undo()
+    assert gathers and max(gathers) <= max(blocks) < total
+    for name, value in weights(engine).items():
+        assert torch.equal(value, saved[name]), name
 
     cfg, engine = make_engine(state, zero=3, model={"sigma_reparam": {"enabled": True}})
     gathers.clear()
@@ -231,6 +244,41 @@ def test_zero3_gathers_one_block_at_a_time(state, tmp_path, monkeypatch):
     monkeypatch.undo()
     largest = max(ds_adapter.full_numel(p) for p in engine.module.parameters())
     assert len(gathers) > 1 and max(gathers) <= largest
+
+
+def test_zero3_metrics_step_gathers_one_piece_at_a_time(state, monkeypatch):
+    """Under ZeRO-3 a stability-metrics step reads the norms and the update from each rank's
+    partitions and gathers only TEV's matrix and, for sigma-reparam's metrics, one piece of
+    the model (a layer, the embedding) at a time; the metrics are all there. (Their values
+    against one process at ZeRO-1: tests/distributed/test_metrics_parity.py.)"""
+    from stable_megatron import ds_adapter
+    from stable_megatron.hooks import StepRunner
+    from stable_megatron.metrics import StabilityMetrics
+    from stable_megatron.metrics.parts import model_parts
+
+    cfg, engine = make_engine(state, zero=3, model={"sigma_reparam": {"enabled": True}})
+    cfg.metrics.interval = 1
+    runner = StepRunner(engine, [StabilityMetrics(cfg, state, engine)])
+    gathers = []
+    real = ds_adapter.gathered
+
+    def counted(params, modify=False):
+        params = list(params)
+        gathers.append(sum(ds_adapter.full_numel(p) for p in params if ds_adapter.partitioned(p)))
+        return real(params, modify)
+
+    monkeypatch.setattr(ds_adapter, "gathered", counted)
+    runner.step(1, batches(cfg, engine))
+    record = {}
+    runner.after_step(1, record)
+    monkeypatch.undo()
+    pieces = [sum(ds_adapter.full_numel(p) for p in module.parameters())
+              for _, module in model_parts(engine.module, 0).pieces()]
+    total = sum(ds_adapter.full_numel(p) for p in engine.module.parameters())
+    assert gathers and max(g for g in gathers) <= max(pieces) < total
+    for key in ("param_norm", "grad_norm/total", "update_ratio/total", "tev/mean",
+                "sigma/layer_01/qkv", "gamma/layer_02/fc2"):
+        assert record[key] > 0, key
 
 
 def test_shared_memory_all_reduce_switch_exists():
