@@ -180,12 +180,22 @@ def check_against(reference: list[dict], ranks: list[dict]) -> None:
 
 # The default target runs every case of one process count in one launch (a launch costs
 # ~5-10 s of imports on a 2-core machine, more than the cases' own steps): the baselines at
-# every layout, every method at TP2 and at PP2, and QK-norm + cap with full recompute at TP2 x
-# PP2; under ZeRO-3 QK-clip, which rescales partitioned weights and their master copy after
+# every layout, every method at TP2, at PP2 the methods whose code sees the split into stages
+# (PP2_METHODS), and QK-norm + cap with full recompute at TP2 x PP2; under ZeRO-3 QK-clip, which rescales partitioned weights and their master copy after
 # the step (at TP2 x DP2, and at DP2 on MLRA's factors; sigma-reparam's power step on
 # partitioned weights runs in test_metrics_parity.py's ZeRO-3 cases). Every method at TP2 x PP2
-# and at TP2 x DP2 under ZeRO 0, 2 and 3 is in the slow target.
+# and at TP2 x DP2 under ZeRO 0, 2 and 3, and the other methods at PP2, are in the slow target.
 DEFAULT_METHOD_LAYOUTS = ("tp2", "pp2")
+# the tied embedding and its options on the first stage, an untied head on the last, the
+# z-term on the last stage's logits, the power step's and QK-clip's per-stage hooks and the
+# max-logit table reduced over stages; the rest change a layer from inside it
+PP2_METHODS = ("qkv_norm_rope", "sigma_reparam", "z_loss", "embedding_options", "qk_clip",
+               "llama_style")
+
+
+def default_methods(layout: str) -> tuple[str, ...]:
+    """The methods the default target runs at `layout` (one of DEFAULT_METHOD_LAYOUTS)."""
+    return PP2_METHODS if layout == "pp2" else tuple(METHODS)
 ZERO3_METHODS = {"tp2_dp2_zero3": ("qk_clip",), "dp2_zero3": ("qk_clip_mlra",)}
 
 
@@ -203,7 +213,8 @@ def launched(tmp_path_factory):
                     continue
                 cases[f"{layout}/baseline"] = case(parallel)
                 if layout in DEFAULT_METHOD_LAYOUTS:
-                    cases.update({f"{layout}/{m}": case(parallel, o) for m, o in METHODS.items()})
+                    cases.update({f"{layout}/{m}": case(parallel, METHODS[m])
+                                  for m in default_methods(layout)})
                 cases.update({f"{layout}/{m}": case(parallel, METHODS[m])
                               for m in ZERO3_METHODS.get(layout, ())})
                 if layout == "tp2_pp2":
@@ -260,20 +271,23 @@ def test_layout_matches_single_process(name, reference, launched):
 @pytest.mark.parametrize("layout", [
     *DEFAULT_METHOD_LAYOUTS,
     *(pytest.param(name, marks=pytest.mark.slow)
-      for name in ("tp2_pp2", "tp2_dp2_zero0", "tp2_dp2_zero2", "tp2_dp2_zero3")),
+      for name in ("pp2_rest", "tp2_pp2", "tp2_dp2_zero0", "tp2_dp2_zero2", "tp2_dp2_zero3")),
 ])
 def test_methods_match_single_process(reference, launched, tmp_path, layout):
     """The norm placements, softmax capping, MLRA, sigma-reparam, z-loss, the embedding options,
     QK-clip (standard and on MLRA), gated attention, Llama-style blocks, RoPE and an untied
-    head at TP2, PP2, and (slow target) TP2 x PP2 and TP2 x DP2 under ZeRO 0, 2 and 3; the
-    single-process reference runs ZeRO stage 1."""
-    nproc, parallel = LAYOUTS[layout]
+    head at TP2, at PP2 (PP2_METHODS; "pp2_rest", the others: slow target), and (slow target)
+    TP2 x PP2 and TP2 x DP2 under ZeRO 0, 2 and 3; the single-process reference runs ZeRO
+    stage 1."""
     if layout in DEFAULT_METHOD_LAYOUTS:
-        results = {m: launched(nproc)[f"{layout}/{m}"] for m in METHODS}
+        nproc = LAYOUTS[layout][0]
+        results = {m: launched(nproc)[f"{layout}/{m}"] for m in default_methods(layout)}
     else:
-        results = run_cases(tmp_path, nproc, {m: case(parallel, o) for m, o in METHODS.items()})
-    for name in METHODS:
-        check_against(reference[name], results[name])
+        names = [m for m in METHODS if m not in PP2_METHODS] if layout == "pp2_rest" else METHODS
+        nproc, parallel = LAYOUTS["pp2" if layout == "pp2_rest" else layout]
+        results = run_cases(tmp_path, nproc, {m: case(parallel, METHODS[m]) for m in names})
+    for name, ranks in results.items():
+        check_against(reference[name], ranks)
 
 
 @pytest.mark.parametrize("layout", list(ZERO3_METHODS))
