@@ -16,7 +16,9 @@ a = heads, t = TP, L_s = layers on the stage, V = padded vocabulary, dp = data-p
 - gradients: 4 P (fp32 gradient accumulation, DeepSpeed's bf16 optimizer; the fp32 gradients
   in fp32), plus 2 P for the bf16 `.grad` the backward writes first; ZeRO-2 and 3: the fp32
   gradients divided by dp (the bf16 `.grad`s are released bucket by bucket as they are reduced:
-  not counted);
+  not counted); also not counted, ZeRO's reduce bucket during the backward (in fp32 at ZeRO-1
+  and 2 min(P, 5e8) elements, 4 P at the benchmark's medium shape; at ZeRO-3 the largest
+  parameter: docs/performance.md#zero-stages);
 - optimizer states: ZeRO-1 to 3: 12 P / dp (fp32 master copy, Adam m and v, sharded over DP);
   ZeRO-0 (fp32 only): 8 P (Adam m and v; the weights are the master copy); ZeRO-3 in fp32:
   8 P / dp (the weights' partition is the master copy: `ds_adapter`'s

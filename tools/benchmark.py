@@ -764,11 +764,14 @@ def run_worker(cfg, steps: int, warmup: int, data_kind: str) -> dict[str, Any] |
     arm = built["ours"]
     result = summarize(arm, cfg, {})
     between = live_tensor_bytes()
-    probe = StateAtUpdate()  # one more step, untimed, measured inside its optimizer step
+    # one more step, untimed, measured after each backward and inside its optimizer step
+    probe, backward = StateAtUpdate(), StateAfterBackward(arm.engine)
     arm.hooks.add(probe)
     arm.step()
+    backward.remove()
     result.update(threads=torch.get_num_threads(), world=state.layout.world,
                   model_state_bytes=between, update_state_bytes=probe.bytes,
+                  backward_state_bytes=backward.bytes,
                   zero_stage=cfg.parallel.zero_stage, **_shape_info(cfg, state.layout, arm.accum))
     arm.close()
     return result if state.layout.rank == 0 else None
@@ -777,7 +780,10 @@ def run_worker(cfg, steps: int, warmup: int, data_kind: str) -> dict[str, Any] |
 def live_tensor_bytes() -> int:
     """The bytes of every tensor alive in this process between two steps (each storage once):
     the weights, the gradient buffers, ZeRO's flat and fp32 master copies and the optimizer
-    state; the activations are freed by then. The model state as the process holds it."""
+    state; the activations are freed by then. The model state as the process holds it.
+    Tensors are found through Python's garbage collector, which sees those with a Python
+    object; a gradient that autograd accumulated and no Python code has read yet has none, so
+    each leaf tensor's `.grad` is read here too."""
     import torch
 
     gc.collect()
@@ -786,13 +792,16 @@ def live_tensor_bytes() -> int:
         try:
             if not isinstance(obj, torch.Tensor) or obj.device.type == "meta":
                 continue
-            storage = obj.untyped_storage()
+            grad = obj.grad if obj.is_leaf and obj.requires_grad else None
+            tensors = (obj,) if grad is None else (obj, grad)
         except (RuntimeError, ReferenceError):
             continue
-        if storage.data_ptr() in seen or storage.nbytes() == 0:
-            continue
-        seen.add(storage.data_ptr())
-        total += storage.nbytes()
+        for tensor in tensors:
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() in seen or storage.nbytes() == 0:
+                continue
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
     return total
 
 
@@ -809,6 +818,35 @@ class StateAtUpdate(StepHook):
         if self.bytes is None:
             self.bytes = live_tensor_bytes()
         return False
+
+
+class StateAfterBackward:
+    """The most of `live_tensor_bytes()` at the end of each micro-batch's backward, as the
+    engine's gradient reduction starts (`allreduce_gradients`, wrapped until `remove()`): the
+    weights, the gradients as the backward left them and the optimizer state, the activations
+    freed. Stages 0 and 1 hold every gradient whole there (accumulated over the step's
+    micro-batches, reduced at its last), stage 2 its partition and a bucket, stage 3 the
+    partitions of everything and a bucket: with the update, the high point of the model state
+    over a step."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.bytes = engine, None
+        self._own = "allreduce_gradients" in vars(engine)
+        original = engine.allreduce_gradients
+
+        def measured(*args, **kwargs):
+            found = live_tensor_bytes()
+            self.bytes = found if self.bytes is None else max(self.bytes, found)
+            return original(*args, **kwargs)
+
+        self._original = original
+        engine.allreduce_gradients = measured
+
+    def remove(self) -> None:
+        if self._own:
+            self.engine.allreduce_gradients = self._original
+        else:
+            del self.engine.allreduce_gradients
 
 
 # --zero: (label, overrides), each at DP2 in a launch of its own
@@ -843,13 +881,17 @@ def run_zero(args, overrides: list[str], progress: Progress) -> dict[str, Any]:
     progress.done()
     merged = {label: {**merge_rounds(rs),
                       "model_state_bytes": max(r["model_state_bytes"] for r in rs),
-                      "update_state_bytes": max(r["update_state_bytes"] for r in rs)}
+                      "update_state_bytes": max(r["update_state_bytes"] for r in rs),
+                      "backward_state_bytes": max(r["backward_state_bytes"] for r in rs)}
               for label, rs in results.items()}
+    for r in merged.values():  # the model state's high point over a step
+        r["step_state_bytes"] = max(r["update_state_bytes"], r["backward_state_bytes"])
     ref = merged["ZeRO-1"]
     for r in merged.values():
         r["time_vs_stage1"] = r["time_s"] / ref["time_s"]
         r["state_vs_stage1"] = r["model_state_bytes"] / ref["model_state_bytes"]
         r["update_vs_stage1"] = r["update_state_bytes"] / ref["update_state_bytes"]
+        r["step_vs_stage1"] = r["step_state_bytes"] / ref["step_state_bytes"]
     rate["after"] = fp32_rate(torch)
     return {"mode": "zero", "layouts": merged, "rounds": args.rounds, "steps": args.steps,
             "warmup": args.warmup, "dp": dp, "threads": threads, "fp32_gflops": rate}
@@ -1123,19 +1165,24 @@ def format_zero(result: dict[str, Any]) -> str:
         "",
     ]
     header = ["stage", "step ms", "IQR", "tokens/s", "vs ZeRO-1 (time)",
-              "state at the update MiB", "vs ZeRO-1", "state between steps MiB", "vs ZeRO-1",
+              "state after backward MiB", "state at the update MiB", "step's high MiB",
+              "vs ZeRO-1", "at the update vs ZeRO-1", "state between steps MiB", "vs ZeRO-1",
               "build peak MiB", "peak MiB"]
     rows = [[label, f"{r['time_s'] * 1e3:.0f}", f"{r['spread']:.0%}", f"{r['tokens_per_s']:.0f}",
-             f"{r['time_vs_stage1']:.2f}x", _mib(r["update_state_bytes"]),
+             f"{r['time_vs_stage1']:.2f}x", _mib(r.get("backward_state_bytes")),
+             _mib(r["update_state_bytes"]), _mib(r.get("step_state_bytes")),
+             f"{r['step_vs_stage1']:.2f}x" if "step_vs_stage1" in r else "-",
              f"{r['update_vs_stage1']:.2f}x", _mib(r["model_state_bytes"]),
              f"{r['state_vs_stage1']:.2f}x", _mib(r.get("build_peak_bytes")),
              _mib(r["peak_bytes"])] for label, r in lay.items()]
     out += md_table(header, rows)
     out += ["", "model state (rank 0's process; the bytes of every live tensor, each storage "
-            "once: weights, gradients, ZeRO's flat and fp32 master copies, optimizer state): at "
-            "the update = inside an optimizer step, after the backward and before the weights "
-            "change (weights + gradients + optimizer state, activations freed); between steps = "
-            "after a step. build peak: the resident-set high-water mark of building the model "
+            "once: weights, gradients, ZeRO's flat and fp32 master copies, optimizer state): "
+            "after backward = the most at the end of a micro-batch's backward, before the "
+            "gradient reduction (stages 0-1 hold every gradient whole there); at the update = "
+            "inside an optimizer step, after the reduction and before the weights change "
+            "(weights + gradients + optimizer state, activations freed); step's high = the "
+            "larger of the two; between steps = after a step. build peak: the resident-set high-water mark of building the model "
             "and the engine, above the process's memory before; peak: of the build and the "
             "warm-up steps"]
     return "\n".join(out)

@@ -141,6 +141,20 @@ def test_method_overrides_and_growth_points():
     assert [v for a, v, _ in points if a == "hidden"] == [128, 256, 512, 1024]
 
 
+def test_live_tensor_bytes_counts_a_gradient_python_has_not_read():
+    """A gradient autograd accumulated has no Python object until read; the model-state
+    measure counts it all the same (4 MiB here)."""
+    import torch
+
+    bm = _tool()
+    weight = torch.nn.Parameter(torch.zeros(1 << 20))
+    before = bm.live_tensor_bytes()
+    (weight * 2).sum().backward()
+    grown = bm.live_tensor_bytes() - before
+    assert 4 << 20 <= grown < 5 << 20, grown
+    assert weight.grad is not None
+
+
 def test_parallel_and_growth_tables():
     bm = _tool()
     shape = {"layers": 2, "hidden": 64, "heads": 4, "seq": 32, "micro_batch": 2,
@@ -163,12 +177,15 @@ def test_parallel_and_growth_tables():
     assert len(re.findall(r"^1024\s", text, re.M)) == 2
     stages = {label: {**layout, "model_state_bytes": 2**20 * (4 - stage), "zero_stage": stage,
                       "update_state_bytes": 2**20 * (5 - stage), "update_vs_stage1": 1.0,
+                      "backward_state_bytes": 2**20 * (6 - stage),
+                      "step_state_bytes": 2**20 * (6 - stage), "step_vs_stage1": 1.0,
                       "state_vs_stage1": (4 - stage) / 3, "time_vs_stage1": 1.0}
               for stage, (label, _) in enumerate(bm.ZERO_RUNS)}
     text = bm.format_zero({"layouts": stages, "rounds": 1, "steps": 2, "warmup": 1})
     for label, _ in bm.ZERO_RUNS:
         assert re.search(rf"^{label}\s.*\s{NUMBER}x\s", text, re.M), text
     assert "state at the update" in text and "state between steps" in text
+    assert "state after backward" in text and "step's high" in text
 
 
 @pytest.mark.slow
@@ -186,4 +203,6 @@ def test_zero_mode_runs_each_stage_at_dp2(tmp_path):
     assert [r["zero_stage"] for r in lay.values()] == [0, 1, 2, 3, 3]
     assert lay["ZeRO-1"]["model_state_bytes"] < lay["ZeRO-0"]["model_state_bytes"]
     assert lay["ZeRO-3"]["update_state_bytes"] < lay["ZeRO-1"]["update_state_bytes"]
+    # stage 1 holds its gradients whole after the backward, its partition at the update
+    assert lay["ZeRO-1"]["backward_state_bytes"] > lay["ZeRO-1"]["update_state_bytes"]
     assert "state at the update MiB" in proc.stdout
