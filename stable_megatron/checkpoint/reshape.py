@@ -466,6 +466,8 @@ def load_resharded_state(pipe, tag_dir: Path, src_tp: int, layout, params: bool)
 
 def _load_block(module, tag_dir: Path, index: int, src_tp: int, layout, params: bool,
                 kinds: dict, names: dict) -> int:
+    """`load_resharded_state` for block `index` (`module`, whole): its tensors set from the
+    block's layer files of the `src_tp` TP ranks; the number set."""
     wanted = {}
     for key, value in module.state_dict(keep_vars=True).items():
         if not torch.is_tensor(value) or key.endswith("_extra_state"):
