@@ -797,11 +797,15 @@ def live_tensor_bytes() -> int:
         except (RuntimeError, ReferenceError):
             continue
         for tensor in tensors:
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() in seen or storage.nbytes() == 0:
+            try:  # a fake tensor (left by a traced or compiled function) has no data
+                storage = tensor.untyped_storage()
+                ptr, size = storage.data_ptr(), storage.nbytes()
+            except RuntimeError:
                 continue
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
+            if ptr in seen or size == 0:
+                continue
+            seen.add(ptr)
+            total += size
     return total
 
 
