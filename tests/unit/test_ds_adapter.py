@@ -191,6 +191,22 @@ def test_zero3_in_fp32_steps_the_weights_partition_as_its_master_copy(state):
     assert local.data_ptr() == param.ds_tensor.data_ptr()
 
 
+def record_gathers(monkeypatch) -> list[int]:
+    """From now until `monkeypatch.undo()`, each `ds_adapter.gathered` call appends to the
+    returned list the whole size of the partitioned parameters it gathers."""
+    from stable_megatron import ds_adapter
+
+    sizes, real = [], ds_adapter.gathered
+
+    def counted(params, modify=False):
+        params = list(params)
+        sizes.append(sum(ds_adapter.full_numel(p) for p in params if ds_adapter.partitioned(p)))
+        return real(params, modify)
+
+    monkeypatch.setattr(ds_adapter, "gathered", counted)
+    return sizes
+
+
 def test_zero3_gathers_one_block_at_a_time(state, tmp_path, monkeypatch):
     """Under ZeRO-3 the layer-file save and load, the weights-only load, and sigma-reparam's
     power step gather one block (or one weight) whole at a time, never the whole model; the
@@ -201,21 +217,11 @@ def test_zero3_gathers_one_block_at_a_time(state, tmp_path, monkeypatch):
 
     cfg, engine = make_engine(state, zero=3)
     engine.train_batch(batches(cfg, engine))
-    gathers = []
-    real = ds_adapter.gathered
-
-    def counted(params, modify=False):
-        params = list(params)
-        gathers.append(sum(ds_adapter.full_numel(p) for p in params if ds_adapter.partitioned(p)))
-        return real(params, modify)
-
-    monkeypatch.setattr(ds_adapter, "gathered", counted)
     blocks = [sum(ds_adapter.full_numel(p) for p in layer.parameters())
               for layer in engine.module.forward_funcs if hasattr(layer, "parameters")]
     total = sum(ds_adapter.full_numel(p) for p in engine.module.parameters())
-    monkeypatch.undo()
     saved = weights(engine)
-    monkeypatch.setattr(ds_adapter, "gathered", counted)
+    gathers = record_gathers(monkeypatch)
     engine.save_checkpoint(str(tmp_path), tag="t")
     with torch.no_grad():  # change every weight, then load them back
         for param in engine.module.parameters():
@@ -229,8 +235,7 @@ def test_zero3_gathers_one_block_at_a_time(state, tmp_path, monkeypatch):
     with torch.no_grad():
         for param in engine.module.parameters():
             param.ds_tensor.add_(1.0)
-    gathers.clear()
-    monkeypatch.setattr(ds_adapter, "gathered", counted)
+    gathers = record_gathers(monkeypatch)
     assert reshape.load_resharded_state(engine.module, tmp_path / "t", 1, state.layout, True)
     monkeypatch.undo()
     assert gathers and max(gathers) <= max(blocks) < total
@@ -238,8 +243,7 @@ def test_zero3_gathers_one_block_at_a_time(state, tmp_path, monkeypatch):
         assert torch.equal(value, saved[name]), name
 
     cfg, engine = make_engine(state, zero=3, model={"sigma_reparam": {"enabled": True}})
-    gathers.clear()
-    monkeypatch.setattr(ds_adapter, "gathered", counted)
+    gathers = record_gathers(monkeypatch)
     PowerIteration(engine.module).before_step(1)
     monkeypatch.undo()
     largest = max(ds_adapter.full_numel(p) for p in engine.module.parameters())
@@ -259,15 +263,7 @@ def test_zero3_metrics_step_gathers_one_piece_at_a_time(state, monkeypatch):
     cfg, engine = make_engine(state, zero=3, model={"sigma_reparam": {"enabled": True}})
     cfg.metrics.interval = 1
     runner = StepRunner(engine, [StabilityMetrics(cfg, state, engine)])
-    gathers = []
-    real = ds_adapter.gathered
-
-    def counted(params, modify=False):
-        params = list(params)
-        gathers.append(sum(ds_adapter.full_numel(p) for p in params if ds_adapter.partitioned(p)))
-        return real(params, modify)
-
-    monkeypatch.setattr(ds_adapter, "gathered", counted)
+    gathers = record_gathers(monkeypatch)
     runner.step(1, batches(cfg, engine))
     record = {}
     runner.after_step(1, record)
@@ -275,7 +271,7 @@ def test_zero3_metrics_step_gathers_one_piece_at_a_time(state, monkeypatch):
     pieces = [sum(ds_adapter.full_numel(p) for p in module.parameters())
               for _, module in model_parts(engine.module, 0).pieces()]
     total = sum(ds_adapter.full_numel(p) for p in engine.module.parameters())
-    assert gathers and max(g for g in gathers) <= max(pieces) < total
+    assert gathers and max(gathers) <= max(pieces) < total
     for key in ("param_norm", "grad_norm/total", "update_ratio/total", "tev/mean",
                 "sigma/layer_01/qkv", "gamma/layer_02/fc2"):
         assert record[key] > 0, key
