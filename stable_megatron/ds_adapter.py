@@ -117,10 +117,7 @@ def grad_fragment(param):
         from deepspeed.utils import safe_get_local_grad
 
         grad = safe_get_local_grad(param)
-        if grad is None:
-            return None, None
-        _, count = _stage3_span(param)
-        return "fragment", grad.reshape(-1).narrow(0, 0, count)
+        return (None, None) if grad is None else ("fragment", _unpadded(param, grad))
     if getattr(param, "_hp_grad", None) is not None:
         return _zero_fragment(param)
     if param.grad is not None:
@@ -179,14 +176,19 @@ def _stage3_span(param) -> tuple[int, int]:
     return start, max(0, min(per_rank, param.ds_numel - start))
 
 
+def _unpadded(param, partition):
+    """A flat view of the entries of `partition` (this rank's partition of ZeRO-3 parameter
+    `param`, or of its gradient or master copy) that hold entries of `param`: the last rank's
+    padding left out (possibly empty)."""
+    _, count = _stage3_span(param)
+    return partition.reshape(-1).narrow(0, 0, count)
+
+
 def local_weights(param):
     """This rank's entries of `param` as the forward uses them: the parameter itself, or under
     ZeRO-3 (`partitioned`) a flat view of its partition, the padding left out (possibly empty).
     ZeRO-3's partitions over the data-parallel ranks are disjoint and make up the whole."""
-    if not partitioned(param):
-        return param
-    _, count = _stage3_span(param)
-    return param.ds_tensor.reshape(-1).narrow(0, 0, count)
+    return _unpadded(param, param.ds_tensor) if partitioned(param) else param
 
 
 def _stage3_master(param):
@@ -200,7 +202,7 @@ def _stage3_master(param):
     start, count = _stage3_span(param)
     if count == 0:
         return None
-    local = optimizer.get_local_fp32_param(param).reshape(-1).narrow(0, 0, count)
+    local = _unpadded(param, optimizer.get_local_fp32_param(param))
     return local, start
 
 
@@ -534,13 +536,17 @@ def _make_data_parallel_engine_class():
         def module_state_dict(self, exclude_frozen_parameters=False):
             """Saved as the pipeline engine saves it: a file per block (`layer_XX-...`); under
             ZeRO-3 each block gathered whole in turn, never the whole model."""
-            if not any(partitioned(p) for p in self.module.parameters()):
+            if not self._partitioned():
                 self.module.save_state_dict(self._curr_ckpt_path,
                                             checkpoint_engine=self.checkpoint_engine,
                                             exclude_frozen_params=exclude_frozen_parameters)
             else:
                 self._save_blocks_one_at_a_time(exclude_frozen_parameters)
             return None
+
+        def _partitioned(self) -> bool:
+            """Whether ZeRO-3 holds the model's weights partitioned."""
+            return any(partitioned(p) for p in self.module.parameters())
 
         def _save_blocks_one_at_a_time(self, exclude_frozen: bool) -> None:
             """`PipelineModule.save_state_dict` under ZeRO-3: every rank takes part in each
@@ -582,7 +588,7 @@ def _make_data_parallel_engine_class():
                     checkpoint, strict, custom_load_fn=custom_load_fn,
                     fetch_z3_params=fetch_z3_params, z3_params_to_fetch=z3_params_to_fetch,
                     allowed_missing_keys=allowed_missing_keys)
-            if not any(partitioned(p) for p in self.module.parameters()):
+            if not self._partitioned():
                 self.module.load_state_dir(load_dir=self._curr_ckpt_path, strict=strict,
                                            checkpoint_engine=self.checkpoint_engine)
             else:

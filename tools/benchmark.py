@@ -829,9 +829,9 @@ class StateAfterBackward:
     engine's gradient reduction starts (`allreduce_gradients`, wrapped until `remove()`): the
     weights, the gradients as the backward left them and the optimizer state, the activations
     freed. Stages 0 and 1 hold every gradient whole there (accumulated over the step's
-    micro-batches, reduced at its last), stage 2 its partition and a bucket, stage 3 the
-    partitions of everything and a bucket: with the update, the high point of the model state
-    over a step."""
+    micro-batches, reduced at its last) and stages 1-2 their reduce bucket, stage 3 the
+    partitions of everything and a one-parameter bucket: with the update, the high point of the
+    model state over a step (docs/performance.md#zero-stages)."""
 
     def __init__(self, engine) -> None:
         self.engine, self.bytes = engine, None
@@ -886,10 +886,11 @@ def run_zero(args, overrides: list[str], progress: Progress) -> dict[str, Any]:
     merged = {label: {**merge_rounds(rs),
                       "model_state_bytes": max(r["model_state_bytes"] for r in rs),
                       "update_state_bytes": max(r["update_state_bytes"] for r in rs),
-                      "backward_state_bytes": max(r["backward_state_bytes"] for r in rs)}
+                      "backward_state_bytes": max(r["backward_state_bytes"] for r in rs),
+                      # the model state's high point over a step
+                      "step_state_bytes": max(max(r["update_state_bytes"],
+                                                  r["backward_state_bytes"]) for r in rs)}
               for label, rs in results.items()}
-    for r in merged.values():  # the model state's high point over a step
-        r["step_state_bytes"] = max(r["update_state_bytes"], r["backward_state_bytes"])
     ref = merged["ZeRO-1"]
     for r in merged.values():
         r["time_vs_stage1"] = r["time_s"] / ref["time_s"]
@@ -1186,9 +1187,9 @@ def format_zero(result: dict[str, Any]) -> str:
             "gradient reduction (stages 0-1 hold every gradient whole there); at the update = "
             "inside an optimizer step, after the reduction and before the weights change "
             "(weights + gradients + optimizer state, activations freed); step's high = the "
-            "larger of the two; between steps = after a step. build peak: the resident-set high-water mark of building the model "
-            "and the engine, above the process's memory before; peak: of the build and the "
-            "warm-up steps"]
+            "larger of the two; between steps = after a step. build peak: the resident-set "
+            "high-water mark of building the model and the engine, above the process's memory "
+            "before; peak: of the build and the warm-up steps"]
     return "\n".join(out)
 
 

@@ -15,8 +15,8 @@ On a metric step `UpdateSnapshot` copies this rank's owned entries of the weight
 data-parallel rank's own partition, never gathered) inside the optimizer step, before the
 update, and `contribute` adds each group's sum of squared differences and weight sums of
 squares after it, as parts of the one reduction of all metrics. Cost: a copy of this rank's
-owned entries on metric steps only, and two passes over them. A step whose update was dropped (spike guard)
-logs ratios of 0.
+owned entries on metric steps only, and two passes over them. A step whose update was dropped
+(spike guard) logs ratios of 0.
 """
 
 from __future__ import annotations

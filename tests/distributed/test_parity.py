@@ -181,8 +181,9 @@ def check_against(reference: list[dict], ranks: list[dict]) -> None:
 # The default target runs every case of one process count in one launch (a launch costs
 # ~5-10 s of imports on a 2-core machine, more than the cases' own steps): the baselines at
 # every layout, every method at TP2, at PP2 the methods whose code sees the split into stages
-# (PP2_METHODS), and QK-norm + cap with full recompute at TP2 x PP2; under ZeRO-3 QK-clip, which rescales partitioned weights and their master copy after
-# the step (at TP2 x DP2, and at DP2 on MLRA's factors; sigma-reparam's power step on
+# (PP2_METHODS), and QK-norm + cap with full recompute at TP2 x PP2; under ZeRO-3 QK-clip,
+# which rescales partitioned weights and their master copy after the step (at TP2 x DP2, and
+# at DP2 on MLRA's factors; sigma-reparam's power step on
 # partitioned weights runs in test_metrics_parity.py's ZeRO-3 cases). Every method at TP2 x PP2
 # and at TP2 x DP2 under ZeRO 0, 2 and 3, and the other methods at PP2, are in the slow target.
 DEFAULT_METHOD_LAYOUTS = ("tp2", "pp2")
